@@ -1,0 +1,63 @@
+"""Dataset directories: a manifest and a success marker make a directory readable.
+
+Every dataset directory the project writes (raw synthetic logs, feature datasets) carries
+``_MANIFEST.json`` and, written last, ``_SUCCESS``. Readers call :func:`read_manifest`, which refuses a
+directory without the marker, so a crashed writer never leaves something a reader would pick up.
+These helpers work on local paths; the Spark job writes the same two files through Hadoop's
+FileSystem so that it works on any filesystem Spark understands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "_MANIFEST.json"
+SUCCESS_NAME = "_SUCCESS"
+
+
+class IncompleteDatasetError(FileNotFoundError):
+    """A dataset directory without its success marker (missing, or still being written)."""
+
+
+def local_path(path: str | os.PathLike[str]) -> Path:
+    text = str(path)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    return (local_path(path) / SUCCESS_NAME).is_file()
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    root = local_path(path)
+    if not is_complete(root):
+        raise IncompleteDatasetError(
+            f"{root} is not a complete dataset (no {SUCCESS_NAME} marker): it is missing, was "
+            "written by a run that failed, or is still being written")
+    return json.loads((root / MANIFEST_NAME).read_text())
+
+
+def write_manifest(path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically, then the success marker (last)."""
+    root = local_path(path)
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(root / SUCCESS_NAME, "")
+
+
+def atomic_write_text(target: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``target``, fsync it, then rename over ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""The ``sirenfeed`` command line: the one place that wires features, ingest and trainer together."""

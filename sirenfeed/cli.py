@@ -1,0 +1,44 @@
+"""``sirenfeed <command> [--config FILE] [options] [key=value ...]``.
+
+Each command lives in the package that owns it and exposes ``main(argv) -> int``; this module only
+dispatches, importing the chosen command alone so ``sirenfeed --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("features.synth", "write synthetic feed logs in the raw event contract"),
+    "features": ("features.submit", "run the Spark feature job (spark-submit, local master)"),
+    "demo": ("sirenfeed.demo", "run the whole pipeline end to end on the embedded defaults"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: sirenfeed <command> [--config FILE] [options] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`sirenfeed <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sirenfeed: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Submit the feature job to a Spark cluster.
+#   deploy/spark-submit.sh --master yarn --deploy-mode cluster -- --raw hdfs:///feed/raw --out hdfs:///feed/features
+# Options before `--` go to spark-submit, options after it to the job (e.g. --config, key=value overrides).
+# The features package travels to the executors as a zip (--py-files); the job needs nothing else of ours.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+submit_args=()
+while (($#)) && [[ "$1" != "--" ]]; do submit_args+=("$1"); shift; done
+[[ "${1:-}" == "--" ]] && shift
+zip_dir="$(mktemp -d)"
+trap 'rm -rf "$zip_dir"' EXIT
+(cd "$repo" && python3 -m zipfile -c "$zip_dir/features.zip" features)
+exec spark-submit "${submit_args[@]}" --py-files "$zip_dir/features.zip" \
+  --files "$repo/conf/features.yaml" \
+  "$repo/features/job.py" --config "$repo/conf/features.yaml" "$@"

@@ -1,0 +1,336 @@
+"""The synthetic feed-log generator: layout, contract, dirty data, ground truth, planted effects."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from features.config import ConfigError, load_config, to_dict
+from features.dataset import SUCCESS_NAME, read_manifest
+from features.schema import RAW_ARROW_SCHEMA, ContractConfig
+from features.spec import FeatureSpec, long_dwell_threshold
+from features.synth import (
+    BAD_EVENT_REASONS, TRUTH_COLUMNS, TRUTH_DIR, SynthConfig, main, write_synthetic_logs,
+)
+from features.validation import check_record
+
+REPO = Path(__file__).resolve().parents[2]
+DIRTY = ["users=60", "days=4", "seed=11", "users_per_chunk=25", "bad_fraction=0.03",
+         "duplicate_fraction=0.02"]
+CLEAN_SAMPLE = ["users=400", "days=14", "seed=5", "bad_fraction=0", "duplicate_fraction=0"]
+NO_TEMPORAL_EFFECTS = ["process.topic_interest_logit=0", "process.weekend_logit=0"] + [
+    f"process.content_types.{name}.tod_logit=0" for name in ("video", "image", "text", "link")]
+DATE = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+
+
+def synth(*overrides: str) -> SynthConfig:
+    return load_config(SynthConfig, None, list(overrides))
+
+
+def read_raw(root: Path) -> pd.DataFrame:
+    return ds.dataset(root, format="parquet", partitioning=DATE).to_table().to_pandas()
+
+
+def read_truth(root: Path) -> pd.DataFrame:
+    return ds.dataset(root / TRUTH_DIR, format="parquet", partitioning=DATE).to_table().to_pandas()
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory) -> tuple[Path, dict, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("dirty") / "raw"
+    manifest = write_synthetic_logs(synth(*DIRTY), root)
+    raw = read_raw(root)
+    raw["reason"] = [check_record(record, ContractConfig())
+                     for record in raw.drop(columns="date").to_dict("records")]
+    return root, manifest, raw
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> pd.DataFrame:
+    root = tmp_path_factory.mktemp("sample") / "raw"
+    write_synthetic_logs(synth(*CLEAN_SAMPLE), root)
+    return with_history(read_raw(root).merge(read_truth(root)[["event_id", *TRUTH_COLUMNS]]))
+
+
+@pytest.fixture(scope="module")
+def null_sample(tmp_path_factory) -> pd.DataFrame:
+    """The same world with the time-dependent effects switched off: the statistics must vanish."""
+    root = tmp_path_factory.mktemp("null") / "raw"
+    write_synthetic_logs(synth(*CLEAN_SAMPLE, *NO_TEMPORAL_EFFECTS), root)
+    return with_history(read_raw(root))
+
+
+def with_history(frame: pd.DataFrame) -> pd.DataFrame:
+    """Adds labels, and per event the wall-clock hours and the number of the user's impressions
+    since the user's previous contribution on the same topic (NaN before the first)."""
+    frame = frame.sort_values(["user_id", "event_ts"], kind="stable").reset_index(drop=True)
+    frame["contribution"] = frame.like | frame.comment | frame.share
+    frame["position"] = frame.groupby("user_id").cumcount()
+    by_topic = [frame.user_id, frame.topic]
+    for column, source in (("last_ts", "event_ts"), ("last_position", "position")):
+        at_contribution = frame[source].where(frame.contribution)
+        frame[column] = at_contribution.groupby(by_topic).shift(1).groupby(by_topic).ffill()
+    frame["hours_since"] = (frame.event_ts - frame.last_ts) / 3.6e6
+    frame["impressions_since"] = frame.position - frame.last_position
+    frame["hour"] = (frame.event_ts // 3_600_000) % 24
+    frame["weekend"] = (frame.event_ts // 86_400_000 + 3) % 7 >= 5
+    return frame
+
+
+def log_odds(labels: pd.Series) -> float:
+    rate = labels.mean()
+    return float(np.log(rate / (1.0 - rate)))
+
+
+# --- layout, determinism, atomicity ----------------------------------------------------------
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
+    config = synth("users=30", "days=2", "seed=9", "users_per_chunk=12", "bad_fraction=0.01")
+    first = write_synthetic_logs(config, tmp_path / "a")
+    second = write_synthetic_logs(config, tmp_path / "b")
+    digests = file_digests(tmp_path / "a")
+    assert first == second
+    assert digests == file_digests(tmp_path / "b")
+    assert write_synthetic_logs(config, tmp_path / "a") == first  # a re-run replaces in place
+    assert file_digests(tmp_path / "a") == digests
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a", "b"]  # no staging left
+
+    write_synthetic_logs(synth("users=30", "days=2", "seed=10"), tmp_path / "c")
+    same, other = read_raw(tmp_path / "a"), read_raw(tmp_path / "c")
+    assert not set(zip(same.user_id, same.event_ts)) & set(zip(other.user_id, other.event_ts))
+
+
+def test_files_have_the_raw_schema_and_the_date_of_their_events(dirty):
+    root, manifest, raw = dirty
+    files = sorted(root.glob("date=*/part-*.parquet"))
+    assert {path.name for path in files} == {"part-00000.parquet", "part-00001.parquet",
+                                             "part-00002.parquet"}  # 60 users in chunks of 25
+    for path in files:
+        assert pq.read_schema(path).equals(RAW_ARROW_SCHEMA)
+    ts_faults = raw.reason.isin(
+        [BAD_EVENT_REASONS["future_event_ts"], BAD_EVENT_REASONS["pre_epoch_event_ts"]])
+    assert ts_faults.sum() > 0
+    days = pd.to_datetime(raw.event_ts[~ts_faults], unit="ms", utc=True).dt.strftime("%Y-%m-%d")
+    assert (days == raw.date[~ts_faults]).all()
+    assert sorted(raw.date.unique()) == list(manifest["dates"]) == [
+        "2026-06-01", "2026-06-02", "2026-06-03", "2026-06-04"]
+    config = synth(*DIRTY)
+    for path in files:  # sorted by (user, time) within a file, faults aside
+        events = pq.read_table(path, columns=["user_id", "event_ts"]).to_pandas()
+        events = events[(events.user_id != "")
+                        & events.event_ts.between(config.start_ms, config.end_ms - 1)]
+        assert events.equals(events.sort_values(["user_id", "event_ts"], kind="stable"))
+
+
+def test_clean_events_pass_the_contract_and_each_fault_fails_with_its_reason(dirty):
+    _, manifest, raw = dirty
+    reasons = collections.Counter(raw.reason)
+    assert reasons.pop(None) == manifest["valid_events"]
+    assert reasons == {BAD_EVENT_REASONS[kind]: count
+                       for kind, count in manifest["bad_events"].items() if count}
+    assert min(manifest["bad_events"].values()) > 0
+    assert sum(reasons.values()) == manifest["bad_events_total"]
+
+
+def test_duplicates_are_identical_clean_rows_and_counted(dirty):
+    _, manifest, raw = dirty
+    copies = raw.event_id.value_counts()
+    assert copies.max() == 2
+    duplicated = raw[raw.event_id.isin(copies.index[copies == 2])]
+    assert len(duplicated) == 2 * manifest["duplicates"] > 0
+    pairs = duplicated.groupby("event_id").nunique(dropna=False)
+    assert (pairs == 1).all().all()
+    assert duplicated.reason.isna().all()
+
+
+def test_manifest_counts_equal_the_data(dirty):
+    root, manifest, raw = dirty
+    assert read_manifest(root) == manifest
+    assert manifest["events"] == len(raw)
+    assert manifest["unique_valid_events"] == manifest["valid_events"] - manifest["duplicates"]
+    assert manifest["valid_events"] == len(raw) - manifest["bad_events_total"]
+    assert manifest["dates"] == raw.groupby("date").size().to_dict()
+    assert (manifest["users"], manifest["days"], manifest["seed"], manifest["start_date"]) == (
+        60, 4, 11, "2026-06-01")
+    assert manifest["active_users"] == raw.user_id[raw.user_id != ""].nunique()
+    assert manifest["watermark_ms"] == raw.event_ts[raw.reason.isna()].max()
+    assert manifest["config"]["process"]["topics"] == 40
+
+
+def test_truth_aligns_one_to_one_with_event_ids(dirty):
+    root, _, raw = dirty
+    truth = read_truth(root)
+    assert truth.event_id.is_unique
+    assert set(truth.event_id) == set(raw.event_id)
+    placed = raw.drop_duplicates("event_id").set_index("event_id").date
+    assert (truth.set_index("event_id").date == placed.loc[truth.event_id]).all()
+    for column in TRUTH_COLUMNS:
+        assert truth[column].dtype == np.float64
+        assert ((truth[column] > 0) & (truth[column] < 1)).all(), column
+    assert (truth.p_like < truth.p_contribution).all()
+
+
+# --- the generative process ----------------------------------------------------------------
+
+
+def test_base_rates_are_plausible_and_truth_is_calibrated(sample):
+    spec = FeatureSpec()
+    threshold = sample.content_type.map(lambda name: long_dwell_threshold(spec, name))
+    labels = {"p_contribution": sample.contribution, "p_like": sample.like,
+              "p_long_dwell": sample.dwell_ms >= threshold}
+    plausible = {"p_contribution": (0.05, 0.12), "p_like": (0.04, 0.08),
+                 "p_long_dwell": (0.15, 0.30)}
+    for column, label in labels.items():
+        low, high = plausible[column]
+        assert low < label.mean() < high, column
+        probability = sample[column]
+        error = np.sqrt((probability * (1 - probability)).sum()) / len(sample)
+        assert abs(label.mean() - probability.mean()) < 4 * error, column
+        # The truth is informative: its log loss beats the base rate's (normalized entropy < 1).
+        rate = label.mean()
+        entropy = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+        log_loss = -np.where(label, np.log(probability), np.log(1 - probability)).mean()
+        assert log_loss / entropy < 0.97, column
+
+
+def topic_interest_log_odds_ratio(frame: pd.DataFrame) -> float:
+    """Mantel–Haenszel log odds ratio of a contribution shortly (< 1 h) versus long (> 12 h) after the
+    user's last contribution on the topic, within strata of the impressions in between."""
+    seen = frame[frame.impressions_since.between(1, 40)]
+    seen = seen[(seen.hours_since < 1) | (seen.hours_since > 12)]
+    numerator = denominator = 0.0
+    for _, stratum in seen.groupby(pd.cut(seen.impressions_since, [0, 2, 4, 8, 16, 40]),
+                                 observed=True):
+        near = stratum.hours_since < 1
+        a, b = (near & stratum.contribution).sum(), (near & ~stratum.contribution).sum()
+        c, d = (~near & stratum.contribution).sum(), (~near & ~stratum.contribution).sum()
+        numerator += a * d / len(stratum) if len(stratum) else 0.0
+        denominator += b * c / len(stratum) if len(stratum) else 0.0
+    return float(np.log(numerator / denominator))
+
+
+def test_topic_interest_decays_with_wall_clock_time_not_impressions(sample, null_sample):
+    planted = topic_interest_log_odds_ratio(sample)
+    control = topic_interest_log_odds_ratio(null_sample)
+    assert planted > 0.8
+    assert abs(control) < 0.4
+    assert planted - control > 0.7
+
+
+def content_time_interaction(frame: pd.DataFrame) -> float:
+    """How much more video gains from evening (18–24 h) over morning (6–12 h) than text does."""
+    def gain(content_type: str) -> float:
+        rows = frame[frame.content_type == content_type]
+        return (log_odds(rows.contribution[rows.hour >= 18])
+                - log_odds(rows.contribution[rows.hour.between(6, 11)]))
+    return gain("video") - gain("text")
+
+
+def test_engagement_depends_on_content_type_by_time_of_day(sample, null_sample):
+    assert content_time_interaction(sample) > 1.5
+    assert abs(content_time_interaction(null_sample)) < 0.5
+
+
+def test_weekends_differ(sample, null_sample):
+    def weekend_effect(frame: pd.DataFrame) -> float:
+        return (log_odds(frame.contribution[frame.weekend])
+                - log_odds(frame.contribution[~frame.weekend]))
+    assert weekend_effect(sample) > 0.3
+    assert abs(weekend_effect(null_sample)) < 0.15
+    per_day = sample.groupby("date").agg(events=("event_id", "size"), weekend=("weekend", "first"))
+    assert per_day.events[per_day.weekend].mean() > 1.1 * per_day.events[~per_day.weekend].mean()
+
+
+def test_sessions_make_gaps_from_seconds_to_days(sample):
+    gaps_s = sample.groupby("user_id").event_ts.diff().dropna() / 1000.0
+    assert (gaps_s >= 2.0).mean() > 0.99  # impression_gap_min_s, unless two sessions overlap
+    assert (gaps_s < 60).mean() > 0.5  # mostly within a session
+    assert (gaps_s > 3600).mean() > 0.05  # between sessions
+    assert gaps_s.max() > 86_400
+
+
+# --- configuration and the command ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, key", [
+    ("users=-1", "'users'"),
+    ("days=0", "'days'"),
+    ("start_date=2026-13-01", "'start_date'"),
+    ("start_date=2999-01-01", "'start_date'"),
+    ("bad_fraction=1.5", "'bad_fraction'"),
+    ("process.content_types.video.p_like=2", "'process.content_types.video.p_like'"),
+    ("process.topic_interest_tau_h=0", "'process.topic_interest_tau_h'"),
+    ("process.no_such_key=1", "process.no_such_key"),
+])
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        synth(override)
+
+
+def test_command_writes_the_dataset_and_rejects_bad_config(tmp_path, capsys):
+    out = tmp_path / "raw"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out), "--users", "-1"])
+    assert exit_info.value.code == 2
+    assert "'users'" in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main(["--out", str(out), "--users", "20", "--days", "2", "--seed", "4",
+                 "--config", str(REPO / "conf" / "synth.yaml"), "users_per_chunk=7"]) == 0
+    manifest = read_manifest(out)
+    assert (manifest["users"], manifest["days"], manifest["seed"]) == (20, 2, 4)
+    assert manifest["config"]["users_per_chunk"] == 7
+    assert f"events         {manifest['events']}" in capsys.readouterr().out
+
+
+def test_yaml_mirrors_the_defaults():
+    assert to_dict(load_config(SynthConfig, REPO / "conf" / "synth.yaml")) == to_dict(SynthConfig())
+
+
+def test_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="refusing"):
+        write_synthetic_logs(synth("users=5", "days=1"), tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+    assert [path.name for path in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_killed_run_leaves_the_previous_dataset_untouched(tmp_path):
+    out = tmp_path / "raw"
+    previous = write_synthetic_logs(synth("users=10", "days=1", "seed=1"), out)
+    digests = file_digests(out)
+    command = [sys.executable, "-m", "features.synth", "--out", str(out), "--users", "200000",
+               "--days", "14", "users_per_chunk=500"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".raw.synth-*/date=*/part-*.parquet")):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert read_manifest(out) == previous
+    assert file_digests(out) == digests
+    staging = [path for path in tmp_path.iterdir() if path != out]
+    assert staging and not any((path / SUCCESS_NAME).exists() for path in staging)

@@ -1,0 +1,350 @@
+"""The generative ranker: a causal transformer over a user's impressions, attention by SIREN-RoPE.
+
+Token i is one impression. Its input embedding is the sum of
+
+- the hashed-id embeddings (item, author, content type, topic, surface),
+- a projection of its continuous features (log gap, log item age),
+- a projection of the PREVIOUS token's actions (click, like, comment, share, log dwell; zeros for
+  the first real token): the actions of past tokens enter as values, while token i's own
+  actions and labels never reach its own prediction,
+- optionally (``time_in_embedding``) a projection of its time features x_i.
+
+Pre-LN blocks with causal attention (token i attends to real tokens j ≤ i) rotate Q and K (never V)
+by the angles of one rotary encoding (trainer.rotary), computed once per forward and shared by
+every head and layer. Multi-task heads give per-token logits for ``contribution``, ``like`` and
+``long_dwell``; the loss is masked BCE (:func:`masked_multitask_loss`).
+
+Batches are dicts keyed by the column names of features.spec, rows left-padded to C tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from features.config import require
+from features.spec import (ACTION_COLUMNS, CONTINUOUS_COLUMNS, ID_COLUMNS, LABEL_COLUMNS,
+                           LOSS_MASK_COLUMN, TS_COLUMN, FeatureSpec, cyclical, log_dwell, log_gap)
+from trainer.rotary import (TIME_FEATURE_COUNT, NoRotary, OrdinalRoPE, RotaryEncoding, SirenRoPE,
+                            TimeFeatures, TORoPE, rotate, unit_rotations)
+
+logger = logging.getLogger(__name__)
+
+ROTARY_KINDS: tuple[str, ...] = ("none", "ordinal", "to_rope", "siren")
+INIT_STD = 0.02
+
+
+@dataclass
+class ModelConfig:
+    """The ranker's shape and its rotary encoding (``model.*`` in the training config)."""
+
+    rotary: str = "siren"
+    """none | ordinal | to_rope | siren."""
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    siren_width: int = 64
+    """Width of both branches of f."""
+    siren_layers: int = 2
+    """Hidden layers of f_sin."""
+    dnn_layers: int = 2
+    """Hidden layers of f_dnn."""
+    omega0: float = 10.0
+    siren_branch: bool = True
+    """f_sin on/off (siren only)."""
+    dnn_branch: bool = True
+    """f_dnn on/off (siren only)."""
+    ordinal_term: bool = True
+    """The λ · p · θ term on/off (siren only)."""
+    categorical_input: bool = False
+    """content_type/topic/surface embeddings as extra input to f (siren only)."""
+    time_in_embedding: bool = False
+    """Add a projection of the time features x_i to the token embeddings."""
+    angles_per_pair: int = 0
+    """How many distinct angles f outputs: 0 = one per frequency pair; k > 0 = k angles, each
+    repeated over d_head/2/k neighbouring pairs."""
+    t_ref_seconds: int = 0
+    """T_ref (epoch seconds) for t̃; 0 = the caller supplies it (the trainer: the dataset watermark)."""
+    task_weights: dict[str, float] = field(
+        default_factory=lambda: {task: 1.0 for task in LABEL_COLUMNS})
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def __post_init__(self) -> None:
+        require(self.rotary in ROTARY_KINDS, "model.rotary",
+                f"must be one of {', '.join(ROTARY_KINDS)}, got '{self.rotary}'")
+        for key in ("n_layers", "d_model", "n_heads", "siren_width", "siren_layers", "dnn_layers"):
+            require(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
+        require(self.d_model % self.n_heads == 0, "model.d_model",
+                f"must be divisible by model.n_heads ({self.n_heads})")
+        require(self.d_head % 2 == 0, "model.d_model",
+                f"d_model / n_heads must be even (rotary pairs), got {self.d_head}")
+        require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        require(self.rope_base > 1.0, "model.rope_base", "must be > 1")
+        require(self.omega0 > 0.0, "model.omega0", "must be > 0")
+        require(self.t_ref_seconds >= 0, "model.t_ref_seconds", "must be >= 0 (0 = from the data)")
+        pairs = self.d_head // 2
+        angles = self.angles_per_pair
+        require(angles == 0 or (angles > 0 and pairs % angles == 0), "model.angles_per_pair",
+                f"must be 0 or divide d_head/2 = {pairs}")
+        if self.rotary == "siren":
+            require(self.siren_branch or self.dnn_branch, "model.siren_branch",
+                    "siren needs at least one of model.siren_branch, model.dnn_branch")
+        else:
+            # Silently ignoring these would mislabel an ablation run.
+            for key in ("siren_branch", "dnn_branch", "ordinal_term"):
+                require(getattr(self, key), f"model.{key}", "can only be turned off with model.rotary=siren")
+            require(not self.categorical_input, "model.categorical_input", "needs model.rotary=siren")
+        require(set(self.task_weights) == set(LABEL_COLUMNS), "model.task_weights",
+                f"must have exactly the keys {', '.join(LABEL_COLUMNS)}")
+        for task, weight in self.task_weights.items():
+            require(weight >= 0.0, f"model.task_weights.{task}", "must be >= 0")
+        require(sum(self.task_weights.values()) > 0.0, "model.task_weights", "must not all be 0")
+
+
+def build_rotary(config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float) -> RotaryEncoding:
+    if config.rotary == "none":
+        return NoRotary(config.d_head, config.rope_base)
+    if config.rotary == "ordinal":
+        return OrdinalRoPE(config.d_head, config.rope_base)
+    if config.rotary == "to_rope":
+        return TORoPE(config.d_head, config.rope_base)
+    return SirenRoPE(
+        d_head=config.d_head, rope_base=config.rope_base, context_len=spec.context_len,
+        t_ref_seconds=t_ref_seconds, width=config.siren_width, siren_layers=config.siren_layers,
+        dnn_layers=config.dnn_layers, omega0=config.omega0, siren_branch=config.siren_branch,
+        dnn_branch=config.dnn_branch, ordinal_term=config.ordinal_term,
+        angle_count=config.angles_per_pair or config.d_head // 2,
+        metadata_buckets=spec.buckets if config.categorical_input else None)
+
+
+def real_tokens(length: Tensor, width: int) -> Tensor:
+    """Boolean ``[B, C]``: True for a row's real tokens, its last ``length`` columns."""
+    columns = torch.arange(width, device=length.device)
+    return columns >= (width - length.to(columns.dtype)).unsqueeze(1)
+
+
+def attention_mask(real: Tensor) -> Tensor:
+    """Boolean ``[B, 1, C, C]``, True = may attend: causal (key j ≤ query i) and real keys only.
+
+    Every token may also attend to itself, so a padding query (all its earlier keys are padding)
+    still has one key and a padding-only row stays finite; real queries never see padding.
+    """
+    width = real.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+    itself = torch.eye(width, dtype=torch.bool, device=real.device)
+    return (causal & (real.unsqueeze(1) | itself)).unsqueeze(1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rotations: Tensor, mask: Tensor) -> Tensor:
+        batch_size, width, d_model = x.shape
+        qkv = self.qkv(x).view(batch_size, width, 3, self.n_heads, d_model // self.n_heads)
+        # Q and K rotated together in one fp32 op, cast back to the compute dtype; V as is.
+        q, k = rotate(qkv[:, :, :2], rotations).to(qkv.dtype).unbind(dim=2)
+        v = qkv[:, :, 2]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.residual_dropout(self.proj(y.transpose(1, 2).reshape(batch_size, width, d_model)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.d_model, 4 * config.d_model)
+        self.proj = nn.Linear(4 * config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.d_model)
+        self.attention = CausalSelfAttention(config)
+        self.feed_forward_norm = nn.LayerNorm(config.d_model)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, rotations: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rotations, mask)
+        return x + self.feed_forward(self.feed_forward_norm(x))
+
+
+class GenerativeRanker(nn.Module):
+    """Per-token logits for every task from a batch of left-padded rows.
+
+    ``t_ref_seconds`` anchors t̃ unless ``config.t_ref_seconds`` is set, which wins. It is kept in a
+    persistent buffer, so loading a checkpoint restores the anchor the weights were trained with;
+    :meth:`set_time_reference` re-anchors.
+    """
+
+    def __init__(self, config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float):
+        super().__init__()
+        self.config = config
+        t_ref = config.t_ref_seconds or t_ref_seconds
+        d_model = config.d_model
+        self.id_embeddings = nn.ModuleDict({
+            column: nn.Embedding(spec.buckets[column], d_model, padding_idx=0) for column in ID_COLUMNS})
+        self.continuous_projection = nn.Linear(len(CONTINUOUS_COLUMNS), d_model)
+        self.previous_action_projection = nn.Linear(len(ACTION_COLUMNS), d_model)
+        self.time_features = TimeFeatures(spec.context_len, t_ref) if config.time_in_embedding else None
+        self.time_projection = nn.Linear(TIME_FEATURE_COUNT, d_model) if config.time_in_embedding else None
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+        self.heads = nn.Linear(d_model, len(LABEL_COLUMNS))
+        for child in self.children():
+            child.apply(self._init_weights)
+        for block in self.blocks:
+            # Residual projections scaled so the residual stream's variance does not grow with depth.
+            for projection in (block.attention.proj, block.feed_forward.proj):
+                nn.init.normal_(projection.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layers))
+        # Built after the generic init: the rotary encoding initialises itself (Sitzmann for f_sin).
+        self.rotary = build_rotary(config, spec, t_ref)
+        rotary_count, total = self.parameter_counts()
+        logger.info("ranker: rotary=%s, %d parameters, %d in the rotary encoding (%.3f%%)",
+                    config.rotary, total, rotary_count, 100.0 * rotary_count / total)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(parameters of the rotary encoding, all parameters)."""
+        rotary = sum(parameter.numel() for parameter in self.rotary.parameters())
+        return rotary, sum(parameter.numel() for parameter in self.parameters())
+
+    def set_time_reference(self, t_ref_seconds: float) -> None:
+        for module in self.modules():
+            if isinstance(module, TimeFeatures):
+                module.set_time_reference(t_ref_seconds)
+
+    def embed(self, batch: dict[str, Tensor], real: Tensor) -> Tensor:
+        x = sum(self.id_embeddings[column](batch[column]) for column in ID_COLUMNS)
+        dtype = x.dtype
+        continuous = torch.stack([batch[column] for column in CONTINUOUS_COLUMNS], dim=-1).to(dtype)
+        x = x + self.continuous_projection(continuous)
+        actions = torch.stack([batch[column] for column in ACTION_COLUMNS], dim=-1).to(dtype)
+        actions = actions * real.unsqueeze(-1)
+        # Shift right by one token: token i sees the actions of token i − 1, never its own.
+        previous_actions = F.pad(actions, (0, 0, 1, -1))
+        x = x + self.previous_action_projection(previous_actions)
+        if self.time_projection is not None:
+            x = x + self.time_projection(self.time_features(batch).to(dtype))
+        return x
+
+    def rotation_angles(self, batch: dict[str, Tensor]) -> Tensor:
+        """Θ, fp32 ``[B, C, d_head/2]``."""
+        return self.rotary(batch)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        real = real_tokens(batch["length"], batch[TS_COLUMN].shape[1])
+        # Once per forward, in fp32; every head of every layer uses the same angles.
+        rotations = unit_rotations(self.rotation_angles(batch))[:, :, None, None, :]
+        mask = attention_mask(real)
+        x = self.embedding_dropout(self.embed(batch, real))
+        for block in self.blocks:
+            x = block(x, rotations, mask)
+        logits = self.heads(self.final_norm(x)).float()
+        return dict(zip(LABEL_COLUMNS, logits.unbind(dim=-1)))
+
+
+def masked_multitask_loss(logits: dict[str, Tensor], batch: dict[str, Tensor],
+                          weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Σ_task weight · (masked mean BCE-with-logits over ``loss_mask`` tokens), and each task's
+    masked mean (detached, for logging). Labels of masked tokens are never read, so anything there
+    (even NaN) changes neither the loss nor its gradient."""
+    mask = batch[LOSS_MASK_COLUMN].float()
+    counted = mask > 0
+    tokens = mask.sum().clamp_min(1.0)
+    total = torch.zeros((), device=mask.device)
+    per_task: dict[str, Tensor] = {}
+    for task, task_logits in logits.items():
+        if task not in weights:
+            raise KeyError(f"no loss weight for task '{task}' "
+                           f"(weights given for: {', '.join(sorted(weights))})")
+        labels = torch.where(counted, batch[task].float(), 0.0)
+        token_losses = F.binary_cross_entropy_with_logits(task_logits.float(), labels, reduction="none")
+        loss = (token_losses * mask).sum() / tokens
+        per_task[task] = loss.detach()
+        total = total + weights[task] * loss
+    return total, per_task
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: decay for weight matrices; none for embeddings and every parameter of
+    fewer than two dimensions (ω, λ, β, biases, norm gains)."""
+    embedding_parameters = {id(parameter) for module in model.modules() if isinstance(module, nn.Embedding)
+                            for parameter in module.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim < 2 or id(parameter) in embedding_parameters
+        (no_decay if exempt else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def synthetic_batch(spec: FeatureSpec, batch_size: int, *, seed: int = 0,
+                    start_seconds: int = 1_700_000_000) -> dict[str, Tensor]:
+    """Random rows in the training-row contract (left-padded, lengths 1 … C, features computed by
+    features.spec): for shape checks, export tracing and benchmarks, never for training."""
+    rng = np.random.default_rng(seed)
+    width = spec.context_len
+    lengths = rng.integers(1, width + 1, size=batch_size)
+    real = np.arange(width)[None, :] >= (width - lengths)[:, None]
+    gaps = rng.exponential(3_600.0, size=(batch_size, width)).astype(np.int64) + 1
+    ts = start_seconds + np.cumsum(gaps, axis=1)
+    ts = np.where(real, ts, 0)
+    columns: dict[str, np.ndarray] = {TS_COLUMN: ts}
+    for column in ID_COLUMNS:
+        columns[column] = rng.integers(1, spec.buckets[column], size=(batch_size, width)) * real
+    columns["log_gap"] = np.zeros((batch_size, width), dtype=np.float32)
+    for row in range(batch_size):
+        columns["log_gap"][row, real[row]] = log_gap(ts[row, real[row]])
+    columns["log_item_age"] = np.log1p(rng.exponential(86_400.0, size=(batch_size, width)))
+    columns.update(cyclical(ts))
+    dwell_ms = rng.exponential(8_000.0, size=(batch_size, width))
+    for column, rate in (("click", 0.3), ("like", 0.1), ("comment", 0.03), ("share", 0.02)):
+        columns[column] = rng.random(size=(batch_size, width)) < rate
+    columns["log_dwell"] = log_dwell(dwell_ms)
+    columns["contribution"] = columns["like"] | columns["comment"] | columns["share"]
+    columns["long_dwell"] = dwell_ms >= spec.default_long_dwell_ms
+    columns[LOSS_MASK_COLUMN] = real
+    batch = {column: torch.from_numpy(np.where(real, values, 0).astype(
+        np.int64 if column == TS_COLUMN or column in ID_COLUMNS else np.float32))
+        for column, values in columns.items()}
+    batch["length"] = torch.from_numpy(lengths.astype(np.int32))
+    batch["user_key"] = torch.from_numpy(rng.integers(1, 2**60, size=batch_size, dtype=np.int64))
+    return batch

@@ -33,6 +33,8 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/features.py
+	$(PY) bench/train.py
+	$(PY) bench/ingest.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,9 +10,16 @@ import importlib
 import logging
 import sys
 
+from features.config import ConfigError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("features.synth", "write synthetic feed logs in the raw event contract"),
     "features": ("features.submit", "run the Spark feature job (spark-submit, local master)"),
+    "train": ("trainer.launch", "train the ranker on local ranks through the deepspeed launcher"),
+    "evaluate": ("trainer.evaluate", "evaluate RUN_DIR/export/latest exactly on FEATURES_DIR/eval"),
+    "broker": ("ingest.broker", "run the embedded Kafka-protocol broker on 127.0.0.1"),
+    "produce": ("ingest.producer", "replay raw events into a Kafka topic as JSON"),
+    "ingest": ("ingest.consumer", "consume events into the raw Parquet landing zone, exactly once"),
     "demo": ("sirenfeed.demo", "run the whole pipeline end to end on the embedded defaults"),
 }
 
@@ -37,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as error:
+        print(f"sirenfeed {name}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Shared fixtures for trainer tests: a tiny feature dataset written (pyarrow) in exactly the
+Spark job's layout (``{train,eval}/date=YYYY-MM-DD/part-*.parquet`` + ``_MANIFEST.json`` +
+``_SUCCESS``), and one real 2-rank ``deepspeed`` training run that several test modules inspect.
+
+The rows carry a learnable signal: an item's id decides its contribution/like rate and its content
+type its long-dwell rate, so a model that learns embeddings lowers the loss within a few steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.dataset import write_manifest
+from features.spec import (FEATURE_SPEC_VERSION, ID_COLUMNS, TOKEN_FLOAT_COLUMNS, FeatureSpec,
+                           cyclical, log_dwell, log_gap, user_key)
+from trainer.data import write_training_rows
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+DAY = 86_400
+FIRST_DAY = 1_714_521_600  # 2024-05-01 00:00 UTC
+
+TINY_SPEC = FeatureSpec(
+    context_len=8, stride=8,
+    buckets={"item_id": 31, "author_id": 11, "content_type": 5, "topic": 7, "surface": 3})
+
+TRAIN_FILES = [(0, 96, 32), (1, 96, 32), (2, 40, 40)]
+"""(day, rows, row-group size): 7 row groups, so 2 ranks get uneven shards (4 and 3)."""
+EVAL_FILES = [(3, 48, 16), (3, 21, 21)]
+"""4 row groups of uneven size."""
+
+TINY_MODEL = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.siren_width=16"]
+"""A model small enough that a CPU step takes milliseconds."""
+
+
+def _rows(rng: np.random.Generator, spec: FeatureSpec, count: int, day: int) -> dict[str, np.ndarray]:
+    """``count`` left-padded windows of random users with a learnable label signal."""
+    width = spec.context_len
+    columns: dict[str, np.ndarray] = {
+        "user_key": np.array([user_key(f"user{u}") for u in rng.integers(0, 40, count)], np.int64),
+        "length": rng.integers(2, width + 1, count).astype(np.int32),
+        "ts": np.zeros((count, width), np.int64),
+        **{name: np.zeros((count, width), np.int64) for name in ID_COLUMNS},
+        **{name: np.zeros((count, width), np.float32) for name in TOKEN_FLOAT_COLUMNS},
+    }
+    for row in range(count):
+        length = int(columns["length"][row])
+        real = slice(width - length, width)
+        ts = FIRST_DAY + day * DAY + rng.integers(0, DAY // 2) + np.cumsum(rng.integers(30, 3600, length))
+        items = rng.integers(1, spec.buckets["item_id"], length)
+        content = rng.integers(1, spec.buckets["content_type"], length)
+        contribution = rng.random(length) < np.where(items % 3 == 0, 0.85, 0.08)
+        like = contribution & (rng.random(length) < np.where(items % 2 == 0, 0.9, 0.3))
+        long_dwell = rng.random(length) < np.where(content <= 2, 0.75, 0.1)
+        dwell_ms = np.where(long_dwell, 20_000, 2_000) + rng.integers(0, 1_000, length)
+        columns["ts"][row, real] = ts
+        columns["item_id"][row, real] = items
+        columns["author_id"][row, real] = 1 + items % (spec.buckets["author_id"] - 1)
+        columns["content_type"][row, real] = content
+        columns["topic"][row, real] = rng.integers(1, spec.buckets["topic"], length)
+        columns["surface"][row, real] = rng.integers(1, spec.buckets["surface"], length)
+        columns["log_gap"][row, real] = log_gap(ts)
+        columns["log_item_age"][row, real] = np.log1p(rng.integers(0, 30 * DAY, length))
+        for name, values in cyclical(ts).items():
+            columns[name][row, real] = values
+        columns["click"][row, real] = contribution | (rng.random(length) < 0.3)
+        columns["like"][row, real] = like
+        columns["comment"][row, real] = contribution & (rng.random(length) < 0.3)
+        columns["share"][row, real] = contribution & ~like
+        columns["log_dwell"][row, real] = log_dwell(dwell_ms)
+        columns["contribution"][row, real] = contribution
+        columns["long_dwell"][row, real] = long_dwell
+        columns["loss_mask"][row, real] = 1.0
+    return columns
+
+
+def write_features(root: Path, spec: FeatureSpec = TINY_SPEC,
+                   train_files=TRAIN_FILES, eval_files=EVAL_FILES, seed: int = 0) -> Path:
+    """A feature dataset in the Spark job's layout; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for split, files in (("train", train_files), ("eval", eval_files)):
+        rows[split] = 0
+        for index, (day, count, group_rows) in enumerate(files):
+            date = np.datetime64(FIRST_DAY + day * DAY, "s").astype("datetime64[D]")
+            write_training_rows(root / split / f"date={date}" / f"part-{index:05d}.parquet",
+                                _rows(rng, spec, count, day), group_rows)
+            rows[split] += count
+    split_day = min(day for day, _, _ in eval_files)
+    write_manifest(root, {  # the keys features/job.py writes that the trainer reads
+        "spec": dataclasses.asdict(spec), "feature_spec_version": FEATURE_SPEC_VERSION,
+        "watermark_ms": (FIRST_DAY + (split_day + 1) * DAY) * 1000,
+        "split_ts_ms": (FIRST_DAY + split_day * DAY) * 1000,
+        "splits": {split: {"rows": count} for split, count in rows.items()}})
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tmp_path_factory) -> Path:
+    return write_features(tmp_path_factory.mktemp("features"))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchedRun:
+    run: Path
+    features: Path
+    overrides: tuple[str, ...]
+    output: str
+
+
+TRAIN_OVERRIDES = (
+    *TINY_MODEL, "model.dropout=0.1", "data.batch_size=16", "data.shuffle_buffer=64",
+    "data.eval_batch_size=32", "train.steps=32", "train.log_every=4", "train.eval_every=16",
+    "train.checkpoint_every=8", "train.keep_checkpoints=2", "schedule.warmup_steps=4",
+    "optim.lr=0.02", "deepspeed.zero_stage=1")
+"""A short run that logs, evaluates mid-run, checkpoints four times (keeping two) and shards the
+optimizer state (ZeRO-1), with dropout so resuming must restore each rank's RNG."""
+
+
+def launch_training(features: Path, run: Path, *overrides: str) -> LaunchedRun:
+    """``sirenfeed train`` (its module's ``main``) with 2 CPU ranks; fails the test on a non-zero exit."""
+    command = [sys.executable, "-m", "trainer.launch", "--features", str(features), "--run", str(run),
+               "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *overrides]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"training failed ({result.returncode}):\n{output[-6000:]}"
+    return LaunchedRun(run, features, tuple(overrides), output)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_features, tmp_path_factory) -> LaunchedRun:
+    return launch_training(tiny_features, tmp_path_factory.mktemp("run") / "run", *TRAIN_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> FeatureSpec:
+    return TINY_SPEC
+
+
+@pytest.fixture(scope="session")
+def feature_writer():
+    """:func:`write_features`, for tests that need a dataset of another shape."""
+    return write_features
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """:func:`launch_training`, for tests that start their own run."""
+    return launch_training
+
+
+@pytest.fixture(scope="session")
+def train_overrides() -> tuple[str, ...]:
+    return TRAIN_OVERRIDES
+
+
+@pytest.fixture(scope="session")
+def tiny_model_overrides() -> tuple[str, ...]:
+    return tuple(TINY_MODEL)

@@ -1,0 +1,132 @@
+"""Export: round trip with weights-only loading, checksums, the ``latest`` pointer; and
+``sirenfeed evaluate`` on an export, in one process and on 2 ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from features.config import load_config
+from features.spec import FEATURE_SPEC_VERSION
+from trainer.config import TrainConfig
+from trainer.data import DataError, eval_batches
+from trainer.evaluate import main as evaluate_main
+from trainer.export import EXPORT_FILES, ExportError, export_model, load_exported
+from trainer.model import GenerativeRanker, synthetic_batch
+
+
+
+@pytest.fixture
+def exported(tmp_path, tiny_spec, tiny_model_overrides):
+    """A freshly initialised tiny model exported twice (tags a, b) into ``tmp_path/run``."""
+    config = load_config(TrainConfig, overrides=[
+        "features=/data/features", f"run={tmp_path / 'run'}", *tiny_model_overrides])
+    torch.manual_seed(0)
+    model = GenerativeRanker(config.model, tiny_spec, 1_714_800_000)
+    export_model(model, config, tiny_spec, 1_714_800_000, config.run, "a", 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    export_model(model, config, tiny_spec, 1_714_800_000, config.run, "b", 2)
+    return model.eval(), config, tmp_path / "run" / "export"
+
+
+def test_round_trip_gives_identical_logits(exported, tiny_spec):
+    model, config, root = exported
+    loaded, loaded_config, spec = load_exported(root / "latest")
+    assert loaded_config == config and spec == tiny_spec
+    batch = synthetic_batch(tiny_spec, 4, seed=3)
+    with torch.no_grad():
+        expected, actual = model(batch), loaded(batch)
+    for task in expected:
+        assert torch.equal(expected[task], actual[task]), task
+    record = json.loads((root / "b" / "feature_spec.json").read_text())
+    assert record["version"] == FEATURE_SPEC_VERSION and record["t_ref_seconds"] == 1_714_800_000
+
+
+def test_latest_moves_only_to_a_complete_export(exported):
+    _, _, root = exported
+    assert (root / "latest").is_symlink() and (root / "latest").resolve() == (root / "b").resolve()
+    assert sorted(path.name for path in root.iterdir()) == ["a", "b", "latest"]  # no temporaries left
+    first, _, _ = load_exported(root / "a")
+    second, _, _ = load_exported(root / "latest")
+    assert not torch.equal(first.heads.weight, second.heads.weight)
+    state = torch.load(root / "b" / "model.pt", weights_only=True)
+    assert all(isinstance(tensor, torch.Tensor) for tensor in state.values())
+    assert set(json.loads((root / "b" / "_MANIFEST.json").read_text())["sha256"]) == set(EXPORT_FILES)
+
+
+def test_exporting_a_complete_tag_again_keeps_it_and_moves_latest(exported, tiny_spec):
+    model, config, root = exported
+    before = (root / "a" / "model.pt").read_bytes()
+    export_model(model, config, tiny_spec, 1_714_800_000, config.run, "a", 1)
+    assert (root / "latest").resolve() == (root / "a").resolve()
+    assert (root / "a" / "model.pt").read_bytes() == before  # not the modified weights of "b"
+
+
+def test_corrupt_file_is_detected(exported):
+    _, _, root = exported
+    model_file = root / "b" / "model.pt"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="model.pt is corrupt"):
+        load_exported(root / "latest")
+
+
+def test_incomplete_export_is_detected(exported):
+    _, _, root = exported
+    (root / "a" / "config.yaml").unlink()
+    with pytest.raises(ExportError, match="config.yaml is missing"):
+        load_exported(root / "a")
+    (root / "b" / "_SUCCESS").unlink()
+    with pytest.raises(ExportError, match="not a complete export"):
+        load_exported(root / "b")
+
+
+def test_evaluate_refuses_features_of_another_spec(exported, feature_writer, tiny_spec, tmp_path):
+    _, config, _ = exported
+    other = feature_writer(tmp_path / "other", dataclasses.replace(tiny_spec, context_len=6, stride=6))
+    with pytest.raises(DataError, match="another feature spec"):
+        evaluate_main(["--run", config.run, "--features", str(other)])
+
+
+@pytest.mark.slow
+def test_export_of_a_run_matches_its_final_checkpoint(trained_run, tiny_features):
+    exported_model, config, spec = load_exported(trained_run.run / "export" / "latest")
+    state = torch.load(trained_run.run / "checkpoints" / "step00000032" / "mp_rank_00_model_states.pt",
+                       weights_only=True)
+    trained = GenerativeRanker(config.model, spec, 0)
+    trained.load_state_dict(state["module"])
+    trained.eval()
+    batch = next(eval_batches(tiny_features, spec.context_len, 32, 0, 1))
+    with torch.no_grad():
+        expected, actual = trained(batch), exported_model(batch)
+    for task in expected:
+        assert torch.equal(expected[task], actual[task]), task
+
+
+@pytest.mark.slow
+def test_evaluate_gives_the_same_metrics_on_one_and_two_ranks(trained_run, tmp_path, capsys):
+    run = tmp_path / "evaluated"
+    shutil.copytree(trained_run.run / "export", run / "export", symlinks=True)
+    training = json.loads((trained_run.run / "metrics.json").read_text())["metrics"]
+
+    assert evaluate_main(["--run", str(run), "--features", str(trained_run.features)]) == 0
+    assert "contribution" in capsys.readouterr().out
+    one_rank = json.loads((run / "metrics.json").read_text())
+    assert one_rank["ranks"] == 1
+    assert evaluate_main(["--run", str(run), "--nproc", "2"]) == 0  # features: the run's own
+    two_ranks = json.loads((run / "metrics.json").read_text())
+    assert two_ranks["ranks"] == 2 and two_ranks["features"] == str(trained_run.features)
+
+    # The export's evaluation equals the trainer's own (2-rank, DeepSpeed engine) final evaluation.
+    for reference in (training, two_ranks["metrics"]):
+        for task, values in one_rank["metrics"].items():
+            assert values["count"] == reference[task]["count"] > 0
+            for name, value in values.items():
+                assert value == pytest.approx(reference[task][name], rel=1e-9, abs=1e-12), (task, name)

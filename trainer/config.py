@@ -1,0 +1,176 @@
+"""``TrainConfig``: the typed configuration of a training run, and the DeepSpeed config made from it.
+
+Loaded like every command's config (``features.config.load_config``): defaults here, then
+``conf/train.yaml`` (or ``--config FILE``), then ``key=value`` overrides. :func:`deepspeed_config`
+is the one place that turns it into DeepSpeed's JSON dict, so DeepSpeed never sees a setting that
+is not in this schema.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from features.config import require
+from trainer.model import ModelConfig
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+COMM_BACKENDS = ("auto", "gloo", "nccl", "ccl", "mpi")
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 256
+    """Rows per rank per step (DeepSpeed's micro batch); the global batch is this × ranks."""
+    eval_batch_size: int = 1024
+    shuffle_buffer: int = 4096
+    """Rows mixed by the seeded shuffle buffer (0 = row-group order only)."""
+    seed: int = 0
+    """Seeds the row-group order (shared by all ranks) and the shuffle buffer (per rank)."""
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        require(self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; ω, λ, biases, norms and embeddings get no weight decay (``model.parameter_groups``)."""
+
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "optim.lr", "must be > 0")
+        require(len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas), "optim.betas",
+                "must be two numbers in [0, 1)")
+        require(self.eps > 0, "optim.eps", "must be > 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"
+    """``cosine``: linear warmup, then cosine decay to ``min_lr`` at the last step; ``constant``:
+    linear warmup, then ``optim.lr``."""
+    warmup_steps: int = 100
+    min_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        require(self.kind in SCHEDULES, "schedule.kind", f"must be one of {', '.join(SCHEDULES)}")
+        require(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        require(self.min_lr >= 0, "schedule.min_lr", "must be >= 0")
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 0
+    """Optimizer steps every rank runs; 0 = derive from ``epochs``."""
+    epochs: float = 1.0
+    """Passes over the training rows when ``steps`` is 0."""
+    log_every: int = 50
+    eval_every: int = 0
+    """Evaluate every N steps (0 = at the end only; the end always evaluates)."""
+    checkpoint_every: int = 1000
+    """Checkpoint every N steps (0 = at the end only; the end always checkpoints)."""
+    keep_checkpoints: int = 3
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``run/checkpoints`` (fails if none)."""
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 0, "train.steps", "must be >= 0 (0 = use train.epochs)")
+        require(self.steps > 0 or self.epochs > 0, "train.epochs", "must be > 0 when train.steps is 0")
+        require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: int = 0
+    precision: str = "fp32"
+    """``bf16`` on GPUs; on CPU ranks fp32 (bf16 there is an order of magnitude slower)."""
+    torch_adam: bool = True
+    """Use ``torch.optim.AdamW`` (no JIT-built op); ``false`` lets DeepSpeed pick its fused Adam."""
+    comm_backend: str = "auto"
+    """``auto`` = the accelerator's default: gloo on CPU, nccl on NVIDIA GPUs."""
+
+    def __post_init__(self) -> None:
+        require(self.zero_stage in (0, 1, 2), "deepspeed.zero_stage", "must be 0, 1 or 2")
+        require(self.precision in PRECISIONS, "deepspeed.precision",
+                f"must be one of {', '.join(PRECISIONS)}")
+        require(self.comm_backend in COMM_BACKENDS, "deepspeed.comm_backend",
+                f"must be one of {', '.join(COMM_BACKENDS)}")
+
+
+@dataclass
+class TelemetryConfig:
+    port: int = 0
+    """Prometheus metrics port on rank 0 (0 = off)."""
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        require(0 <= self.port <= 65535, "telemetry.port", "must be in [0, 65535] (0 = off)")
+
+
+@dataclass
+class TrainConfig:
+    features: str = MISSING
+    """Feature dataset directory (the Spark job's output, with ``train/`` and ``eval/``)."""
+    run: str = MISSING
+    """Run directory: checkpoints/, export/, metrics.json."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    seed: int = 0
+    """Seeds model initialisation (every rank starts from the same weights)."""
+
+    def __post_init__(self) -> None:
+        require(self.schedule.min_lr <= self.optim.lr, "schedule.min_lr", "must be <= optim.lr")
+
+
+def lr_factor(schedule: ScheduleConfig, lr: float, total_steps: int, step: int) -> float:
+    """Multiplier of ``lr`` at ``step`` (0-based): linear warmup, then cosine or constant."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    if schedule.kind == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - schedule.warmup_steps)
+    progress = min(1.0, (step - schedule.warmup_steps) / decay_steps)
+    floor = schedule.min_lr / lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
+    """DeepSpeed's config dict for this run on ``world`` ranks (one micro batch per step)."""
+    optim = config.optim
+    return {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": config.data.batch_size * world,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "weight_decay": optim.weight_decay, "torch_adam": config.deepspeed.torch_adam}},
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": config.deepspeed.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # Our own logger reports progress; DeepSpeed's per-step prints would drown it.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

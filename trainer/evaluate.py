@@ -1,0 +1,161 @@
+"""Exact evaluation on ``FEATURES_DIR/eval``, and ``sirenfeed evaluate``.
+
+:func:`evaluate_split` is the one evaluation routine: the trainer calls it during and after
+training, the command calls it on an exported model. Each rank reads its disjoint share of the eval
+split once (:func:`trainer.data.eval_batches`), keeps every label-bearing token, and all ranks
+gather them (a collective every rank enters, whatever its batch count) so the metrics are exact and
+the same on 1 or N ranks.
+
+``sirenfeed evaluate --run RUN_DIR [--features FEATURES_DIR] [--nproc N]`` evaluates
+``RUN_DIR/export/latest`` (on the features the run was trained on unless told otherwise), prints the
+metrics table and writes ``RUN_DIR/metrics.json``. ``--nproc 1`` runs in this process; more ranks
+go through the ``deepspeed`` launcher and give the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from features.config import add_config_arguments, config_from_args, require
+from features.dataset import atomic_write_text
+from features.spec import LABEL_COLUMNS, LOSS_MASK_COLUMN
+from trainer.data import DataError, eval_batches, read_feature_manifest
+from trainer.export import export_root, load_exported
+from trainer.launch import configure_logging, run_deepspeed
+from trainer.metrics import EvalAccumulator, format_table
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+Metrics = dict[str, dict[str, float]]
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = ""
+    """Run directory whose ``export/latest`` is evaluated (required)."""
+    features: str = ""
+    """Feature dataset (default: the one the run was trained on)."""
+    nproc: int = 1
+    batch_size: int = 1024
+    bins: int = 15
+    """Equal-width calibration bins for ECE."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.run), "run", "required: the run directory to evaluate (--run)")
+        require(self.nproc >= 1, "nproc", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.bins >= 1, "bins", "must be >= 1")
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, features_dir: str | Path, context_len: int, batch_size: int,
+                   rank: int, world: int, device: torch.device | str, bins: int = 15,
+                   autocast_dtype: torch.dtype | None = None) -> Metrics | None:
+    """Metrics per task over the whole eval split; every rank must call it (collective).
+
+    Returns the metrics on rank 0 and ``None`` elsewhere.
+    """
+    was_training = model.training
+    model.eval()
+    accumulator = EvalAccumulator(LABEL_COLUMNS)
+    device = torch.device(device)
+    for batch in eval_batches(features_dir, context_len, batch_size, rank, world):
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = model(batch)
+        accumulator.add({task: torch.sigmoid(logits[task].float()) for task in LABEL_COLUMNS},
+                        {task: batch[task] for task in LABEL_COLUMNS}, batch[LOSS_MASK_COLUMN],
+                        batch["user_key"])
+    merged = accumulator.gather()
+    model.train(was_training)
+    return merged.compute(bins=bins) if rank == 0 else None
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_metrics(run_dir: str | Path, metrics: Metrics, **context: Any) -> Path:
+    """``RUN_DIR/metrics.json`` (atomic): the metrics plus where they came from; undefined values
+    (``nan``) are written as ``null`` so the file stays standard JSON."""
+    record = {**context, "metrics": {task: {name: _finite_or_none(value) for name, value in values.items()}
+                                     for task, values in metrics.items()}}
+    target = Path(run_dir) / METRICS_FILE
+    atomic_write_text(target, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def _evaluate(config: EvaluateConfig) -> Metrics | None:
+    """Evaluate ``run/export/latest`` on this process's rank (1 rank without torch.distributed);
+    returns the metrics on rank 0, ``None`` on the others."""
+    distributed = config.nproc > 1
+    accelerator = deepspeed.get_accelerator()
+    if distributed:
+        deepspeed.init_distributed()
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(accelerator.current_device_name())
+    export = export_root(config.run) / "latest"
+    model, train_config, spec = load_exported(export)
+    features = config.features or train_config.features
+    _, data_spec = read_feature_manifest(features)
+    if data_spec != spec:
+        raise DataError(f"{features} was built with another feature spec than the model in {export}: "
+                        f"{data_spec} vs {spec}")
+    metrics = evaluate_split(model.to(device), features, spec.context_len, config.batch_size,
+                             rank, world, device, bins=config.bins)
+    if rank == 0:
+        target = write_metrics(config.run, metrics, source=str(export.resolve()), features=features,
+                               ranks=world)
+        log.info("wrote %s", target)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sirenfeed evaluate", description="Evaluate RUN_DIR/export/latest exactly on FEATURES_DIR/eval.")
+    parser.add_argument("--run", help="run directory (evaluates its export/latest)")
+    parser.add_argument("--features", help="feature dataset (default: the run's)")
+    parser.add_argument("--nproc", type=int, help="ranks (default 1: in this process)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(EvaluateConfig, args, run=args.run, features=args.features or None,
+                              nproc=args.nproc)
+    if config.nproc > 1 and not _under_launcher():
+        overrides = [*args.overrides, f"run={config.run}", f"nproc={config.nproc}"]
+        if config.features:
+            overrides.append(f"features={config.features}")
+        return run_deepspeed(Path(__file__), config.nproc, args.config, overrides)
+    metrics = _evaluate(config)
+    if metrics is not None:
+        print(format_table({Path(config.run).name: metrics}))
+    return 0
+
+
+def _under_launcher() -> bool:
+    """True inside a rank the ``deepspeed`` launcher started (it sets the torch.distributed env)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+if __name__ == "__main__":
+    configure_logging(int(os.environ.get("RANK", "0")))
+    sys.exit(main(sys.argv[1:]))

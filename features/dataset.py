@@ -44,8 +44,13 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 def write_manifest(path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
     """Write the manifest atomically, then the success marker (last)."""
     root = local_path(path)
-    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(root / MANIFEST_NAME, manifest_json(manifest))
     atomic_write_text(root / SUCCESS_NAME, "")
+
+
+def manifest_json(manifest: dict[str, Any]) -> str:
+    """The manifest's on-disk text (for writers that go through another filesystem API)."""
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def atomic_write_text(target: Path, text: str) -> None:

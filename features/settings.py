@@ -1,0 +1,71 @@
+"""Typed configuration of the Spark feature job (``conf/features.yaml`` mirrors these defaults).
+
+Loaded by both ``sirenfeed features`` (before it calls ``spark-submit``) and the job itself (before it
+starts Spark), so an unknown key or a nonsensical value fails before any JVM starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from features.config import require
+from features.schema import ContractConfig
+from features.spec import FeatureSpec
+
+LOG_LEVELS = ("ALL", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF")
+_MEMORY = re.compile(r"^[1-9][0-9]*[kmgt]?$", re.IGNORECASE)
+
+
+@dataclass
+class SparkConfig:
+    master: str = "local[*]"
+    """Used by ``sirenfeed features`` (and by a job started without ``spark-submit``); a job started by
+    ``spark-submit --master ...`` keeps the master it was given."""
+    driver_memory: str = "2g"
+    shuffle_partitions: int = 4
+    """Few on one machine: every shuffle partition is a task with a fixed overhead."""
+    log_level: str = "WARN"
+    """Spark's own log level (``spark.log.level``); the job's progress is logged by Python."""
+    conf: dict[str, str] = field(default_factory=dict)
+    """Extra Spark settings, e.g. ``{"spark.executor.memory": "8g"}``."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.master.strip()), "spark.master", "must not be empty")
+        require(bool(_MEMORY.match(self.driver_memory)), "spark.driver_memory",
+                f"must look like 512m or 4g, got {self.driver_memory!r}")
+        require(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
+        require(self.log_level.upper() in LOG_LEVELS, "spark.log_level",
+                f"must be one of {', '.join(LOG_LEVELS)}")
+        for key in self.conf:
+            require(key.startswith("spark."), f"spark.conf.{key}", "Spark settings start with 'spark.'")
+
+
+@dataclass
+class FeaturesConfig:
+    raw: str = MISSING
+    """Raw events: a synthetic log (``date=YYYY-MM-DD/``) or the ingest landing zone
+    (``date=YYYY-MM-DD/hour=HH/``); any URI Spark can read."""
+    out: str = MISSING
+    """The feature dataset directory, replaced as a whole when the job succeeds."""
+    spec: FeatureSpec = field(default_factory=FeatureSpec)
+    contract: ContractConfig = field(default_factory=ContractConfig)
+    eval_days: int = 1
+    """The last ``eval_days`` UTC days of the data are the held-out evaluation window."""
+    train_files: int = 8
+    """Parquet files of the train split: range partitions by (date, user), so a few more where a
+    partition spans a date boundary. The trainer shards by row group, so every rank needs some."""
+    eval_files: int = 4
+    spark: SparkConfig = field(default_factory=SparkConfig)
+
+    def __post_init__(self) -> None:
+        require(bool(self.raw.strip()), "raw", "must not be empty")
+        require(bool(self.out.strip()), "out", "must not be empty")
+        raw, out = self.raw.rstrip("/") + "/", self.out.rstrip("/") + "/"
+        require(not raw.startswith(out) and not out.startswith(raw), "out",
+                "must be neither raw, nor inside it, nor contain it")
+        require(self.eval_days >= 0, "eval_days", "must be >= 0 (0 = no eval split)")
+        require(self.train_files >= 1, "train_files", "must be >= 1")
+        require(self.eval_files >= 1, "eval_files", "must be >= 1")

@@ -1,0 +1,46 @@
+"""The SparkSession of a feature job, built from :class:`features.settings.SparkConfig`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pyspark.sql import SparkSession
+
+from features.settings import SparkConfig
+
+logger = logging.getLogger(__name__)
+
+
+def session_settings(config: SparkConfig) -> dict[str, str]:
+    """Spark settings of a job, ``config.conf`` last so it can override any of them."""
+    return {
+        "spark.driver.memory": config.driver_memory,
+        "spark.sql.shuffle.partitions": str(config.shuffle_partitions),
+        # Dates and day boundaries of the data contract are UTC whatever the machine's zone.
+        "spark.sql.session.timeZone": "UTC",
+        "spark.log.level": config.log_level.upper(),
+        # The job logs its stages with counts and durations; Spark's console bar would interleave.
+        "spark.ui.showConsoleProgress": "false",
+        # A dataset carries one _SUCCESS, the job's own, written last; none in its sub-folders.
+        "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
+        **config.conf,
+    }
+
+
+def started_by_spark_submit() -> bool:
+    """True inside a driver that ``spark-submit`` launched: its JVM already runs, with the master
+    and memory given on the ``spark-submit`` command line (pyspark connects through this variable)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def build_session(config: SparkConfig, app_name: str = "sirenfeed-features") -> SparkSession:
+    builder = SparkSession.builder.appName(app_name)
+    if not started_by_spark_submit():
+        builder = builder.master(config.master)
+    for key, value in session_settings(config).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    logger.info("Spark %s, master %s, %s shuffle partitions", spark.version,
+                spark.sparkContext.master, spark.conf.get("spark.sql.shuffle.partitions"))
+    return spark

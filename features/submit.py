@@ -1,0 +1,103 @@
+"""``sirenfeed features --raw RAW_DIR --out FEATURES_DIR [--config FILE] [key=value ...]``.
+
+Validates the configuration, then runs the feature job (:mod:`features.job`) through the
+``spark-submit`` that ships with the installed pyspark, on ``spark.master`` (default ``local[*]``),
+with the ``features`` package zipped on the fly and passed with ``--py-files`` so that executors on a
+cluster can import it. The job's log streams to stderr; the exit code is the job's; on success the
+dataset summary (:func:`features.summary.describe`) goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pyspark
+
+from features.config import ConfigError, add_config_arguments, config_from_args, to_yaml
+from features.settings import FeaturesConfig
+from features.spark import session_settings
+from features.summary import describe
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+JOB_SCRIPT = PACKAGE_DIR / "job.py"
+
+
+def spark_submit_executable() -> Path:
+    return Path(pyspark.__file__).resolve().parent / "bin" / "spark-submit"
+
+
+def build_package_zip(target: Path) -> Path:
+    """Zip the ``features`` package (its ``.py`` files) for ``--py-files``."""
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for source in sorted(PACKAGE_DIR.glob("*.py")):
+            archive.write(source, f"{PACKAGE_DIR.name}/{source.name}")
+    return target
+
+
+def spark_submit_command(config: FeaturesConfig, package_zip: Path, config_file: Path) -> list[str]:
+    settings = session_settings(config.spark)
+    driver_memory = settings.pop("spark.driver.memory")
+    command = [str(spark_submit_executable()), "--master", config.spark.master,
+               "--driver-memory", driver_memory, "--name", "sirenfeed-features",
+               "--py-files", str(package_zip)]
+    for key, value in settings.items():
+        command += ["--conf", f"{key}={value}"]
+    return command + [str(JOB_SCRIPT), "--config", str(config_file)]
+
+
+def run_job(config: FeaturesConfig) -> int:
+    """Submit the job and stream its log to stderr; returns ``spark-submit``'s exit code."""
+    with tempfile.TemporaryDirectory(prefix="sirenfeed-features-") as work:
+        work_dir = Path(work)
+        # The job reads exactly the configuration validated here, defaults and overrides resolved.
+        config_file = work_dir / "features.yaml"
+        config_file.write_text(to_yaml(config))
+        command = spark_submit_command(config, build_package_zip(work_dir / "features.zip"), config_file)
+        logger.info("running %s", " ".join(command))
+        environment = {**os.environ}
+        environment.setdefault("PYSPARK_PYTHON", sys.executable)
+        environment.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=environment) as process:
+            assert process.stdout is not None
+            # stdout stays free for the summary.
+            for line in process.stdout:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        return process.returncode
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sirenfeed features", description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", help="raw events directory (config key raw)")
+    parser.add_argument("--out", help="feature dataset directory (config key out)")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out)
+    except ConfigError as error:
+        print(f"sirenfeed features: {error}", file=sys.stderr)
+        return 2
+    returncode = run_job(config)
+    if returncode != 0:
+        logger.error("the feature job failed (spark-submit exit code %d); %s is unchanged",
+                     returncode, config.out)
+        return returncode
+    if "://" in config.out and not config.out.startswith("file://"):
+        logger.info("wrote %s (the summary reads local datasets only)", config.out)
+    else:
+        print(describe(config.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

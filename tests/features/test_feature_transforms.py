@@ -1,0 +1,132 @@
+"""Deduplication, labels and per-token features of the Spark job against features.spec."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from features import spec as S
+from features.schema import FIELD_NAMES
+from features.spec import FeatureSpec
+from features.transforms import deduplicate, split_ts_ms, token_features
+
+SPEC = FeatureSpec()
+MONDAY = 1_780_272_000_000  # 2026-06-01T00:00:00Z
+DAY_MS = 86_400_000
+
+
+def features_of(events_frame, events, spec=SPEC):
+    rows = token_features(deduplicate(events_frame(events)), spec).collect()
+    return {row["event_id"]: row.asDict() for row in rows}
+
+
+def test_deduplicate_keeps_the_first_copy_by_time_then_by_the_other_columns(events_frame, new_event):
+    earliest = new_event(event_id="a", event_ts=MONDAY + 5, dwell_ms=9)
+    later = dict(earliest, event_ts=MONDAY + 6, dwell_ms=1)
+    smaller_user = new_event(event_id="b", user_id="u1", event_ts=MONDAY)
+    larger_user = dict(smaller_user, user_id="u2")
+    not_liked = new_event(event_id="c", like=False)
+    liked = dict(not_liked, like=True)
+    unique = new_event(event_id="d")
+    events = [later, earliest, larger_user, smaller_user, liked, not_liked, unique, unique]
+    for order in (events, events[::-1]):
+        kept = {row["event_id"]: row.asDict() for row in deduplicate(events_frame(order)).collect()}
+        assert kept == {"a": earliest, "b": smaller_user, "c": not_liked, "d": unique}
+    assert deduplicate(events_frame(events)).columns == list(FIELD_NAMES)
+
+
+def test_labels(events_frame, new_event):
+    events = [
+        new_event(event_id="none"),
+        new_event(event_id="like", like=True),
+        new_event(event_id="comment", comment=True, click=True),
+        new_event(event_id="share", share=True),
+        new_event(event_id="video-long", content_type="video", dwell_ms=15_000),
+        new_event(event_id="video-short", content_type="video", dwell_ms=14_999),
+        new_event(event_id="image-long", content_type="image", dwell_ms=4_000),
+        new_event(event_id="unknown-long", content_type="podcast", dwell_ms=10_000),
+        new_event(event_id="unknown-short", content_type="podcast", dwell_ms=9_999),
+    ]
+    rows = features_of(events_frame, events)
+    labels = {event_id: (row["contribution"], row["like"], row["long_dwell"], row["click"])
+              for event_id, row in rows.items()}
+    assert labels == {
+        "none": (0, 0, 0, 0), "like": (1, 1, 0, 0), "comment": (1, 0, 0, 1), "share": (1, 0, 0, 0),
+        "video-long": (0, 0, 1, 0), "video-short": (0, 0, 0, 0), "image-long": (0, 0, 1, 0),
+        "unknown-long": (0, 0, 1, 0), "unknown-short": (0, 0, 0, 0),
+    }
+
+
+@pytest.mark.parametrize(("instant", "seconds_into_day", "seconds_into_week"), [
+    # The UTC epoch week starts on Thursday 00:00: Monday 00:00 is 4 days in, Sunday 23:59 3 days in.
+    (MONDAY, 0, 4 * 86_400),
+    (MONDAY + 6 * DAY_MS + 86_340_000, 86_340, 3 * 86_400 + 86_340),
+])
+def test_cyclical_features_at_known_instants(events_frame, new_event, instant, seconds_into_day,
+                                             seconds_into_week):
+    row = features_of(events_frame, [new_event(event_id="x", event_ts=instant)])["x"]
+    day, week = 2 * math.pi * seconds_into_day / 86_400, 2 * math.pi * seconds_into_week / 604_800
+    assert row["ts"] == instant // 1000
+    assert row["tod_sin"] == pytest.approx(math.sin(day), abs=1e-6)
+    assert row["tod_cos"] == pytest.approx(math.cos(day), abs=1e-6)
+    assert row["dow_sin"] == pytest.approx(math.sin(week), abs=1e-6)
+    assert row["dow_cos"] == pytest.approx(math.cos(week), abs=1e-6)
+    if seconds_into_day == 0:
+        assert (row["tod_sin"], row["tod_cos"]) == (0.0, 1.0)
+
+
+def test_spark_features_equal_the_python_definitions(events_frame, new_event):
+    generator = random.Random(3)
+    events = [new_event(user_id=f"u{generator.randint(1, 4)}", item_id=f"i{generator.randint(1, 6)}",
+                        author_id=generator.choice(["a1", "a2", "ü"]),
+                        content_type=generator.choice(["video", "image", "text", "other"]),
+                        topic=generator.choice(["news", "sport"]), surface=generator.choice(["feed", "search"]),
+                        event_ts=MONDAY + generator.randint(0, 9 * DAY_MS),
+                        dwell_ms=generator.choice([0, 1, 999, 4_000, 20_000, 2**31 - 1]),
+                        click=generator.random() < 0.5, like=generator.random() < 0.3,
+                        comment=generator.random() < 0.1, share=generator.random() < 0.1)
+              for _ in range(60)]
+    events.append(dict(events[0], event_id="same-time", item_id="i9"))  # a zero gap
+    rows = features_of(events_frame, events)
+    assert set(rows) == {event["event_id"] for event in events}
+
+    first_seen = {}
+    for event in events:
+        item, seconds = event["item_id"], event["event_ts"] // 1000
+        first_seen[item] = min(first_seen.get(item, seconds), seconds)
+    for user in {event["user_id"] for event in events}:
+        timeline = sorted((e for e in events if e["user_id"] == user), key=lambda e: (e["event_ts"], e["event_id"]))
+        ts = np.array([e["event_ts"] // 1000 for e in timeline])
+        expected = {
+            "ts": ts,
+            "log_gap": S.log_gap(ts),
+            "log_item_age": S.log_item_age(ts, np.array([first_seen[e["item_id"]] for e in timeline])),
+            **S.cyclical(ts),
+            "log_dwell": S.log_dwell(np.array([e["dwell_ms"] for e in timeline])),
+            "long_dwell": np.array([e["dwell_ms"] >= S.long_dwell_threshold(SPEC, e["content_type"])
+                                    for e in timeline], dtype=np.float32),
+            "contribution": np.array([e["like"] or e["comment"] or e["share"] for e in timeline], np.float32),
+            **{name: np.array([e[name] for e in timeline], np.float32) for name in ("click", "like", "comment", "share")},
+            **{name: np.array([S.hash_id(name, e[name], SPEC.buckets[name]) for e in timeline])
+               for name in S.ID_COLUMNS},
+        }
+        actual = [rows[e["event_id"]] for e in timeline]
+        assert all(row["user_key"] == S.user_key(user) for row in actual)
+        for name, values in expected.items():
+            got = np.array([row[name] for row in actual])
+            if values.dtype == np.float32:
+                np.testing.assert_allclose(got, values, rtol=1e-6, atol=1e-6, err_msg=name)
+            else:
+                np.testing.assert_array_equal(got, values, err_msg=name)
+    assert rows["same-time"]["log_gap"] == 0.0 or rows[events[0]["event_id"]]["log_gap"] == 0.0
+
+
+def test_split_time_is_midnight_utc_of_the_first_eval_day():
+    last_event = MONDAY + 3 * DAY_MS + 1_234
+    assert split_ts_ms(last_event, 1) == MONDAY + 3 * DAY_MS
+    assert split_ts_ms(last_event, 2) == MONDAY + 2 * DAY_MS
+    assert split_ts_ms(MONDAY + 3 * DAY_MS, 1) == MONDAY + 3 * DAY_MS
+    assert split_ts_ms(last_event, 0) == MONDAY + 4 * DAY_MS

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # it logs every connection at INFO
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest) or 0)

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sirenfeed demo
+	$(VENV)/bin/sirenfeed demo --config conf/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -208,6 +208,8 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
         "processing_ms": processing_ms,
         "watermark_ms": watermark,
         "split_ts_ms": split_ms if watermark is not None else None,
+        # What this run read: an incremental run (features.incremental) reads only files not listed.
+        "input_files": sorted(raw.inputFiles()),
         "columns": [[field.name, field.dataType.simpleString()] for field in rows.schema],
         "splits": splits,
     }
@@ -277,19 +279,30 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="features.job", description=__doc__.splitlines()[0])
     parser.add_argument("--raw", help="raw events directory (config key raw)")
     parser.add_argument("--out", help="feature dataset directory (config key out)")
+    parser.add_argument("--incremental", action="store_true", default=None,
+                        help="append the raw files not read yet as a new batch (incremental.enabled)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        config = config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out)
+        config = config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out,
+                                  **{"incremental.enabled": args.incremental})
     except ConfigError as error:
         print(f"features.job: {error}", file=sys.stderr)
         return 2
     spark = build_session(config.spark)
+    job_errors: tuple[type[Exception], ...] = (FeatureJobError,)
     try:
-        run(spark, config)
-    except FeatureJobError as error:
+        if config.incremental.enabled:
+            # features.incremental builds on this module, so it is imported only where it is used;
+            # its FeatureJobError is another class object when spark-submit runs this file as __main__.
+            from features import incremental
+            job_errors += (incremental.FeatureJobError,)
+            incremental.run_incremental(spark, config)
+        else:
+            run(spark, config)
+    except job_errors as error:
         logger.error("%s", error)
         return 1
     finally:

@@ -44,6 +44,25 @@ class SparkConfig:
 
 
 @dataclass
+class IncrementalConfig:
+    """``--incremental`` runs (:mod:`features.incremental`): append the raw files not read yet as a
+    new batch of windows instead of replacing the dataset."""
+
+    enabled: bool = False
+    allowed_lateness_s: int = 86_400
+    """An event up to this much older than the dataset's watermark is still added (and counted as
+    late); an older one that was never seen is quarantined as ``too_late``. Event ids are remembered
+    this long, so a re-delivered event inside the window is recognised and skipped."""
+    holdout_s: int = 0
+    """The newest ``holdout_s`` seconds of a batch go to ``eval`` (the freshest held-out slice),
+    the rest to ``train``; 0 holds the whole batch out (it is trained on by the next cycle)."""
+
+    def __post_init__(self) -> None:
+        require(self.allowed_lateness_s >= 0, "incremental.allowed_lateness_s", "must be >= 0")
+        require(self.holdout_s >= 0, "incremental.holdout_s", "must be >= 0 (0 = the whole batch)")
+
+
+@dataclass
 class FeaturesConfig:
     raw: str = MISSING
     """Raw events: a synthetic log (``date=YYYY-MM-DD/``) or the ingest landing zone
@@ -59,6 +78,7 @@ class FeaturesConfig:
     partition spans a date boundary. The trainer shards by row group, so every rank needs some."""
     eval_files: int = 4
     spark: SparkConfig = field(default_factory=SparkConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
 
     def __post_init__(self) -> None:
         require(bool(self.raw.strip()), "raw", "must not be empty")

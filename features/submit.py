@@ -1,4 +1,4 @@
-"""``sirenfeed features --raw RAW_DIR --out FEATURES_DIR [--config FILE] [key=value ...]``.
+"""``sirenfeed features --raw RAW_DIR --out FEATURES_DIR [--incremental] [--config FILE] [key=value ...]``.
 
 Validates the configuration, then runs the feature job (:mod:`features.job`) through the
 ``spark-submit`` that ships with the installed pyspark, on ``spark.master`` (default ``local[*]``),
@@ -80,10 +80,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sirenfeed features", description=__doc__.splitlines()[0])
     parser.add_argument("--raw", help="raw events directory (config key raw)")
     parser.add_argument("--out", help="feature dataset directory (config key out)")
+    parser.add_argument("--incremental", action="store_true", default=None,
+                        help="append the raw files not read yet as a new batch (incremental.enabled)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out)
+        config = config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out,
+                                  **{"incremental.enabled": args.incremental})
     except ConfigError as error:
         print(f"sirenfeed features: {error}", file=sys.stderr)
         return 2

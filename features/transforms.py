@@ -10,7 +10,7 @@ Every value is a Spark column expression (no Python UDF) and computes what its P
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -85,14 +85,22 @@ def _cycle(ts: Column, period: int, function: Callable[[Column], Column]) -> Col
     return function(F.lit(2.0 * math.pi) * F.pmod(ts, F.lit(period)) / F.lit(float(period)))
 
 
-def token_features(events: DataFrame, spec: FeatureSpec) -> DataFrame:
+def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame | None = None,
+                   carry: Sequence[str] = ()) -> DataFrame:
     """Deduplicated valid events → one row per event with its token columns (hashed ids, times,
     continuous-time and cyclical features, actions, labels), keyed by ``user_id`` and ordered within a
-    user by (``event_ts``, ``event_id``)."""
+    user by (``event_ts``, ``event_id``).
+
+    ``item_history`` (``item_id``, ``item_first_ts``: items seen by earlier runs) lets an incremental
+    run age items from their first impression ever, not in this batch; ``carry`` names extra input
+    columns passed through unchanged."""
     ts = F.expr("event_ts div 1000")  # integral division: event_ts >= 0, so this is the floor
     user_timeline = Window.partitionBy("user_id").orderBy("event_ts", "event_id")
     with_ts = events.withColumn(TS_COLUMN, ts)
     item_first_seen = with_ts.groupBy("item_id").agg(F.min(TS_COLUMN).alias("item_first_ts"))
+    if item_history is not None:
+        item_first_seen = (item_first_seen.unionByName(item_history.select("item_id", "item_first_ts"))
+                           .groupBy("item_id").agg(F.min("item_first_ts").alias("item_first_ts")))
     gap = F.col(TS_COLUMN) - F.lag(TS_COLUMN).over(user_timeline)
     age = F.col(TS_COLUMN) - F.col("item_first_ts")
     dwell = F.greatest(F.col("dwell_ms").cast("double"), F.lit(0.0)) / F.lit(1000.0)
@@ -114,7 +122,7 @@ def token_features(events: DataFrame, spec: FeatureSpec) -> DataFrame:
     }
     assert set(columns) == set(TOKEN_COLUMNS) - {LOSS_MASK_COLUMN}, "a token column lacks a definition"
     return (with_ts.join(item_first_seen, "item_id")
-            .select("user_id", "event_id", "event_ts",
+            .select("user_id", "event_id", "event_ts", *carry,
                     spark_hash60("user_id", F.col("user_id")).alias("user_key"),
                     *[value.cast(_TOKEN_TYPES[name]).alias(name) for name, value in columns.items()]))
 
@@ -126,7 +134,8 @@ def split_ts_ms(watermark_ms: int, eval_days: int) -> int:
     return (watermark_ms // MILLIS_PER_DAY - eval_days + 1) * MILLIS_PER_DAY
 
 
-def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int) -> DataFrame:
+def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
+                history: str | None = None) -> DataFrame:
     """Token rows → training rows (the contract's columns plus ``date``, ``split`` and ``window``).
 
     Per user, events sorted by (``event_ts``, ``event_id``) have positions 0..n−1; train events
@@ -141,14 +150,21 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int) -> DataFram
     ``p + C − 1``, else ``⌊(p + C − S − lo)/S⌋``. Exploding those (at most ⌈C/S⌉ + 1 per event and
     split) and collecting each window's tokens keeps every group at most C rows whatever the
     user's history length, so heavy users cause no skew beyond their own sort.
+
+    ``history`` names a boolean column of context-only events (an incremental run's user state):
+    they come first in the user's timeline (positions ``[0, n_history)``, in time order), so a late
+    event is placed after the history it arrived after, and they never bear a label.
     """
     stride, context = spec.stride, spec.context_len
-    user_timeline = Window.partitionBy("user_id").orderBy("event_ts", "event_id")
+    is_history = F.col(history) if history else F.lit(False)
+    user_timeline = Window.partitionBy("user_id").orderBy(is_history.desc(), "event_ts", "event_id")
     whole_user = Window.partitionBy("user_id")
+    is_train = (F.col("event_ts") < F.lit(split_ms)) & ~is_history
     positioned = tokens.select(
         "*",
         (F.row_number().over(user_timeline) - 1).alias("position"),
-        F.sum((F.col("event_ts") < F.lit(split_ms)).cast("int")).over(whole_user).alias("n_train"),
+        F.sum(is_history.cast("int")).over(whole_user).alias("n_history"),
+        F.sum(is_train.cast("int")).over(whole_user).alias("n_train"),
         F.count(F.lit(1)).over(whole_user).alias("n_events"),
     )
     position = F.col("position")
@@ -167,8 +183,9 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int) -> DataFram
         is_label = F.col("own_group") == F.col(WINDOW_COLUMN)
         return exploded.withColumn(LOSS_MASK_COLUMN, is_label.cast("float")).drop("own_group")
 
-    train = memberships(TRAIN, F.lit(0), F.col("n_train") - F.lit(1))
-    evaluation = memberships(EVAL, F.col("n_train"), F.col("n_events") - F.lit(1))
+    first_new = F.col("n_history")
+    train = memberships(TRAIN, first_new, first_new + F.col("n_train") - F.lit(1))
+    evaluation = memberships(EVAL, first_new + F.col("n_train"), F.col("n_events") - F.lit(1))
     windows = (train.unionByName(evaluation)
                .groupBy("user_id", "user_key", SPLIT_COLUMN, WINDOW_COLUMN)
                # Sorting by position (the struct's first field) restores the time order.

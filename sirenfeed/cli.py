@@ -17,9 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("features.submit", "run the Spark feature job (spark-submit, local master)"),
     "train": ("trainer.launch", "train the ranker on local ranks through the deepspeed launcher"),
     "evaluate": ("trainer.evaluate", "evaluate RUN_DIR/export/latest exactly on FEATURES_DIR/eval"),
+    "compare": ("trainer.compare", "train rotary variants x seeds on the same data; mean ± std and paired deltas"),
+    "report": ("trainer.report", "HTML report with figures of a run: curves, calibration, NE by hour/gap, angles"),
     "broker": ("ingest.broker", "run the embedded Kafka-protocol broker on 127.0.0.1"),
     "produce": ("ingest.producer", "replay raw events into a Kafka topic as JSON"),
     "ingest": ("ingest.consumer", "consume events into the raw Parquet landing zone, exactly once"),
+    "retrain": ("sirenfeed.retrain", "one incremental retraining cycle (features, warm start, gate, publish)"),
     "demo": ("sirenfeed.demo", "run the whole pipeline end to end on the embedded defaults"),
 }
 

@@ -85,12 +85,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--features", help="feature dataset directory (config key features)")
     parser.add_argument("--run", help="run directory (config key run)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks (default 2)")
+    parser.add_argument("--resume-from", metavar="latest|RUN_DIR",
+                        help="warm start: continue this checkpoint on the newer feature batches only "
+                             "(trainer.continual; 'latest' = RUN_DIR's own)")
+    parser.add_argument("--since-watermark", default="auto", metavar="auto|BATCH",
+                        help="with --resume-from: the feature batch the checkpoint was trained "
+                             "through (auto: from its client state)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error("--nproc must be >= 1")
     # Fail on a bad config here, before the launcher starts N processes that would all fail.
-    config_from_args(TrainConfig, args, features=args.features, run=args.run)
+    config = config_from_args(TrainConfig, args, features=args.features, run=args.run)
+    if args.resume_from:
+        from trainer import continual  # warm starts build on this module
+
+        continual.check_continual(config)
+        return continual.launch(config.features, config.run, args.resume_from, args.since_watermark,
+                                args.nproc, args.config, list(args.overrides))
     overrides = list(args.overrides)
     overrides += [f"{key}={value}" for key, value in (("features", args.features), ("run", args.run))
                   if value is not None]

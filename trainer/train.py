@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import random
@@ -34,7 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from features.config import add_config_arguments, config_from_args, to_dict
-from features.spec import FEATURE_SPEC_VERSION, LOSS_MASK_COLUMN
+from features.spec import FEATURE_SPEC_VERSION, LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer import checkpoint
 from trainer.config import TrainConfig, deepspeed_config, lr_factor
 from trainer.data import TrainStream, read_feature_manifest, training_steps
@@ -49,6 +50,16 @@ log = logging.getLogger(__name__)
 
 GATE_PARAMETER_NAMES = ("ordinal_gate", "lam")
 """Names the SIREN-RoPE gate λ goes by in the model's parameters (last component)."""
+HISTORY_FILE = "history.jsonl"
+"""``RUN_DIR/history.jsonl``: one JSON line per log window (rank 0), read by ``sirenfeed report``."""
+
+
+def append_history(run_dir: str, record: dict[str, Any]) -> None:
+    """Append one line to the run's history; a resumed run appends after it (readers keep the
+    last record of a step, and skip a torn last line a crash may leave)."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, HISTORY_FILE), "a") as stream:
+        stream.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def seed_everything(seed: int) -> None:
@@ -98,13 +109,16 @@ class LogWindow:
         self.steps = 0
         self.rows = 0
         self.data_wait = 0.0
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, label-bearing tokens
+        # loss, label-bearing tokens, then each task's loss
+        self.sums = torch.zeros(2 + len(LABEL_COLUMNS), dtype=torch.float64, device=device)
 
-    def add(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], waited: float) -> None:
+    def add(self, loss: torch.Tensor, task_losses: dict[str, torch.Tensor],
+            batch: dict[str, torch.Tensor], waited: float) -> None:
         self.steps += 1
         self.rows += batch[LOSS_MASK_COLUMN].shape[0]
         self.data_wait += waited
-        self.sums += torch.stack([loss.detach().double(), batch[LOSS_MASK_COLUMN].sum().double()])
+        self.sums += torch.stack([loss.detach().double(), batch[LOSS_MASK_COLUMN].sum().double()]
+                                 + [task_losses[task].double() for task in LABEL_COLUMNS])
 
     def reduce(self) -> dict[str, float]:
         """Collective: loss mean over ranks and steps, throughput over all ranks, mean wait share."""
@@ -112,9 +126,11 @@ class LogWindow:
         totals = torch.cat([self.sums, self.sums.new_tensor([self.rows, self.data_wait])])
         dist.all_reduce(totals)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        loss, tokens, rows, waited = totals.tolist()
-        return {"loss": loss / (world * max(self.steps, 1)), "samples_per_s": rows / elapsed,
-                "tokens_per_s": tokens / elapsed, "data_wait": min(1.0, waited / world / elapsed)}
+        loss, tokens, *task_sums, rows, waited = totals.tolist()
+        steps = world * max(self.steps, 1)
+        return {"loss": loss / steps, "samples_per_s": rows / elapsed,
+                "tokens_per_s": tokens / elapsed, "data_wait": min(1.0, waited / world / elapsed),
+                "task_loss": {task: value / steps for task, value in zip(LABEL_COLUMNS, task_sums)}}
 
 
 class Trainer:
@@ -133,6 +149,9 @@ class Trainer:
 
         manifest, self.spec = read_feature_manifest(config.features)
         self.t_ref = config.model.t_ref_seconds or manifest["watermark_ms"] // 1000
+        # What this run trains on, kept in every checkpoint: continual training starts after it.
+        self.data_watermark = manifest.get("data_watermark") or {
+            "batch": manifest.get("newest_batch", 0), "watermark_ms": manifest["watermark_ms"]}
         self.total_steps = training_steps(config.features, config.train.steps, config.train.epochs,
                                           config.data.batch_size, self.world)
         seed_everything(config.seed)  # the same initial weights on every rank
@@ -145,6 +164,8 @@ class Trainer:
         self.telemetry = (TrainerTelemetry(config.telemetry.port, config.telemetry.host)
                           if self.rank == 0 else None)
         self.step = 0
+        self.first_step = 0
+        """The step this run's input stream started at (a warm start continues a count)."""
         self.metrics: Metrics | None = None
         self.checkpointed_step: int | None = None
         log.info("training %d steps on %d ranks, global batch %d, device %s", self.total_steps,
@@ -162,7 +183,7 @@ class Trainer:
         config = self.config
         with TrainStream(config.features, self.spec.context_len, config.data.batch_size,
                          config.data.shuffle_buffer, config.data.seed, self.rank, self.world,
-                         skip_batches=self.step) as stream:
+                         skip_batches=self.step - self.first_step) as stream:
             self._train_steps(stream)
             self.evaluate()
             if self.checkpointed_step != self.step:
@@ -187,11 +208,11 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                                 enabled=self.autocast is not None):
                 logits = self.engine(batch)
-            loss, _ = masked_multitask_loss(logits, batch, self.config.model.task_weights)
+            loss, task_losses = masked_multitask_loss(logits, batch, self.config.model.task_weights)
             self.engine.backward(loss)
             self.engine.step()
             self.step += 1
-            window.add(loss, batch, waited)
+            window.add(loss, task_losses, batch, waited)
             run_wait += waited
             progress.update(1)
             if self.step % config.log_every == 0 or self.step == self.total_steps:
@@ -219,6 +240,9 @@ class Trainer:
                  "" if lam is None else f" lambda {lam:.4f}")
         self.telemetry.on_step(self.step, stats["loss"], stats["samples_per_s"], stats["tokens_per_s"],
                                stats["data_wait"], lam)
+        append_history(self.config.run, {
+            "step": self.step, "loss": stats["loss"], "task_loss": stats["task_loss"], "lr": lr,
+            "lambda": lam, "samples_per_s": stats["samples_per_s"]})
 
     def evaluate(self) -> None:
         metrics = evaluate_split(self.engine.module, self.config.features, self.spec.context_len,
@@ -237,7 +261,7 @@ class Trainer:
         client_state: dict[str, Any] = {
             "step": self.step, "data": data_position(self.config, self.world, consumed_batches),
             "config": to_dict(self.config), "feature_spec_version": FEATURE_SPEC_VERSION,
-            "metrics": self.metrics or {}}
+            "metrics": self.metrics or {}, "data_watermark": self.data_watermark}
         checkpoint.save(self.engine, self.config.run, self.step, client_state,
                         self.config.train.keep_checkpoints)
         self.checkpointed_step = self.step

@@ -13,8 +13,11 @@ from features.synth import SynthConfig
 from ingest.config import IngestConfig
 from sirenfeed.cli import COMMANDS, main
 from sirenfeed.demo import DemoConfig
+from sirenfeed.retrain import RetrainConfig
+from trainer.compare import CompareConfig
 from trainer.config import TrainConfig
 from trainer.evaluate import EvaluateConfig
+from trainer.report import ReportConfig
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -26,6 +29,10 @@ SCHEMAS = {
     "evaluate.yaml": (EvaluateConfig, ["run=out"]),
     "ingest.yaml": (IngestConfig, []),
     "demo.yaml": (DemoConfig, []),
+    "retrain.yaml": (RetrainConfig, ["dir=state", "initial_run=run", "features.raw=in",
+                                     "features.out=out"]),
+    "compare.yaml": (CompareConfig, ["features=in", "out=out"]),
+    "report.yaml": (ReportConfig, ["run=run"]),
 }
 
 

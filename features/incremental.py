@@ -1,0 +1,386 @@
+"""The incremental feature job: append the raw events not read yet as a new batch of windows.
+
+``sirenfeed features --incremental --raw RAW --out FEATURES_DIR`` (or ``features/job.py --incremental``
+under ``spark-submit``) runs on a dataset a full run created and keeps its layout. Each run is one
+*batch* ``b<k>`` (``k`` counts up from 0, the full run)::
+
+    train/date=D/b000003-part-*.parquet   eval/date=D/b000003-part-*.parquet
+    quarantine/b000003-part-*.parquet      (invalid and too-late events, with their ``reason``)
+    _state/b000003/                        the state the next run continues from:
+        users/   each user's last C−1 events (raw contract columns): the next windows' context
+        items/   each item's first impression time (``log_item_age`` keeps counting from it)
+        seen/    ids of the events within the allowed lateness of the watermark (re-deliveries)
+        consumed.json                      every raw file read so far
+    _MANIFEST.json                         ``batches`` (one entry per batch: counts, event-time
+                                           range, its files), ``newest_batch``, ``state``,
+                                           ``watermark_ms`` (latest event time of all batches)
+
+What a batch reads: the raw files (synthetic log or ingest landing zone) not listed in
+``consumed.json``, wherever they are. That is the partitions newer than the watermark, plus any file
+the ingest added to an older hour: a late event is never skipped for living in an old partition.
+Every accepted event bears its label exactly once, in the batch that first read it. An event
+already seen (its id is in ``seen``) counts as a duplicate; one older than the watermark by less
+than ``incremental.allowed_lateness_s`` is added and counted as late; an older one is quarantined
+as ``too_late`` and counted. Windows of a user's new events take its stored events as context
+(``loss_mask`` 0, placed before the new ones, so a late event follows the history it arrived
+after). The newest ``incremental.holdout_s`` seconds of the batch (default: all of it) are its
+``eval`` part, the freshest held-out slice; the trainer trains on it in the next cycle.
+
+Publishing a batch: everything is written into a hidden staging directory; then the state
+directory and the data files move into place under hidden names (``.b<k>-…``, invisible to
+readers), the top-level manifest is replaced (the commit point) and the files are renamed to their
+visible names. A run first finishes or removes what a crashed run left: hidden files of a committed
+batch are made visible, those of an uncommitted one and unreferenced state are deleted. A full run
+recorded no state; the first incremental run builds it from the full run's input files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import uuid
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from features.config import to_dict
+from features.dataset import MANIFEST_NAME, atomic_write_text, local_path, manifest_json
+from features.job import (
+    DATASET_KIND, QUARANTINE_DIR, FeatureJobError, HadoopFiles, _split_entry, _split_rows, stage,
+)
+from features.schema import FIELD_NAMES, spark_ddl
+from features.settings import FeaturesConfig
+from features.spec import PARTITION_COLUMN
+from features.transforms import (
+    EVAL, REASON_COLUMN, TRAIN, cut_windows, deduplicate, split_statistics, token_features,
+    valid_events, validate,
+)
+from features.validation import now_ms
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = "_state"
+STAGING_PREFIX = ".staging-"
+USERS, ITEMS, SEEN, CONSUMED = "users", "items", "seen", "consumed.json"
+REASON_TOO_LATE = "too_late"
+HISTORY_COLUMN = "_history"
+BATCH_NAME = re.compile(r"b(\d{6})")
+ITEMS_DDL = "item_id STRING, item_first_ts BIGINT"
+SEEN_DDL = "event_id STRING, event_ts BIGINT"
+SPLITS = (TRAIN, EVAL)
+
+
+def batch_name(index: int) -> str:
+    return f"b{index:06d}"
+
+
+class DatasetFiles(HadoopFiles):
+    """The feature dataset's filesystem, with the listing and replacing an append needs."""
+
+    def qualify(self, uri: str) -> str:
+        return str(self._fs.makeQualified(self._path(uri)))
+
+    def list_parquet(self, uri: str, hidden: bool = False) -> list[str]:
+        """Qualified ``*.parquet`` files below ``uri``, skipping ``_``-prefixed path components and,
+        unless ``hidden``, ``.``-prefixed ones too."""
+        if not self.exists(uri):
+            return []
+        root = self.qualify(uri).rstrip("/")
+        skip = ("_",) if hidden else ("_", ".")
+        found, files = [], self._fs.listFiles(self._path(root), True)
+        while files.hasNext():
+            path = str(files.next().getPath())
+            parts = path[len(root) + 1:].split("/")
+            if path.endswith(".parquet") and not any(part.startswith(skip) for part in parts):
+                found.append(path)
+        return sorted(found)
+
+    def children(self, uri: str) -> list[str]:
+        if not self.exists(uri):
+            return []
+        return sorted(str(status.getPath()) for status in self._fs.listStatus(self._path(uri)))
+
+    def replace_text(self, uri: str, text: str) -> None:
+        """Replace a small file atomically (local paths) or as nearly so as the filesystem allows."""
+        if uri.startswith("file:"):
+            target = local_path(re.sub(r"^file:/+", "/", uri))
+            atomic_write_text(target, text)
+            # Hadoop's local filesystem would check the new text against the old file's checksum.
+            (target.parent / f".{target.name}.crc").unlink(missing_ok=True)
+            return
+        temporary = self.sibling(uri, "new")
+        self.write_text(temporary, text)
+        if self.exists(uri):
+            self.delete(uri)
+        self.rename(temporary, uri)
+
+
+def run_incremental(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]:
+    """Append the unread raw files of ``config.raw`` to the dataset ``config.out`` as one batch;
+    returns the manifest (unchanged when there was nothing new)."""
+    out = DatasetFiles(spark, config.out)
+    manifest_uri = f"{out.root}/{MANIFEST_NAME}"
+    if not out.exists(f"{out.root}/_SUCCESS") or not out.exists(manifest_uri):
+        raise FeatureJobError(f"{out.root} is not a complete feature dataset: run the full job first")
+    manifest = json.loads(out.read_text(manifest_uri))
+    if manifest.get("dataset") != DATASET_KIND:
+        raise FeatureJobError(f"{out.root} is not a feature dataset")
+    if manifest["spec"] != to_dict(config.spec):
+        raise FeatureJobError(f"{out.root} was built with another feature spec; an incremental run "
+                              "must use the same spec.* as the full run")
+    _recover(out, manifest)
+    processing_ms = now_ms(config.contract)
+    batches = manifest.get("batches") or [_bootstrap_entry(out, manifest)]
+    index = batches[-1]["index"] + 1
+    name = batch_name(index)
+    staging = f"{out.root}/{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
+    out.mkdirs(staging)
+    try:
+        state = _load_state(spark, out, manifest) if manifest.get("state") else \
+            _bootstrap_state(spark, manifest, config)
+        consumed = set(state["consumed"])
+        new_files = [path for path in out.list_parquet(config.raw) if path not in consumed]
+        if not new_files:
+            logger.info("nothing new under %s: every raw file is in the dataset already", config.raw)
+            out.delete(staging)
+            return manifest
+        logger.info("batch %s: %d new raw files", name, len(new_files))
+        entry, new_state = _write_batch(spark, config, manifest, state, new_files, staging, index,
+                                        processing_ms)
+        _write_state(spark, out, new_state, sorted(consumed | set(new_files)), f"{staging}/{STATE_DIR}")
+        _commit(out, manifest, batches, entry, staging, name)
+    except BaseException:
+        out.delete(staging)
+        raise
+    logger.info("batch %s: %d events (%d late, %d too late, %d duplicates), watermark %s",
+                name, entry["events"], entry["late"], entry["too_late"], entry["duplicates"],
+                _utc(manifest["watermark_ms"]))
+    return manifest
+
+
+# --- reading the raw batch and cutting its windows ---------------------------------------------
+
+def _write_batch(spark: SparkSession, config: FeaturesConfig, manifest: dict[str, Any],
+                 state: dict[str, Any], new_files: list[str], staging: str, index: int,
+                 processing_ms: int) -> tuple[dict[str, Any], dict[str, DataFrame]]:
+    """Validate, classify and window the new raw files into ``staging``; returns the batch entry and
+    the next state's frames."""
+    previous_ms = manifest["watermark_ms"] or 0
+    horizon_ms = previous_ms - config.incremental.allowed_lateness_s * 1000
+    root = DatasetFiles(spark, config.raw).root
+    raw = spark.read.option("basePath", root).parquet(*new_files)
+    with stage("validate"):
+        validated = validate(raw, config.contract, processing_ms).persist()
+        reasons = {row[REASON_COLUMN]: row["count"] for row in validated.groupBy(REASON_COLUMN).count().collect()}
+        valid = reasons.pop(None, 0)
+    with stage("classify new, late, too late and already seen events"):
+        unique = deduplicate(valid_events(validated))
+        fresh = unique.join(state[SEEN].select("event_id"), "event_id", "left_anti")
+        kind = (F.when(F.col("event_ts") < F.lit(horizon_ms), F.lit(REASON_TOO_LATE))
+                .when(F.col("event_ts") <= F.lit(previous_ms), F.lit("late")).otherwise(F.lit("new")))
+        classified = fresh.withColumn("_kind", kind).persist()
+        kinds = {row["_kind"]: (row["count"], row["max_ts"]) for row in classified.groupBy("_kind").agg(
+            F.count(F.lit(1)).alias("count"), F.max("event_ts").alias("max_ts")).collect()}
+        counts = {key: kinds.get(key, (0, None))[0] for key in ("new", "late", REASON_TOO_LATE)}
+        accepted = classified.where(F.col("_kind") != F.lit(REASON_TOO_LATE)).drop("_kind").persist()
+        events = counts["new"] + counts["late"]
+        duplicates = valid - events - counts[REASON_TOO_LATE]
+    with stage("write quarantine"):
+        too_late = (classified.where(F.col("_kind") == F.lit(REASON_TOO_LATE))
+                    .withColumnRenamed("_kind", REASON_COLUMN))
+        (validated.where(F.col(REASON_COLUMN).isNotNull())
+         .unionByName(too_late, allowMissingColumns=True)
+         .coalesce(1).write.parquet(f"{staging}/{QUARANTINE_DIR}"))
+    watermark = max([previous_ms] + [kinds[kind][1] for kind in ("new", "late") if kind in kinds])
+    holdout = config.incremental.holdout_s
+    split_ms = watermark - holdout * 1000 + 1 if holdout else 0
+    with stage("cut windows with each user's history as context"):
+        users = accepted.select("user_id").distinct()
+        history = state[USERS].join(users, "user_id", "left_semi").withColumn(HISTORY_COLUMN, F.lit(True))
+        timeline = accepted.withColumn(HISTORY_COLUMN, F.lit(False)).unionByName(history)
+        tokens = token_features(timeline, config.spec, item_history=state[ITEMS], carry=[HISTORY_COLUMN])
+        windows = cut_windows(tokens, config.spec, split_ms, history=HISTORY_COLUMN).persist()
+        statistics = {row["split"]: row.asDict() for row in split_statistics(windows).collect()}
+    split_events = {split: 0 for split in SPLITS}
+    for row in accepted.groupBy((F.col("event_ts") < F.lit(split_ms)).alias("train")).count().collect():
+        split_events[TRAIN if row["train"] else EVAL] += row["count"]
+    for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
+        with stage(f"write {split}"):
+            _split_rows(windows, split, files).write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
+    splits = {split: _split_entry(statistics.get(split, {}), split_events[split]) for split in SPLITS}
+    for split, entry in splits.items():
+        if entry["label_tokens"] != entry["events"]:
+            raise FeatureJobError(f"{split}: {entry['label_tokens']} label tokens for {entry['events']} "
+                                  "new events; every event must bear its label exactly once (a bug)")
+    new_state = _next_state(state, timeline, accepted, config, watermark)
+    validated.unpersist()
+    windows.unpersist()
+    range_row = accepted.agg(F.min("event_ts").alias("lo"), F.max("event_ts").alias("hi")).first()
+    quarantined = {**reasons, **({REASON_TOO_LATE: counts[REASON_TOO_LATE]} if counts[REASON_TOO_LATE] else {})}
+    entry = {
+        "index": index, "name": batch_name(index),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "input_files": new_files, "input_events": valid + sum(reasons.values()), "valid_events": valid,
+        "events": events, "late": counts["late"], "too_late": counts[REASON_TOO_LATE],
+        "duplicates": duplicates, "quarantined": sum(quarantined.values()),
+        "quarantined_by_reason": dict(sorted(quarantined.items())),
+        "min_event_ms": range_row["lo"], "max_event_ms": range_row["hi"], "watermark_ms": watermark,
+        "split_ts_ms": split_ms, "processing_ms": processing_ms, "splits": splits,
+    }
+    accepted.unpersist()
+    classified.unpersist()
+    return entry, new_state
+
+
+def _next_state(state: dict[str, Any], timeline: DataFrame, accepted: DataFrame,
+                config: FeaturesConfig, watermark: int) -> dict[str, DataFrame]:
+    """Users: the last C−1 events of every user this batch touched (in the windows' order), the
+    stored ones of the others; items: the earliest first impression; seen: ids inside the lateness."""
+    newest_first = Window.partitionBy("user_id").orderBy(
+        F.col(HISTORY_COLUMN).asc(), F.col("event_ts").desc(), F.col("event_id").desc())
+    recent = (timeline.withColumn("_rank", F.row_number().over(newest_first))
+              .where(F.col("_rank") < F.lit(config.spec.context_len)).select(*FIELD_NAMES))
+    untouched = state[USERS].join(accepted.select("user_id").distinct(), "user_id", "left_anti")
+    first_seen = accepted.groupBy("item_id").agg(F.min(F.expr("event_ts div 1000")).alias("item_first_ts"))
+    items = (state[ITEMS].unionByName(first_seen).groupBy("item_id")
+             .agg(F.min("item_first_ts").alias("item_first_ts")))
+    horizon_ms = watermark - config.incremental.allowed_lateness_s * 1000
+    seen = (state[SEEN].unionByName(accepted.select("event_id", "event_ts"))
+            .where(F.col("event_ts") >= F.lit(horizon_ms)))
+    return {USERS: recent.unionByName(untouched.select(*FIELD_NAMES)), ITEMS: items, SEEN: seen}
+
+
+# --- state -------------------------------------------------------------------------------------
+
+def _load_state(spark: SparkSession, out: DatasetFiles, manifest: dict[str, Any]) -> dict[str, Any]:
+    root = f"{out.root}/{manifest['state']}"
+    return {USERS: spark.read.schema(spark_ddl()).parquet(f"{root}/{USERS}"),
+            ITEMS: spark.read.schema(ITEMS_DDL).parquet(f"{root}/{ITEMS}"),
+            SEEN: spark.read.schema(SEEN_DDL).parquet(f"{root}/{SEEN}"),
+            "consumed": json.loads(out.read_text(f"{root}/{CONSUMED}"))}
+
+
+def _bootstrap_state(spark: SparkSession, manifest: dict[str, Any], config: FeaturesConfig) -> dict[str, Any]:
+    """The state after the full run, rebuilt from the raw files it read (once per dataset)."""
+    files = manifest.get("input_files")
+    if not files:
+        raise FeatureJobError("the dataset's manifest does not list the full run's input files: re-run "
+                              "the full feature job before the first incremental run")
+    logger.info("building the incremental state from the full run's %d input files", len(files))
+    raw_files = DatasetFiles(spark, config.raw)
+    qualified = [raw_files.qualify(path) for path in files]
+    raw = spark.read.option("basePath", raw_files.root).parquet(*qualified)
+    events = deduplicate(valid_events(validate(raw, config.contract, manifest["processing_ms"])))
+    empty_users = spark.createDataFrame([], spark_ddl())
+    nothing = {USERS: empty_users, ITEMS: spark.createDataFrame([], ITEMS_DDL),
+               SEEN: spark.createDataFrame([], SEEN_DDL)}
+    timeline = events.withColumn(HISTORY_COLUMN, F.lit(False))
+    state = _next_state(nothing, timeline, events, config, manifest["watermark_ms"] or 0)
+    return {**state, "consumed": qualified}
+
+
+def _write_state(spark: SparkSession, out: DatasetFiles, state: dict[str, Any], consumed: list[str],
+                 target: str) -> None:
+    with stage("write state"):
+        for key in (USERS, ITEMS, SEEN):
+            state[key].write.parquet(f"{target}/{key}")
+        out.write_text(f"{target}/{CONSUMED}", json.dumps(consumed, indent=0) + "\n")
+
+
+# --- publishing --------------------------------------------------------------------------------
+
+def _bootstrap_entry(out: DatasetFiles, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Batch 0: the full run's output, every data file the dataset holds before its first append."""
+    files = {split: [path[len(out.root) + 1:] for path in out.list_parquet(f"{out.root}/{split}")]
+             for split in SPLITS}
+    return {"index": 0, "name": batch_name(0), "created_at": manifest.get("created_at"),
+            "input_files": manifest.get("input_files", []), "events": manifest.get("events"),
+            "late": 0, "too_late": 0, "duplicates": manifest.get("duplicates"),
+            "watermark_ms": manifest["watermark_ms"], "max_event_ms": manifest["watermark_ms"],
+            "split_ts_ms": manifest.get("split_ts_ms"), "splits": manifest["splits"], "files": files}
+
+
+def _commit(out: DatasetFiles, manifest: dict[str, Any], batches: list[dict[str, Any]],
+            entry: dict[str, Any], staging: str, name: str) -> None:
+    """Move the batch in under hidden names, replace the manifest (commit), then unhide."""
+    moves: list[tuple[str, str]] = []
+    entry["files"] = {}
+    for split in SPLITS:
+        entry["files"][split] = []
+        for path in out.list_parquet(f"{staging}/{split}"):
+            relative = path[len(out.qualify(staging)) + 1:]
+            folder, file_name = relative.rsplit("/", 1)
+            entry["files"][split].append(f"{folder}/{name}-{file_name}")
+            moves.append((path, f"{out.root}/{folder}/.{name}-{file_name}"))
+    for path in out.list_parquet(f"{staging}/{QUARANTINE_DIR}"):
+        moves.append((path, f"{out.root}/{QUARANTINE_DIR}/.{name}-{path.rsplit('/', 1)[1]}"))
+    out.mkdirs(f"{out.root}/{STATE_DIR}")
+    out.rename(f"{staging}/{STATE_DIR}", f"{out.root}/{STATE_DIR}/{name}")
+    for source, target in moves:
+        out.mkdirs(target.rsplit("/", 1)[0])
+        out.rename(source, target)
+    previous_state = manifest.get("state")
+    _merge_counts(manifest, entry)
+    manifest.update(batches=[*batches, entry], newest_batch=entry["index"],
+                    state=f"{STATE_DIR}/{name}",
+                    watermark_ms=max(manifest["watermark_ms"] or 0, entry["watermark_ms"]),
+                    updated_at=entry["created_at"])
+    out.replace_text(f"{out.root}/{MANIFEST_NAME}", manifest_json(manifest))
+    _unhide(out, manifest)
+    if previous_state:
+        out.delete(f"{out.root}/{previous_state}")
+    out.delete(staging)
+
+
+def _merge_counts(manifest: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Dataset totals (what ``sirenfeed features`` summarises) include every batch."""
+    for key in ("input_events", "valid_events", "events", "duplicates", "quarantined"):
+        manifest[key] = (manifest.get(key) or 0) + (entry.get(key) or 0)
+    reasons = manifest.setdefault("quarantined_by_reason", {})
+    for reason, count in entry["quarantined_by_reason"].items():
+        reasons[reason] = reasons.get(reason, 0) + count
+    for split in SPLITS:
+        total, part = manifest["splits"][split], entry["splits"][split]
+        for key in ("rows", "events", "tokens", "label_tokens"):
+            total[key] = total.get(key, 0) + part[key]
+        for label, count in part["positives"].items():
+            total["positives"][label] = total["positives"].get(label, 0) + count
+
+
+def _unhide(out: DatasetFiles, manifest: dict[str, Any]) -> None:
+    """Give the committed batches' hidden files their visible names."""
+    committed = {entry["name"] for entry in manifest.get("batches", [])}
+    for folder in (f"{out.root}/{split}" for split in (*SPLITS, QUARANTINE_DIR)):
+        for path in out.list_parquet(folder, hidden=True):
+            directory, file_name = path.rsplit("/", 1)
+            if file_name.startswith(".") and file_name[1:8] in committed:
+                out.rename(path, f"{directory}/{file_name[1:]}")
+
+
+def _recover(out: DatasetFiles, manifest: dict[str, Any]) -> None:
+    """Finish a crashed run's commit or undo what it left before committing."""
+    _unhide(out, manifest)
+    committed = {entry["name"] for entry in manifest.get("batches", [])}
+    for folder in (f"{out.root}/{split}" for split in (*SPLITS, QUARANTINE_DIR)):
+        for path in out.list_parquet(folder, hidden=True):
+            file_name = path.rsplit("/", 1)[1]
+            if file_name.startswith(".") and BATCH_NAME.fullmatch(file_name[1:8]) and \
+                    file_name[1:8] not in committed:
+                logger.warning("removing %s, left by a run that crashed before committing", path)
+                out.delete(path)
+    referenced = manifest.get("state")
+    for path in out.children(f"{out.root}/{STATE_DIR}"):
+        if referenced is None or not path.endswith("/" + referenced):
+            out.delete(path)
+    for path in out.children(out.root):
+        if path.rsplit("/", 1)[1].startswith(STAGING_PREFIX):
+            out.delete(path)
+
+
+def _utc(ms: int | None) -> str:
+    if ms is None:
+        return "none"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,385 @@
+"""``sirenfeed retrain --config conf/retrain.yaml [--every 1h] [key=value ...]``: one incremental
+retraining cycle (or one per period), safe to run unattended.
+
+A cycle is a journaled state machine; each step is idempotent and recorded in
+``RETRAIN_DIR/cycles/<id>/state.json`` only after it completed, so a crash anywhere is finished by
+the next invocation (an unfinished cycle is resumed before a new one starts):
+
+1. ``drain``: (optional) consume the Kafka topic into the landing zone until idle (``ingest``'s own
+   exactly-once publish makes a re-run harmless);
+2. ``features``: the incremental feature job appends the unread raw files as a new batch;
+3. ``train``: warm start from the newest lineage checkpoint whose checksums verify (a corrupt one
+   falls back to the previous) on the batches after its data watermark, through the ``deepspeed``
+   launcher into ``cycles/<id>/run``; a completed run is kept, a partial one is redone;
+4. ``gate``: candidate and published model evaluated on the same freshest held-out slice;
+5. ``publish``: if the gate passes, ``registry/latest`` moves atomically (previous ``keep_published``
+   kept); the decision, both metric sets and the event→published latency go to the publish log;
+6. ``advance``: the candidate's checkpoint (with its checksums) becomes the lineage head, so the
+   next cycle trains only on what it has not seen, whether or not it was published.
+
+An exclusive lock (``RETRAIN_DIR/lock``, released by the OS if the process dies) stops a second
+invocation from running a cycle on top of this one. Exit codes: 0 published, 3 not published
+(gate), 4 nothing new, 5 another cycle holds the lock, 1 failed, 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import MISSING
+
+from features.config import add_config_arguments, config_from_args, load_config, require
+from features.dataset import atomic_write_text
+from features.settings import FeaturesConfig
+from trainer.gate import GateConfig
+
+log = logging.getLogger(__name__)
+
+PUBLISHED, FAILED, NOT_PUBLISHED, NOTHING_NEW, LOCKED = 0, 1, 3, 4, 5
+OUTCOMES = {"published": PUBLISHED, "not_published": NOT_PUBLISHED, "nothing_new": NOTHING_NEW}
+STEPS = ("drain", "features", "train", "gate", "publish", "advance")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DrainConfig:
+    enabled: bool = False
+    config: str = ""
+    """The ingest YAML (``conf/ingest.yaml``); its ``landing.dir`` must be ``features.raw``."""
+    overrides: list[str] = field(default_factory=list)
+    idle_s: float = 5.0
+    """Stop draining once no message arrived for this long."""
+
+    def __post_init__(self) -> None:
+        require(self.idle_s > 0, "drain.idle_s", "must be > 0")
+
+
+@dataclass
+class RetrainConfig:
+    dir: str = MISSING
+    """Retraining state: lock, cycles/ journals and candidate runs, lineage.json, registry/."""
+    initial_run: str = MISSING
+    """Run directory of the batch training the lineage starts from (its newest checkpoint)."""
+    features: FeaturesConfig = MISSING
+    """The feature job (``raw``: the landing zone or raw log; ``out``: the dataset the initial run
+    was trained on); ``incremental.enabled`` is forced on."""
+    spark_submit: bool = True
+    """Run the feature job through ``spark-submit`` (false: in this process)."""
+    train_config: str = "conf/train.yaml"
+    train_overrides: list[str] = field(default_factory=lambda: ["schedule.kind=constant",
+                                                               "train.checkpoint_every=0"])
+    nproc: int = 2
+    gate: GateConfig = field(default_factory=GateConfig)
+    keep_published: int = 3
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    telemetry_port: int = 0
+    """With ``--every``: serve the freshness gauges on this port (0 = off)."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.dir.strip()), "dir", "must not be empty")
+        require(self.nproc >= 1, "nproc", "must be >= 1")
+        require(self.keep_published >= 1, "keep_published", "must be >= 1")
+        require(0 <= self.telemetry_port <= 65535, "telemetry_port", "must be in [0, 65535]")
+        self.features.incremental.enabled = True
+
+
+class Locked(RuntimeError):
+    """Another retraining cycle is running on the same directory."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """``flock`` on ``path``: held until the block ends or the process dies (no stale locks)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise Locked(f"another retraining cycle is running on {path.parent} ({holder}); "
+                         "not starting one on top of it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, record: Any) -> None:
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def checkpoint_digests(run_dir: Path, tag: str) -> dict[str, str]:
+    """sha256 of every file of one checkpoint (the lineage's record of a good checkpoint)."""
+    from trainer.checkpoint import checkpoint_root
+    from trainer.export import sha256
+
+    root = checkpoint_root(run_dir) / tag
+    return {str(path.relative_to(root)): sha256(path) for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+class Retrainer:
+    """The cycles of one retraining directory."""
+
+    def __init__(self, config: RetrainConfig):
+        self.config = config
+        self.root = Path(config.dir)
+        self.registry = self.root / "registry"
+        self.lineage_file = self.root / "lineage.json"
+
+    # --- journal ---------------------------------------------------------------------------
+
+    def _cycles(self) -> list[Path]:
+        folder = self.root / "cycles"
+        return sorted(folder.glob("c[0-9]*")) if folder.is_dir() else []
+
+    def open_cycle(self) -> tuple[Path, dict[str, Any]]:
+        """The unfinished cycle a crash left, or a new one."""
+        cycles = self._cycles()
+        if cycles:
+            journal = json.loads((cycles[-1] / "state.json").read_text())
+            if journal.get("outcome") is None:
+                log.info("resuming cycle %s after step %s", journal["cycle"], (journal["done"] or ["start"])[-1])
+                return cycles[-1], journal
+        number = int(cycles[-1].name[1:]) + 1 if cycles else 1
+        folder = self.root / "cycles" / f"c{number:06d}"
+        folder.mkdir(parents=True)
+        journal = {"cycle": folder.name, "started_at": time.time(), "done": [], "outcome": None}
+        _write_json(folder / "state.json", journal)
+        return folder, journal
+
+    def mark_done(self, folder: Path, journal: dict[str, Any], step: str, **facts: Any) -> None:
+        journal.update(facts)
+        journal["done"].append(step)
+        _write_json(folder / "state.json", journal)
+
+    def finish(self, folder: Path, journal: dict[str, Any], outcome: str) -> int:
+        journal.update(outcome=outcome, finished_at=time.time())
+        _write_json(folder / "state.json", journal)
+        log.info("cycle %s: %s", journal["cycle"], outcome)
+        return OUTCOMES[outcome]
+
+    # --- lineage ---------------------------------------------------------------------------
+
+    def lineage(self) -> list[dict[str, Any]]:
+        if self.lineage_file.is_file():
+            return json.loads(self.lineage_file.read_text())
+        return [self._lineage_entry(Path(self.config.initial_run), cycle=None)]
+
+    def _lineage_entry(self, run: Path, cycle: str | None) -> dict[str, Any]:
+        from trainer.checkpoint import complete_tags
+        from trainer.continual import checkpoint_data_watermark
+
+        tags = complete_tags(run)
+        if not tags:
+            raise RuntimeError(f"{run} holds no complete checkpoint to continue from")
+        watermark = checkpoint_data_watermark(run)
+        return {"run": str(run.resolve()), "tag": tags[-1], "cycle": cycle, "batch": int(watermark["batch"]),
+                "watermark_ms": watermark["watermark_ms"], "sha256": checkpoint_digests(run, tags[-1])}
+
+    def warm_start_source(self) -> dict[str, Any]:
+        """The newest lineage checkpoint whose files still match their checksums."""
+        for entry in reversed(self.lineage()):
+            try:
+                if checkpoint_digests(Path(entry["run"]), entry["tag"]) == entry["sha256"]:
+                    return entry
+            except OSError:
+                pass
+            log.warning("checkpoint %s/%s is corrupt or incomplete (checksums differ): falling back "
+                        "to the previous one", entry["run"], entry["tag"])
+        raise RuntimeError("no lineage checkpoint passes its checksums: nothing to continue from")
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def step_drain(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
+        if not self.config.drain.enabled:
+            return {"drained": None}
+        from ingest.config import IngestConfig
+        from ingest.consumer import Ingestor
+
+        drain = self.config.drain
+        ingest = load_config(IngestConfig, drain.config or None,
+                             [*drain.overrides, f"consumer.until_idle_s={drain.idle_s}"])
+        summary = Ingestor(ingest).run()
+        return {"drained": summary.as_dict()}
+
+    def step_features(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
+        config = self.config.features
+        if self.config.spark_submit:
+            from features.submit import run_job
+
+            code = run_job(config)
+            if code != 0:
+                raise RuntimeError(f"the incremental feature job failed (exit code {code})")
+        else:
+            from features.incremental import run_incremental
+            from features.spark import build_session
+
+            run_incremental(build_session(config.spark), config)
+        from trainer.continual import batches
+
+        return {"newest_batch": batches(config.out)[-1]["index"]}
+
+    def step_train(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
+        from trainer.continual import CONTINUAL_SCRIPT, NothingNew, build_view, checkpoint_data_watermark
+        from trainer.launch import run_deepspeed
+
+        source = self.warm_start_source()
+        view_dir, run = folder / "view", folder / "run"
+        try:
+            view = build_view(self.config.features.out, source["batch"], view_dir)
+        except NothingNew as error:
+            log.info("%s", error)
+            return {"nothing_new": True}
+        facts = {"source": source["run"], "since_batch": source["batch"],
+                 "batch": view["data_watermark"]["batch"], "watermark_ms": view["watermark_ms"],
+                 "max_event_ms": view["max_event_ms"], "run": str(run.resolve())}
+        if self._trained(run, facts["batch"]):
+            log.info("%s is already trained through batch %d", run, facts["batch"])
+            return facts
+        shutil.rmtree(run, ignore_errors=True)  # a partial run of a crashed attempt
+        train_config = Path(self.config.train_config)
+        if not train_config.is_absolute() and not train_config.exists():
+            train_config = REPO_ROOT / train_config
+        code = run_deepspeed(CONTINUAL_SCRIPT, self.config.nproc, str(train_config), [
+            *self.config.train_overrides, f"features={view_dir.resolve()}", f"run={run.resolve()}",
+            "--resume-from", source["run"]])
+        if code != 0 or not self._trained(run, facts["batch"]):
+            raise RuntimeError(f"warm-start training failed (launcher exit code {code})")
+        checkpoint_data_watermark(run)
+        return facts
+
+    @staticmethod
+    def _trained(run: Path, batch: int) -> bool:
+        from trainer.continual import checkpoint_data_watermark
+        from trainer.export import ExportError, verify_export
+
+        try:
+            verify_export(run / "export" / "latest")
+            return int(checkpoint_data_watermark(run)["batch"]) == batch
+        except (ExportError, OSError, RuntimeError):
+            return False
+
+    def step_gate(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
+        from trainer.gate import gate
+        from trainer.publish import current
+
+        served = current(self.registry)
+        decision = gate(Path(journal["run"]) / "export" / "latest", served, folder / "view", self.config.gate)
+        return {"decision": decision.as_dict(), "compared_with": str(served) if served else None}
+
+    def step_publish(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
+        from trainer.publish import append_log, publish
+
+        decision = journal["decision"]
+        published_at = time.time()
+        trained = {key: journal[key] for key in ("batch", "watermark_ms", "max_event_ms", "since_batch")}
+        trained["cycle"] = journal["cycle"]
+        if decision["publish"]:
+            publish(Path(journal["run"]) / "export" / "latest", self.registry, journal["cycle"], trained,
+                    self.config.keep_published)
+        append_log(self.registry, {
+            "cycle": journal["cycle"], "published": decision["publish"], "reason": decision["reason"],
+            "candidate": decision["candidate"], "current": decision["current"],
+            "compared_with": journal.get("compared_with"), "trained": trained,
+            "decided_at": published_at,
+            "event_to_published_s": (published_at - journal["max_event_ms"] / 1000
+                                     if decision["publish"] and journal.get("max_event_ms") else None)})
+        return {"published": decision["publish"]}
+
+    def step_advance(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
+        lineage = self.lineage()
+        if lineage[-1].get("cycle") != journal["cycle"]:
+            lineage.append(self._lineage_entry(Path(journal["run"]), journal["cycle"]))
+            _write_json(self.lineage_file, lineage)
+        return {}
+
+    # --- the cycle -------------------------------------------------------------------------
+
+    def run_cycle(self) -> int:
+        with exclusive_lock(self.root / "lock"):
+            folder, journal = self.open_cycle()
+            for step in STEPS:
+                if step in journal["done"]:
+                    continue
+                facts = getattr(self, f"step_{step}")(folder, journal)
+                self.mark_done(folder, journal, step, **facts)
+                if journal.get("nothing_new"):
+                    return self.finish(folder, journal, "nothing_new")
+            return self.finish(folder, journal, "published" if journal["published"] else "not_published")
+
+
+def parse_period(text: str) -> float:
+    """``90s``, ``15m``, ``1h``, ``1d`` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a period like 90s, 15m, 1h or 1d, got {text!r}")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def run_once(config: RetrainConfig) -> int:
+    try:
+        return Retrainer(config).run_cycle()
+    except Locked as error:
+        log.error("%s", error)
+        return LOCKED
+    except Exception:  # the journal keeps the completed steps; the next invocation resumes
+        log.exception("the retraining cycle failed; the next invocation resumes it")
+        return FAILED
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sirenfeed retrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--every", type=parse_period, metavar="PERIOD",
+                        help="run a cycle every PERIOD (e.g. 1h) instead of once")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(RetrainConfig, args)
+    if args.every is None:
+        code = run_once(config)
+        print(f"sirenfeed retrain: {_describe(code)} (exit code {code})")
+        return code
+    from trainer.publish import FreshnessTelemetry
+    from trainer.telemetry import start_metrics_server
+
+    telemetry = FreshnessTelemetry(Path(config.dir) / "registry")
+    server = start_metrics_server(config.telemetry_port, registry=telemetry.registry)
+    try:
+        while True:
+            started = time.monotonic()
+            code = run_once(config)
+            telemetry.on_cycle(code)
+            log.info("cycle ended: %s; next in %.0f s", _describe(code), args.every)
+            time.sleep(max(0.0, args.every - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _describe(code: int) -> str:
+    return {PUBLISHED: "published", NOT_PUBLISHED: "not published (gate)", NOTHING_NEW: "nothing new",
+            LOCKED: "another cycle is running", FAILED: "failed"}.get(code, "failed")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))

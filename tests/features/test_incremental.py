@@ -1,0 +1,168 @@
+"""Incremental feature runs on a hand-built landing zone: full-vs-incremental equivalence of the
+label-bearing tokens; the watermark bookkeeping across three batches with late, too-late and
+re-delivered events and a crashed append (nothing trained twice, nothing skipped), down to the
+batches that chained warm-start segments train on."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.dataset import read_manifest
+from features.incremental import REASON_TOO_LATE, run_incremental
+from features.job import run
+from features.schema import RAW_ARROW_SCHEMA, ContractConfig
+from features.settings import FeaturesConfig, IncrementalConfig
+from features.spec import FeatureSpec
+from trainer.continual import NothingNew, select
+
+MONDAY = 1_780_272_000_000
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+SPEC = FeatureSpec(context_len=4, stride=2,
+                   buckets={"item_id": 97, "author_id": 11, "content_type": 5, "topic": 7, "surface": 3})
+LABEL_FIELDS = ("user_key", "ts", "item_id", "contribution", "like", "long_dwell")
+
+
+def events_of_day(day: int, users: int = 5, per_user: int = 4) -> list[dict]:
+    rows = []
+    for user in range(users):
+        for i in range(per_user + user % 2):
+            rows.append({"event_id": f"d{day}-u{user}-{i}", "user_id": f"u{user}", "item_id": f"i{(i * 7 + user) % 9}",
+                         "author_id": "a", "content_type": ["video", "text"][i % 2], "topic": "t",
+                         "surface": "feed", "event_ts": MONDAY + day * DAY_MS + (user * 5 + i * 3) * HOUR_MS // 2,
+                         "dwell_ms": 2_000 * i, "click": True, "like": (i + user) % 3 == 0,
+                         "comment": False, "share": i == 2})
+    return rows
+
+
+def write_raw(root: Path, name: str, events: list[dict], date: str) -> None:
+    folder = root / f"date={date}" / "hour=00"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(events, schema=RAW_ARROW_SCHEMA), folder / f"{name}.parquet")
+
+
+def date_of(day: int) -> str:
+    return str(np.datetime64(MONDAY + day * DAY_MS, "ms").astype("datetime64[D]"))
+
+
+def config(raw: Path, out: Path, **incremental) -> FeaturesConfig:
+    return FeaturesConfig(raw=str(raw), out=str(out), spec=SPEC, train_files=2, eval_files=1,
+                          contract=ContractConfig(now_ms=MONDAY + 30 * DAY_MS),
+                          incremental=IncrementalConfig(enabled=bool(incremental), **incremental))
+
+
+def label_tokens(out: Path, files: list[str] | None = None) -> Counter:
+    """Multiset of (user, ts, item, labels) over every loss_mask=1 position of the given files
+    (default: every visible data file of both splits)."""
+    paths = [out / name for name in files] if files is not None else \
+        [path for split in ("train", "eval") for path in sorted((out / split).rglob("*.parquet"))
+         if not path.name.startswith(".")]
+    tokens: Counter = Counter()
+    for path in paths:
+        table = pq.read_table(path, columns=["user_key", "ts", "item_id", "contribution", "like",
+                                             "long_dwell", "loss_mask"]).to_pylist()
+        for row in table:
+            for position, mask in enumerate(row["loss_mask"]):
+                if mask == 1.0:
+                    tokens[(row["user_key"], *(row[name][position] for name in LABEL_FIELDS[1:]))] += 1
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def appended(spark, tmp_path_factory):
+    """Days 0-1 as a full run, then day 2 appended by an incremental run (holdout 0)."""
+    root = tmp_path_factory.mktemp("incremental")
+    raw, out = root / "raw", root / "features"
+    days = {day: events_of_day(day) for day in range(3)}
+    write_raw(raw, "part-0", days[0] + days[1], date_of(0))
+    run(spark, config(raw, out))
+    write_raw(raw, "part-0", days[2], date_of(2))
+    run_incremental(spark, config(raw, out, allowed_lateness_s=6 * 3600))
+    return {"root": root, "raw": raw, "out": out, "days": days}
+
+
+@pytest.mark.slow
+def test_full_run_equals_full_run_plus_incremental_day(spark, appended):
+    raw_all, days = appended["root"] / "raw_all", appended["days"]
+    for day, events in days.items():
+        write_raw(raw_all, "part-0", events, date_of(day))
+    full_dir = appended["root"] / "full"
+    run(spark, config(raw_all, full_dir))
+
+    full, incremental = label_tokens(full_dir), label_tokens(appended["out"])
+    assert sum(full.values()) == sum(len(events) for events in days.values())
+    assert incremental == full
+    assert max(incremental.values()) == 1
+    newest = read_manifest(appended["out"])["batches"][-1]
+    assert (newest["index"], newest["events"]) == (1, len(days[2]))
+    assert not newest["files"]["train"]  # holdout 0: the whole batch is the freshest held-out slice
+    full_eval = [str(path.relative_to(full_dir)) for path in (full_dir / "eval").rglob("*.parquet")]
+    assert label_tokens(appended["out"], newest["files"]["eval"]) == label_tokens(full_dir, full_eval)
+
+
+@pytest.mark.slow
+def test_late_too_late_redelivered_events_and_a_crashed_append(spark, appended, monkeypatch):
+    raw, out, days = appended["raw"], appended["out"], appended["days"]
+    settings = config(raw, out, allowed_lateness_s=6 * 3600)
+    watermark = read_manifest(out)["watermark_ms"]
+    late = {**days[2][0], "event_id": "late-1", "event_ts": watermark - 2 * HOUR_MS}
+    too_late = {**days[2][0], "event_id": "too-late-1", "event_ts": watermark - 30 * HOUR_MS}
+    redelivered = days[2][-1]  # its id is remembered: inside the lateness window
+    third = events_of_day(3, users=3)
+    write_raw(raw, "part-late", [late, too_late, redelivered], date_of(2))  # an older partition
+    write_raw(raw, "part-0", third, date_of(3))
+    before = label_tokens(out)
+
+    from features import incremental
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash at the commit point")
+
+    monkeypatch.setattr(incremental.DatasetFiles, "replace_text", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_incremental(spark, settings)
+    monkeypatch.undo()
+    assert label_tokens(out) == before, "a crashed append must not be visible"
+    assert read_manifest(out)["newest_batch"] == 1
+
+    run_incremental(spark, settings)
+    assert run_incremental(spark, settings)["newest_batch"] == 2, "a run with nothing new adds no batch"
+    assert not list(out.rglob(".b0*.parquet")), "hidden leftovers of the crashed run remain"
+
+    manifest = read_manifest(out)
+    batch = manifest["batches"][2]
+    assert (batch["late"], batch["too_late"], batch["duplicates"]) == (1, 1, 1)
+    assert batch["events"] == len(third) + 1
+    assert batch["quarantined_by_reason"] == {REASON_TOO_LATE: 1}
+    quarantined = pq.read_table(next((out / "quarantine").glob("b000002-*.parquet"))).to_pylist()
+    assert [(row["event_id"], row["reason"]) for row in quarantined] == [("too-late-1", REASON_TOO_LATE)]
+
+    tokens = label_tokens(out)
+    everything = sum(len(events) for events in days.values()) + len(third) + 1
+    assert max(tokens.values()) == 1, "an event bears its label twice"
+    assert sum(tokens.values()) == everything
+    per_batch = [label_tokens(out, entry["files"]["train"] + entry["files"]["eval"])
+                 for entry in manifest["batches"]]
+    assert sum(per_batch, Counter()) == tokens, "the batches' file lists cover the dataset exactly"
+    assert [sum(counter.values()) for counter in per_batch] == [
+        len(days[0]) + len(days[1]), len(days[2]), len(third) + 1]
+    consumed = json.loads((out / manifest["state"] / "consumed.json").read_text())
+    assert len(consumed) == 4 and len(list((out / "_state").iterdir())) == 1
+
+    # The batch run trained on batch 0's train part; a warm-start segment after it trains on
+    # everything else but the freshest held-out slice, each event once.
+    trained = label_tokens(out, manifest["batches"][0]["files"]["train"])
+    trained += label_tokens(out, select(out, 0)["train"])
+    held_out = label_tokens(out, select(out, 0)["eval"])
+    assert max(trained.values()) == 1 and not set(trained) & set(held_out)
+    assert trained + held_out == tokens
+    assert label_tokens(out, select(out, 1)["train"]) == per_batch[1] + label_tokens(
+        out, manifest["batches"][2]["files"]["train"])
+    with pytest.raises(NothingNew):
+        select(out, 2)

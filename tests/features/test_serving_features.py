@@ -1,0 +1,78 @@
+"""Serving parity: features.serving computes, in Python, exactly the rows the Spark job writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.schema import ContractConfig
+from features.serving import ServingInputError, latest_row, stack_rows
+from features.spec import LOSS_MASK_COLUMN, TRAINING_COLUMNS, FeatureSpec, user_key
+from features.transforms import EVAL, SPLIT_COLUMN, WINDOW_COLUMN, cut_windows, deduplicate, token_features
+
+pytestmark = pytest.mark.slow
+
+MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
+SPEC = FeatureSpec(context_len=4, stride=2, buckets={"item_id": 101, "author_id": 31, "content_type": 7,
+                                                     "topic": 11, "surface": 5})
+CONTRACT = ContractConfig()
+BASE_MS = 1_780_272_000_000  # 2026-06-01T00:00:00Z
+
+
+@pytest.fixture(scope="module")
+def events():
+    """Three users: one with more than C events (overlapping windows), one with fewer, one whose
+    newest event is duplicated with a later copy; items shared across users."""
+    made = []
+
+    def event(user, index, offset_ms, **fields):
+        made.append({"event_id": f"{user}-{index}", "user_id": user, "item_id": f"i{index % 3}",
+                     "author_id": f"a{index % 2}", "content_type": ("video", "image", "text", "podcast")[index % 4],
+                     "topic": f"t{index % 5}", "surface": "feed", "event_ts": BASE_MS + offset_ms,
+                     "dwell_ms": 1_700 * index * index, "click": index % 2 == 0, "like": index % 3 == 0,
+                     "comment": index % 4 == 1, "share": index == 5, **fields})
+
+    for index in range(9):
+        event("long", index, index * 37 * MINUTE_MS + index * index * 1_234)
+    for index in range(2):
+        event("short", index, DAY_MS + index * 5 * HOUR_MS + 17)
+    for index in range(3):
+        event("dup", index, 2 * DAY_MS + index * 11 * MINUTE_MS)
+    made.append(dict(made[-1], event_ts=made[-1]["event_ts"] + 5_000, dwell_ms=1))  # a later copy: dropped
+    return made
+
+
+def test_serving_rows_equal_the_spark_rows(events_frame, events):
+    split_ms = BASE_MS + 90 * MINUTE_MS  # "long" has train and eval events, the others eval only
+    tokens = token_features(deduplicate(events_frame(events)), SPEC)
+    spark_rows = cut_windows(tokens, SPEC, split_ms).where(f"{SPLIT_COLUMN} = '{EVAL}'").collect()
+    newest = {}  # the last eval window of each user ends at their newest event
+    for row in spark_rows:
+        if row["user_key"] not in newest or row[WINDOW_COLUMN] > newest[row["user_key"]][WINDOW_COLUMN]:
+            newest[row["user_key"]] = row
+    first_seen = {item: min(e["event_ts"] for e in events if e["item_id"] == item) // 1000
+                  for item in {e["item_id"] for e in events}}
+
+    rows = []
+    for user in ("long", "short", "dup"):
+        spark_row = newest[user_key(user)]
+        scored = int(sum(spark_row[LOSS_MASK_COLUMN]))
+        row = latest_row([e for e in events if e["user_id"] == user], SPEC, first_seen, scored=scored,
+                         contract=CONTRACT)
+        for name in TRAINING_COLUMNS:
+            expected = np.asarray(spark_row[name], dtype=np.asarray(row[name]).dtype)
+            assert np.array_equal(expected, row[name]), f"{user} {name}: spark {expected} vs serving {row[name]}"
+        rows.append(row)
+    assert newest[user_key("long")]["length"] == SPEC.context_len and newest[user_key("short")]["length"] == 2
+    batch = stack_rows(rows)
+    assert batch["ts"].shape == (3, SPEC.context_len) and batch["user_key"].shape == (3,)
+
+
+def test_invalid_or_mixed_events_are_refused_with_the_reason(events):
+    broken = dict(events[0], dwell_ms=-1)
+    with pytest.raises(ServingInputError, match="long-0.*out_of_range:dwell_ms"):
+        latest_row([broken], SPEC, {}, contract=CONTRACT)
+    with pytest.raises(ServingInputError, match="2 users"):
+        latest_row([events[0], events[-1]], SPEC, {}, contract=CONTRACT)
+    with pytest.raises(ServingInputError, match="no events"):
+        latest_row([], SPEC, {})

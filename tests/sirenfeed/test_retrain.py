@@ -1,0 +1,195 @@
+"""Incremental retraining end to end on tiny data: a batch run, then a cycle through the real
+``deepspeed`` launcher that crashes after every step in turn and is completed by the next
+invocation (training exactly once), then "nothing new", the lock, the gate refusing a worse
+candidate, and the fallbacks from a corrupt checkpoint and a corrupt published export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from features.config import load_config
+from features.dataset import read_manifest, write_manifest
+from features.job import run as run_full_job
+from features.schema import RAW_ARROW_SCHEMA
+from features.settings import IncrementalConfig, SparkConfig
+from features.spark import build_session
+from sirenfeed import retrain
+from sirenfeed.retrain import (LOCKED, NOTHING_NEW, PUBLISHED, STEPS, RetrainConfig, Retrainer,
+                               exclusive_lock)
+from trainer import launch as launch_module
+from trainer.export import MODEL_FILE, sha256, verify_export
+from trainer.gate import GateConfig, gate
+from trainer.publish import current, publish, read_log
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MONDAY = 1_780_272_000_000
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+TINY = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.siren_width=8",
+        "data.batch_size=8", "data.eval_batch_size=64", "data.shuffle_buffer=16", "train.log_every=5",
+        "train.checkpoint_every=0", "schedule.warmup_steps=2", "optim.lr=0.01"]
+SPEC = ["spec.context_len=6", "spec.stride=3", "spec.buckets.item_id=31", "spec.buckets.author_id=7",
+        "spec.buckets.content_type=5", "spec.buckets.topic=5", "spec.buckets.surface=3"]
+
+
+def day_events(day: int, users: int = 12) -> list[dict]:
+    rng = np.random.default_rng(day)
+    rows = []
+    for user in range(users):
+        for i in range(6):
+            item = int(rng.integers(0, 12))
+            rows.append({"event_id": f"d{day}-u{user}-{i}", "user_id": f"u{user}", "item_id": f"i{item}",
+                         "author_id": f"a{item % 3}", "content_type": ["video", "text"][item % 2],
+                         "topic": "t", "surface": "feed",
+                         "event_ts": MONDAY + day * DAY_MS + (user * 60 + i * 200) * 60_000,
+                         "dwell_ms": int(rng.integers(0, 30_000)), "click": True,
+                         "like": bool(item % 3 == 0 and rng.random() < 0.8), "comment": False,
+                         "share": bool(item % 4 == 0 and rng.random() < 0.5)})
+    return rows
+
+
+def write_day(raw: Path, day: int) -> None:
+    date = str(np.datetime64(MONDAY + day * DAY_MS, "ms").astype("datetime64[D]"))
+    folder = raw / f"date={date}" / "hour=00"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(day_events(day), schema=RAW_ARROW_SCHEMA), folder / "part-0.parquet")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Days 0-1 as a full feature run and a 2-rank batch training run; day 2 lands afterwards."""
+    root = tmp_path_factory.mktemp("retrain")
+    raw, features, initial = root / "landing", root / "features", root / "initial"
+    for day in (0, 1):
+        write_day(raw, day)
+    overrides = [f"dir={root / 'retrain'}", f"initial_run={initial}", f"features.raw={raw}",
+                 f"features.out={features}", "spark_submit=false", "features.train_files=2",
+                 "features.eval_files=1", "features.spark.shuffle_partitions=2",
+                 f"features.contract.now_ms={MONDAY + 30 * DAY_MS}", "nproc=2",
+                 "train_overrides=[" + ",".join(TINY + ["schedule.kind=constant", "train.steps=6"]) + "]",
+                 *[f"features.{item}" for item in SPEC]]
+    config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", overrides)
+    spark = build_session(SparkConfig(master="local[2]", shuffle_partitions=2, driver_memory="1g",
+                                      conf={"spark.ui.enabled": "false"}), app_name="sirenfeed-tests")
+    run_full_job(spark, dataclasses.replace(config.features, incremental=IncrementalConfig()))
+    command = [sys.executable, "-m", "trainer.launch", "--features", str(features), "--run", str(initial),
+               "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *TINY, "train.steps=8"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    write_day(raw, 2)
+    return {"config": config, "root": root, "features": features, "initial": initial}
+
+
+@pytest.fixture(scope="module")
+def completed_cycle(setup):
+    """One cycle that crashes after each step in turn; the last invocation completes it."""
+    launches = []
+    real_launcher = launch_module.run_deepspeed
+
+    def counting_launcher(*args, **kwargs):
+        launches.append(args)
+        return real_launcher(*args, **kwargs)
+
+    codes = []
+    patch = pytest.MonkeyPatch()
+    patch.setattr(launch_module, "run_deepspeed", counting_launcher)
+    real_mark_done = Retrainer.mark_done
+    try:
+        for crash_after in STEPS:
+            def crashing(self, folder, journal, step, _crash=crash_after, **facts):
+                real_mark_done(self, folder, journal, step, **facts)
+                if step == _crash:
+                    raise RuntimeError(f"simulated crash after {step}")
+            patch.setattr(Retrainer, "mark_done", crashing)
+            codes.append(retrain.run_once(setup["config"]))
+        patch.setattr(Retrainer, "mark_done", real_mark_done)
+        codes.append(retrain.run_once(setup["config"]))
+    finally:
+        patch.undo()
+    return {**setup, "codes": codes, "launches": launches}
+
+
+@pytest.mark.slow
+def test_a_cycle_crashing_after_every_step_completes_once_and_publishes(completed_cycle):
+    root = Path(completed_cycle["config"].dir)
+    assert completed_cycle["codes"] == [retrain.FAILED] * len(STEPS) + [PUBLISHED]
+    assert len(completed_cycle["launches"]) == 1, "a completed training must not be redone"
+    journal = json.loads((root / "cycles" / "c000001" / "state.json").read_text())
+    assert journal["outcome"] == "published" and journal["done"] == list(STEPS)
+    assert (journal["since_batch"], journal["batch"]) == (0, 1)
+    assert not (root / "cycles" / "c000002").exists(), "the crashed cycle is resumed, not restarted"
+    log = read_log(root / "registry")
+    assert [(record["cycle"], record["published"]) for record in log] == [("c000001", True)]
+    assert log[0]["event_to_published_s"] > 0 and log[0]["candidate"]["contribution"]["ne"] > 0
+    served = current(root / "registry")
+    verify_export(served)
+    trained = json.loads((served / "_TRAINED.json").read_text())
+    assert trained["max_event_ms"] == max(event["event_ts"] for event in day_events(1))
+    lineage = json.loads((root / "lineage.json").read_text())
+    assert [entry["batch"] for entry in lineage] == [0, 1]
+    assert read_manifest(completed_cycle["features"])["newest_batch"] == 1
+
+
+@pytest.mark.slow
+def test_nothing_new_and_the_lock(completed_cycle, capsys):
+    config = completed_cycle["config"]
+    assert retrain.run_once(config) == NOTHING_NEW
+    with exclusive_lock(Path(config.dir) / "lock"):
+        code = retrain.main(["--config", str(REPO_ROOT / "conf" / "retrain.yaml"),
+                             *overrides_for_main(config)])
+    assert code == LOCKED
+    assert "another cycle is running" in capsys.readouterr().out
+
+
+def overrides_for_main(config: RetrainConfig) -> list[str]:
+    return [f"dir={config.dir}", f"initial_run={config.initial_run}", f"features.raw={config.features.raw}",
+            f"features.out={config.features.out}"]
+
+
+@pytest.mark.slow
+def test_the_gate_refuses_a_worse_or_broken_candidate(completed_cycle, tmp_path):
+    root = Path(completed_cycle["config"].dir)
+    served = current(root / "registry")
+    view = root / "cycles" / "c000001" / "view"
+    for name, sabotage in (("worse", lambda t: t * 40.0), ("broken", lambda t: t * float("nan"))):
+        candidate = tmp_path / name
+        candidate.mkdir()
+        for path in served.iterdir():
+            (candidate / path.name).write_bytes(path.read_bytes())
+        state = torch.load(candidate / MODEL_FILE, weights_only=True)
+        torch.save({key: sabotage(value) if value.is_floating_point() else value
+                    for key, value in state.items()}, candidate / MODEL_FILE)
+        manifest = json.loads((candidate / "_MANIFEST.json").read_text())
+        manifest["sha256"][MODEL_FILE] = sha256(candidate / MODEL_FILE)
+        write_manifest(candidate, manifest)
+        decision = gate(candidate, served, view, GateConfig())
+        assert not decision.publish, decision.reason
+        assert ("broken" if name == "broken" else "worse") in decision.reason
+    assert gate(served, served, view, GateConfig()).publish, "an equal model is not worse"
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_and_export_fall_back_to_the_previous_good_one(completed_cycle):
+    config = completed_cycle["config"]
+    retrainer = Retrainer(config)
+    head = retrainer.lineage()[-1]
+    assert retrainer.warm_start_source()["cycle"] == head["cycle"]
+    registry = Path(config.dir) / "registry"
+    good = current(registry)
+    newer = publish(good, registry, "c999999", {"max_event_ms": 1}, keep=3)
+    assert current(registry) == newer
+    with (newer / MODEL_FILE).open("ab") as stream:
+        stream.write(b"corruption")
+    assert current(registry) == good and (registry / "latest").resolve() == good
+    victim = next(path for path in sorted((Path(head["run"]) / "checkpoints" / head["tag"]).rglob("*.pt")))
+    victim.write_bytes(victim.read_bytes()[:-16])
+    assert retrainer.warm_start_source()["cycle"] is None, "falls back to the initial run's checkpoint"

@@ -1,0 +1,144 @@
+"""``sirenfeed compare``: real 2-rank runs of two variants × two seeds, the statistics, resumability,
+config errors and the Bayes-optimal floor."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from features.config import ConfigError, load_config
+from features.dataset import write_manifest
+from features.synth import SynthConfig, write_synthetic_logs
+from trainer.compare import (COMPARE_JSON, COMPARE_MD, RESULT_FILE, TRAIN_LOG, CompareConfig, bayes_floor,
+                             main, paired, run_dir, summarize)
+from trainer.metrics import binary_metrics
+
+VARIANTS = ("ordinal", "siren")
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny_features, tiny_model_overrides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "out"
+    budget = [*tiny_model_overrides, "data.batch_size=16", "data.shuffle_buffer=64", "data.eval_batch_size=64",
+              "train.steps=4", "train.log_every=2", "train.checkpoint_every=0", "schedule.warmup_steps=1",
+              "optim.lr=0.02"]
+    argv = ["--features", str(tiny_features), "--out", str(out), "--variants", ",".join(VARIANTS),
+            "--seeds", str(len(SEEDS)), f"train_overrides=[{','.join(budget)}]"]
+    assert main(argv) == 0
+    return out, argv
+
+
+@pytest.mark.slow
+def test_every_run_is_trained_with_its_variant_and_seed(comparison):
+    out, _ = comparison
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            result = json.loads((run_dir(out, variant, seed) / RESULT_FILE).read_text())
+            assert (result["variant"], result["seed"], result["step"]) == (variant, seed, 4)
+            assert f"seed={seed}" in result["overrides"] and f"data.seed={seed}" in result["overrides"]
+            assert f"model.rotary={'siren' if variant == 'siren' else 'ordinal'}" in result["overrides"]
+            assert (run_dir(out, variant, seed) / "history.jsonl").is_file()
+    # Different seeds give different models; the same seed pairs the variants on the same data.
+    ne = {(v, s): json.loads((run_dir(out, v, s) / RESULT_FILE).read_text())["metrics"]["like"]["ne"]
+          for v in VARIANTS for s in SEEDS}
+    assert ne[("ordinal", 0)] != ne[("ordinal", 1)]
+
+
+@pytest.mark.slow
+def test_table_holds_mean_std_and_paired_differences(comparison):
+    out, _ = comparison
+    record = json.loads((out / COMPARE_JSON).read_text())
+    runs = {v: {int(s): m for s, m in by_seed.items()} for v, by_seed in record["runs"].items()}
+    for task in ("contribution", "like", "long_dwell"):
+        ordinal = [runs["ordinal"][s][task]["ne"] for s in SEEDS]
+        siren = [runs["siren"][s][task]["ne"] for s in SEEDS]
+        entry = record["summary"]["siren"][task]
+        assert entry["ne"]["mean"] == pytest.approx(np.mean(siren))
+        assert entry["ne"]["std"] == pytest.approx(np.std(siren, ddof=1))
+        differences = np.subtract(siren, ordinal)
+        versus = entry["vs_baseline"]["ne"]
+        assert versus["mean"] == pytest.approx(differences.mean())
+        assert versus["se"] == pytest.approx(differences.std(ddof=1) / math.sqrt(2))
+        assert versus["exceeds_2se"] == (abs(differences.mean()) > 2 * versus["se"])
+        assert "vs_baseline" not in record["summary"]["ordinal"][task]
+    table = (out / COMPARE_MD).read_text()
+    assert "| ordinal | 2 |" in table and "| siren | 2 |" in table and "ΔNE vs ordinal" in table
+
+
+@pytest.mark.slow
+def test_rerun_trains_nothing(comparison):
+    out, argv = comparison
+    logs = {path: path.stat().st_mtime_ns for path in out.rglob(TRAIN_LOG)}
+    results = {path: path.read_bytes() for path in out.rglob(RESULT_FILE)}
+    assert len(logs) == len(results) == len(VARIANTS) * len(SEEDS)
+    before = (out / COMPARE_JSON).read_text()
+    assert main(argv) == 0
+    assert {path: path.stat().st_mtime_ns for path in out.rglob(TRAIN_LOG)} == logs
+    assert {path: path.read_bytes() for path in out.rglob(RESULT_FILE)} == results
+    assert json.loads((out / COMPARE_JSON).read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_paired_statistics():
+    stats = paired([-0.010, -0.012, -0.011])
+    assert stats["mean"] == pytest.approx(-0.011) and stats["se"] == pytest.approx(0.001 / math.sqrt(3))
+    assert stats["exceeds_2se"]
+    assert not paired([-0.01, 0.012, -0.001])["exceeds_2se"]
+    assert not paired([-0.01])["exceeds_2se"]  # one seed: no standard error, never significant
+
+
+def test_summary_pairs_by_seed():
+    def metrics(ne):
+        return {task: {"ne": ne, "auc": 0.6, "gauc": 0.6, "ece": 0.01} for task in ("contribution", "like", "long_dwell")}
+    results = {"ordinal": {0: metrics(1.0), 1: metrics(0.9)}, "siren": {0: metrics(0.99), 1: metrics(0.89)}}
+    summary = summarize(results, "ordinal")
+    # The seed-to-seed spread (0.1) is large, the paired difference (−0.01 each seed) is consistent.
+    assert summary["siren"]["like"]["vs_baseline"]["ne"]["mean"] == pytest.approx(-0.01)
+    assert summary["siren"]["like"]["vs_baseline"]["ne"]["se"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("variants=[ordinal,warp]", "variants"),
+    ("baseline=siren", "baseline"),
+    ("seeds=0", "seeds"),
+    ("train_overrides=[model.rotary=none]", "train_overrides"),
+    ("train_overrides=[seed=3]", "train_overrides"),
+])
+def test_bad_config_fails_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(CompareConfig, overrides=["features=f", "out=o", "variants=[ordinal,to_rope]", override])
+
+
+def test_a_bad_training_override_fails_before_any_run(tiny_features, tmp_path):
+    argv = ["--features", str(tiny_features), "--out", str(tmp_path / "out"), "--variants", "ordinal",
+            "train_overrides=[optim.lr=-1]"]
+    with pytest.raises(ConfigError, match="optim.lr"):
+        main(argv)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bayes_floor_scores_exactly_the_eval_events_with_the_truth(tmp_path):
+    raw = tmp_path / "raw"
+    manifest = write_synthetic_logs(load_config(SynthConfig, overrides=[
+        "users=30", "days=2", "seed=3", "bad_fraction=0", "duplicate_fraction=0.05"]), raw)
+    assert manifest["duplicates"] > 0
+    split_ms = manifest["watermark_ms"] // 86_400_000 * 86_400_000  # the last day is eval
+    features = tmp_path / "features"
+    os.makedirs(features)
+    write_manifest(features, {"spec": {"context_len": 50, "stride": 50}, "split_ts_ms": split_ms,
+                              "processing_ms": manifest["watermark_ms"] + 1, "config": {"contract": {}}})
+    floor = bayes_floor(raw, features)
+
+    events = {e["event_id"]: e for e in pq.read_table(raw).to_pylist() if e["event_ts"] >= split_ms}
+    truth = {row["event_id"]: row for row in pq.read_table(raw / "_truth").to_pylist()}
+    ids = sorted(events)
+    assert floor["like"]["count"] == len(ids) > 0  # each duplicated event counted once
+    direct = binary_metrics(np.array([truth[i]["p_like"] for i in ids]),
+                            np.array([events[i]["like"] for i in ids], dtype=float))
+    assert floor["like"]["ne"] == pytest.approx(direct["ne"], rel=1e-12)
+    assert floor["like"]["ne"] < 1.0  # the truth beats the base rate

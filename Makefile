@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/features.py
 	$(PY) bench/train.py
 	$(PY) bench/ingest.py
+	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

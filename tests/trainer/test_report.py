@@ -13,7 +13,6 @@ from trainer.report import GAP_LABELS, gap_bucket, main, ne_by_bucket, read_hist
 from trainer.train import HISTORY_FILE
 
 # pyparsing 3.3 deprecates names matplotlib's font and mathtext parsers still use.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:matplotlib.*")
 
 FIGURES = ("learning_curves.png", "reliability.png", "ne_by_hour.png", "ne_by_gap.png", "angles.png",
            "lambda.png")

@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/ingest.py
 	$(PY) bench/overhead.py
+	$(PY) bench/scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

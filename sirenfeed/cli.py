@@ -15,7 +15,7 @@ from features.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("features.synth", "write synthetic feed logs in the raw event contract"),
     "features": ("features.submit", "run the Spark feature job (spark-submit, local master)"),
-    "train": ("trainer.launch", "train the ranker on local ranks through the deepspeed launcher"),
+    "train": ("trainer.launch", "train the ranker through the deepspeed launcher (local ranks, a hostfile, or one node of many)"),
     "evaluate": ("trainer.evaluate", "evaluate RUN_DIR/export/latest exactly on FEATURES_DIR/eval"),
     "compare": ("trainer.compare", "train rotary variants x seeds on the same data; mean ± std and paired deltas"),
     "report": ("trainer.report", "HTML report with figures of a run: curves, calibration, NE by hour/gap, angles"),

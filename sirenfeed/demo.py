@@ -39,7 +39,7 @@ class DemoConfig:
     """``key=value`` overrides of the feature job (fewer item buckets: the demo's catalogue is small
     and the optimizer step over a 200k-row item table would dominate a CPU demo)."""
     train_overrides: list[str] = field(default_factory=lambda: [
-        "data.batch_size=64", "train.epochs=4", "train.log_every=50", "schedule.warmup_steps=30",
+        "data.batch_size=128", "train.epochs=4", "train.log_every=50", "schedule.warmup_steps=30",
         "train.checkpoint_every=0"])
     """``key=value`` overrides of ``conf/train.yaml`` for every demo run (kept small for a laptop)."""
     streaming: bool = True

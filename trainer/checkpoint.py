@@ -1,15 +1,28 @@
-"""Checkpoints: DeepSpeed's save under ``RUN_DIR/checkpoints/<tag>/``, published only when complete.
+"""Checkpoints: DeepSpeed's save under ``RUN_DIR/checkpoints/<tag>/``, published only when complete,
+resumable on any world size.
 
 Layout of one checkpoint (``tag = step00001234``)::
 
     checkpoints/step00001234/        DeepSpeed's files (model states, ZeRO optimizer shards) …
     checkpoints/step00001234/rng_rank00000.pt   each rank's RNG states (dropout continues exactly)
-    checkpoints/step00001234/_COMPLETE          written by rank 0 after every rank finished saving
+    checkpoints/step00001234/_COMPLETE          written by rank 0 after every rank finished saving:
+                                                {"step", "world", "data"} (the data position)
+    checkpoints/step00001234/universal/         DeepSpeed's universal form, made when first needed
     checkpoints/latest                          the newest complete tag (atomic rewrite)
 
 A directory without ``_COMPLETE`` is a save that crashed midway: resume ignores it and the next
 prune removes it. Resume walks complete checkpoints newest first; if any rank fails to load one
 (a corrupt file), all ranks agree to fall back to the previous one.
+
+Another world size. Without ZeRO partitioning (ZeRO-0 in fp32) DeepSpeed's files hold the whole
+optimizer state and load on any number of ranks. With ZeRO-1/2 (or bf16, whose optimizer DeepSpeed
+also partitions) each rank saved only its slice of the fp32 weights and Adam moments, which only
+the same world size can read back. Resuming such a checkpoint on ``W' ≠ W`` ranks first converts it
+(once, on rank 0) with DeepSpeed's ``ds_to_universal`` into the *universal* form, one file per
+parameter for its fp32 weights and each optimizer moment, then loads it with
+``checkpoint.load_universal``: every rank takes its new slice, so weights, moments, step count and
+learning-rate schedule continue exactly. The RNG streams are per rank and cannot be mapped to
+another world size: an elastic resume reseeds them from ``(seed, rank, step)`` (only dropout notices).
 
 Loading never unpickles code: DeepSpeed calls ``torch.load(..., weights_only=False)``, so loads run
 with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which makes torch's restricted unpickler refuse anything
@@ -19,18 +32,24 @@ but tensors, containers and primitives (plus the few plain-data DeepSpeed types 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -42,11 +61,39 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "_COMPLETE"
 LATEST = "latest"
+UNIVERSAL = "universal"
 TAG_PATTERN = re.compile(r"step(\d{8})")
+PARTITIONED_FILES = "*zero_pp_rank_*_optim_states.pt"
+"""DeepSpeed's per-rank optimizer slices (ZeRO-1/2, and bf16's optimizer)."""
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint to resume from, or one that cannot continue this run."""
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A complete checkpoint, as its marker describes it."""
+
+    tag: str
+    step: int
+    world: int
+    data: dict[str, int]
+    partitioned: bool
+    """Its optimizer state is split over its ranks: another world size needs the universal form."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """The checkpoints a resume may load, newest first, and how: all natively, or all through the
+    universal form (decided by the newest: the engine is configured for one way before loading)."""
+
+    candidates: list[Saved]
+    universal: bool
+
+    @property
+    def newest(self) -> Saved:
+        return self.candidates[0]
 
 
 def _safe_globals() -> list[Any]:
@@ -74,28 +121,72 @@ def complete_tags(run_dir: str | Path) -> list[str]:
     return sorted(tags)
 
 
+def saved_checkpoints(run_dir: str | Path) -> list[Saved]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    saved = []
+    for tag in complete_tags(run_dir):
+        marker = json.loads((root / tag / COMPLETE_MARKER).read_text())
+        saved.append(Saved(tag, marker["step"], marker["world"], marker["data"],
+                           any((root / tag).glob(PARTITIONED_FILES))))
+    return saved
+
+
+def plan_resume(run_dir: str | Path, world: int) -> ResumePlan:
+    """Which checkpoints a resume on ``world`` ranks can load, and whether through the universal form."""
+    saved = saved_checkpoints(run_dir)
+    if not saved:
+        raise CheckpointError(f"train.resume is set but {checkpoint_root(run_dir)} holds no complete "
+                              "checkpoint")
+    universal = saved[-1].partitioned and saved[-1].world != world
+    candidates = []
+    for checkpoint in reversed(saved):
+        if checkpoint.partitioned == universal or (not universal and checkpoint.world == world):
+            candidates.append(checkpoint)
+        else:
+            log.warning("checkpoint %s (written by %d ranks) cannot be loaded the way %s is: skipped",
+                        checkpoint.tag, checkpoint.world, saved[-1].tag)
+    if universal:
+        log.info("checkpoint %s was written by %d ranks with a partitioned optimizer; resuming on %d "
+                 "ranks through its universal form", saved[-1].tag, saved[-1].world, world)
+    return ResumePlan(candidates, universal)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _rng_file(root: Path, tag: str, rank: int) -> Path:
     return root / tag / f"rng_rank{rank:05d}.pt"
 
 
-def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> str:
-    """Save on every rank (collective); rank 0 marks it complete, moves ``latest`` and prunes."""
+def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], data: dict[str, int],
+         keep: int) -> str:
+    """Save on every rank (collective); rank 0 marks it complete, moves ``latest`` and prunes.
+
+    ``data`` (the data position) goes into the marker as well as the client state, so a resume
+    can plan from the markers alone."""
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     rank = _rank()
     if rank == 0:  # overwriting a tag (a resumed run passing it again): not complete until rewritten
         (root / tag / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(root / tag / UNIVERSAL, ignore_errors=True)
     dist.barrier()
+    universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    # The info key is what ds_to_universal requires of a checkpoint it converts.
+    client_state = {**client_state, "data": data, UNIVERSAL_CHECKPOINT_INFO: universal_info}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save({"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()},
                _rng_file(root, tag, rank))
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
-        atomic_write_text(root / tag / COMPLETE_MARKER, json.dumps({"step": step}) + "\n")
+        marker = {"step": step, "world": _world(), "data": data}
+        atomic_write_text(root / tag / COMPLETE_MARKER, json.dumps(marker, sort_keys=True) + "\n")
         atomic_write_text(root / LATEST, tag + "\n")
         _prune(root, keep)
         log.info("checkpoint %s complete", root / tag)
@@ -104,10 +195,14 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], k
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and crashed partial saves."""
+    """Keep the newest ``keep`` complete checkpoints; drop older ones, crashed partial saves and
+    leftovers of a crashed universal conversion."""
     tags = complete_tags(root.parent)
     newest = tags[-1]
     for path in root.iterdir():
+        if path.name.startswith(".") and f".{UNIVERSAL}." in path.name:
+            shutil.rmtree(path, ignore_errors=True)
+            continue
         if not TAG_PATTERN.fullmatch(path.name):
             continue
         complete = (path / COMPLETE_MARKER).is_file()
@@ -132,35 +227,95 @@ def weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def _load_one(engine, root: Path, tag: str) -> dict[str, Any] | None:
+def to_universal(root: Path, tag: str) -> Path:
+    """Write ``<tag>/universal`` (if not there yet) with DeepSpeed's ``ds_to_universal``; staged
+    beside the tag (the converter walks its input folder) and renamed into place when complete."""
+    target = root / tag / UNIVERSAL
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    staging = root / f".{tag}.universal.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    # One worker each: the converter's process pools would fork a process running threads.
+    args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(staging),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=False)
+    chatter = io.StringIO()
+    try:
+        with weights_only_loads(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+        atomic_write_text(staging / COMPLETE_MARKER, json.dumps({"source": tag}) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        log.debug("ds_to_universal output:\n%s", chatter.getvalue())
+        raise
+    log.info("converted checkpoint %s to its universal form", root / tag)
+    return target
+
+
+def _agree(ok: bool) -> bool:
+    """Collective: true only if ``ok`` on every rank."""
+    flag = torch.tensor([int(ok)], dtype=torch.int64, device=get_accelerator().current_device_name())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1
+
+
+def _load_one(engine, root: Path, checkpoint: Saved, universal: bool) -> dict[str, Any] | None:
+    """Load one checkpoint on this rank; ``None`` if it cannot be read (all ranks must call it)."""
+    converted = True
+    if universal and _rank() == 0:
+        try:
+            to_universal(root, checkpoint.tag)
+        except Exception as error:  # whatever the failure, this checkpoint cannot continue the run
+            log.warning("cannot convert checkpoint %s to its universal form: %s", root / checkpoint.tag,
+                        error)
+            converted = False
+    if universal and not _agree(converted):
+        return None
+    load_dir, tag = (root / checkpoint.tag, UNIVERSAL) if universal else (root, checkpoint.tag)
+    same_world = checkpoint.world == _world()
     try:
         with weights_only_loads():
-            path, client_state = engine.load_checkpoint(str(root), tag=tag)
-            rng = torch.load(_rng_file(root, tag, _rank()), weights_only=True)
+            path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+            rng = (torch.load(_rng_file(root, checkpoint.tag, _rank()), weights_only=True)
+                   if same_world else None)
     except Exception as error:  # whatever the failure, this checkpoint cannot continue the run
-        log.warning("cannot load checkpoint %s: %s", root / tag, error)
+        log.warning("cannot load checkpoint %s: %s", root / checkpoint.tag, error)
         return None
     if path is None:
-        log.warning("DeepSpeed found no checkpoint in %s", root / tag)
+        log.warning("DeepSpeed found no checkpoint in %s", load_dir / tag)
         return None
-    torch.set_rng_state(rng["torch"])
-    get_accelerator().set_rng_state(rng["accelerator"])
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        get_accelerator().set_rng_state(rng["accelerator"])
     return client_state
 
 
-def load_latest(engine, run_dir: str | Path) -> tuple[str, dict[str, Any]]:
-    """Load the newest complete checkpoint every rank can read; returns ``(tag, client_state)``."""
+def load(engine, run_dir: str | Path, plan: ResumePlan) -> tuple[Saved, dict[str, Any]]:
+    """Load the newest planned checkpoint every rank can read; returns it and its client state.
+    RNG states are restored only when the world size is unchanged (the caller reseeds otherwise)."""
     root = checkpoint_root(run_dir)
-    tags = complete_tags(run_dir)
-    if not tags:
-        raise CheckpointError(f"train.resume is set but {root} holds no complete checkpoint")
-    for tag in reversed(tags):
-        client_state = _load_one(engine, root, tag)
-        loaded = torch.tensor([0 if client_state is None else 1], dtype=torch.int64,
-                              device=get_accelerator().current_device_name())
-        dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
-        if loaded.item() == 1:
-            log.info("resumed from checkpoint %s (step %d)", root / tag, client_state["step"])
-            return tag, client_state
-        log.warning("checkpoint %s is unreadable on some rank: falling back to the previous one", tag)
+    for checkpoint in plan.candidates:
+        client_state = _load_one(engine, root, checkpoint, plan.universal)
+        if _agree(client_state is not None):
+            log.info("resumed from checkpoint %s (step %d, written by %d ranks)", root / checkpoint.tag,
+                     checkpoint.step, checkpoint.world)
+            return checkpoint, client_state
+        log.warning("checkpoint %s is unreadable on some rank: falling back to the previous one",
+                    checkpoint.tag)
     raise CheckpointError(f"no checkpoint in {root} could be loaded by every rank")
+
+
+def load_latest(engine, run_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """Load ``run_dir``'s newest complete checkpoint natively (a warm start from another run);
+    returns ``(tag, client_state)``. One written by another world size with a partitioned
+    optimizer needs its universal form, which only a resume (``train.resume``) sets up."""
+    plan = plan_resume(run_dir, _world())
+    if plan.universal:
+        raise CheckpointError(
+            f"{checkpoint_root(run_dir) / plan.newest.tag} was written by {plan.newest.world} ranks with a "
+            f"partitioned optimizer (ZeRO-1/2 or bf16): continue it on {plan.newest.world} ranks, or "
+            "resume it with train.resume=true, which converts it to its universal form")
+    saved, client_state = load(engine, run_dir, plan)
+    return saved.tag, client_state

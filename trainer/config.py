@@ -20,20 +20,29 @@ from trainer.model import ModelConfig
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 COMM_BACKENDS = ("auto", "gloo", "nccl", "ccl", "mpi")
+FAULTS = ("none", "kill", "raise", "hang")
 
 
 @dataclass
 class DataConfig:
     batch_size: int = 256
-    """Rows per rank per step (DeepSpeed's micro batch); the global batch is this × ranks."""
+    """Rows per optimizer step over all ranks (the global batch); each rank's micro batch is
+    ``batch_size / ranks``, so the same config trains the same way on any number of ranks."""
+    shards: int = 0
+    """Logical input shards; the sample order depends on them, never on the world size. Every world
+    size that trains or resumes the run must divide it, and it must divide ``batch_size``.
+    0 = the world size of the run that starts at step 0 (a resume keeps the checkpoint's)."""
     eval_batch_size: int = 1024
     shuffle_buffer: int = 4096
-    """Rows mixed by the seeded shuffle buffer (0 = row-group order only)."""
+    """Rows mixed by each shard's seeded shuffle buffer (0 = row-group order only)."""
     seed: int = 0
-    """Seeds the row-group order (shared by all ranks) and the shuffle buffer (per rank)."""
+    """Seeds the row-group order of every epoch and the shuffle buffers."""
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        require(self.shards >= 0, "data.shards", "must be >= 0 (0 = the world size)")
+        require(self.shards == 0 or self.batch_size % self.shards == 0, "data.shards",
+                f"must divide data.batch_size ({self.batch_size})")
         require(self.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
 
@@ -115,6 +124,30 @@ class DeepSpeedSettings:
 
 
 @dataclass
+class DistributedConfig:
+    """How ranks find each other's failures (``trainer.watchdog``)."""
+
+    timeout_s: float = 600.0
+    """Bound on every collective and on the rendezvous: a rank waiting longer fails, then all do."""
+    heartbeat_timeout_s: float = 60.0
+    """A rank silent this long is declared dead; every other rank then exits non-zero naming it."""
+    trace: bool = False
+    """Write RUN_DIR/trace/rank<R>.jsonl: per step, ids of the rows this rank trained on and a
+    digest of its parameters after the step (to audit sharding and replica agreement)."""
+    fault: str = "none"
+    """Fire drill: ``kill`` (SIGKILL), ``raise`` or ``hang`` rank ``fault_rank`` after step ``fault_step``."""
+    fault_rank: int = 0
+    fault_step: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.timeout_s > 0, "distributed.timeout_s", "must be > 0")
+        require(self.heartbeat_timeout_s > 0, "distributed.heartbeat_timeout_s", "must be > 0")
+        require(self.fault in FAULTS, "distributed.fault", f"must be one of {', '.join(FAULTS)}")
+        require(self.fault_rank >= 0, "distributed.fault_rank", "must be >= 0")
+        require(self.fault_step >= 1, "distributed.fault_step", "must be >= 1")
+
+
+@dataclass
 class TelemetryConfig:
     port: int = 0
     """Prometheus metrics port on rank 0 (0 = off)."""
@@ -136,6 +169,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     seed: int = 0
     """Seeds model initialisation (every rank starts from the same weights)."""
@@ -156,18 +190,22 @@ def lr_factor(schedule: ScheduleConfig, lr: float, total_steps: int, step: int) 
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
-    """DeepSpeed's config dict for this run on ``world`` ranks (one micro batch per step)."""
+def deepspeed_config(config: TrainConfig, world: int, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config dict for this run on ``world`` ranks (one micro batch per step, the global
+    batch split evenly; ``load_universal`` to resume from a checkpoint's universal form)."""
     optim = config.optim
+    require(config.data.batch_size % world == 0, "data.batch_size",
+            f"the global batch of {config.data.batch_size} rows cannot be split over {world} ranks")
     return {
-        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "train_micro_batch_size_per_gpu": config.data.batch_size // world,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": config.data.batch_size * world,
+        "train_batch_size": config.data.batch_size,
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
             "weight_decay": optim.weight_decay, "torch_adam": config.deepspeed.torch_adam}},
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "checkpoint": {"load_universal": load_universal},
         "bf16": {"enabled": config.deepspeed.precision == "bf16"},
         "fp16": {"enabled": False},
         # Our own logger reports progress; DeepSpeed's per-step prints would drown it.

@@ -2,28 +2,38 @@
 
     deepspeed --num_gpus 2 trainer/train.py --config conf/train.yaml features=FEATURES_DIR run=RUN_DIR
 
-(``sirenfeed train`` builds this command.) Each rank reads its Petastorm shard of
-``FEATURES_DIR/train``, and all ranks run the same number of AdamW steps (warmup + cosine through a
-``LambdaLR`` DeepSpeed steps after each optimizer step, gradient clipping in DeepSpeed). Every
+(``sirenfeed train`` builds this command, for one node or many.) Each rank trains on its share of
+every global batch (``trainer.data``: the same global batches on any number of ranks), and all ranks
+run the same number of AdamW steps (warmup + cosine through a ``LambdaLR`` DeepSpeed steps after
+each optimizer step, gradient clipping in DeepSpeed). Each rank weights its loss by its share of the
+global batch's label-bearing tokens, so an update is the gradient of the global batch's mean loss
+whatever the world size. Every
 ``train.log_every`` steps rank 0 logs loss, samples/s, tokens/s, the share of time spent waiting for
 data and the SIREN-RoPE gate λ. Evaluation on ``FEATURES_DIR/eval`` is exact and distributed
 (every ``train.eval_every`` steps and at the end; ``RUN_DIR/metrics.json``). Checkpoints every
 ``train.checkpoint_every`` steps and at the end (``trainer.checkpoint``); ``train.resume=true``
-continues from the newest complete one at the same data position. At the end rank 0 exports the
-model (``trainer.export``).
+continues from the newest complete one at the same data position, on the same or another number of
+ranks. At the end rank 0 exports the model (``trainer.export``).
+
+Failures: collectives time out after ``distributed.timeout_s``; a :class:`~trainer.watchdog.Watchdog`
+makes every rank exit non-zero within ``distributed.heartbeat_timeout_s`` of another rank's death
+or crash, naming it; ``distributed.fault`` is the fire drill that proves it.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import os
 import random
 import sys
 import time
-from typing import Any
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TextIO
 
 import deepspeed
 import numpy as np
@@ -34,22 +44,26 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from features.config import add_config_arguments, config_from_args, to_dict
+from features.config import add_config_arguments, config_from_args, require, to_dict
 from features.spec import FEATURE_SPEC_VERSION, LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer import checkpoint
 from trainer.config import TrainConfig, deepspeed_config, lr_factor
-from trainer.data import TrainStream, read_feature_manifest, training_steps
+from trainer.data import (DataError, TrainStream, check_layout, count_rows, read_feature_manifest,
+                          row_fingerprints, split_dir, training_steps)
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model
 from trainer.launch import configure_logging
 from trainer.metrics import format_table
 from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups
 from trainer.telemetry import TrainerTelemetry
+from trainer.watchdog import Watchdog, die_with_parent, inject_fault
 
 log = logging.getLogger(__name__)
 
 GATE_PARAMETER_NAMES = ("ordinal_gate", "lam")
 """Names the SIREN-RoPE gate λ goes by in the model's parameters (last component)."""
+TRACE_DIR = "trace"
+"""``RUN_DIR/trace/rank<R>.jsonl`` (``distributed.trace``)."""
 HISTORY_FILE = "history.jsonl"
 """``RUN_DIR/history.jsonl``: one JSON line per log window (rank 0), read by ``sirenfeed report``."""
 
@@ -68,9 +82,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A distinct, reproducible seed per rank (dropout masks must differ between ranks)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A distinct, reproducible seed per rank (dropout masks must differ between ranks); ``step``
+    reseeds a resume whose RNG states cannot be restored (another world size)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def rotary_gate(model: nn.Module) -> float | None:
@@ -81,19 +96,38 @@ def rotary_gate(model: nn.Module) -> float | None:
     return None
 
 
-def data_position(config: TrainConfig, world: int, batches: int) -> dict[str, int]:
-    """What a checkpoint records about the input: with the same seed, ranks, batch size and
-    buffer, skipping ``batches`` reproduces the uninterrupted stream exactly."""
-    return {"batches": batches, "seed": config.data.seed, "world": world,
+def data_position(config: TrainConfig, shards: int, steps: int) -> dict[str, int]:
+    """What a checkpoint records about the input, in global terms: with the same seed, shards,
+    global batch and buffer, ``steps`` global batches in is the same place on any world size."""
+    return {"steps": steps, "shards": shards, "seed": config.data.seed,
             "batch_size": config.data.batch_size, "shuffle_buffer": config.data.shuffle_buffer}
 
 
 def check_resumable(saved: dict[str, int], current: dict[str, int]) -> None:
-    for key in ("seed", "world", "batch_size", "shuffle_buffer"):
+    for key in ("shards", "seed", "batch_size", "shuffle_buffer"):
         if saved[key] != current[key]:
             raise checkpoint.CheckpointError(
                 f"cannot resume at the same data position: the checkpoint was written with "
-                f"{key}={saved[key]}, this run has {key}={current[key]}")
+                f"data.{key}={saved[key]}, this run has data.{key}={current[key]}")
+
+
+def resolved_shards(config: TrainConfig, world: int, saved: dict[str, int] | None) -> int:
+    """The run's logical shards: the checkpoint's on a resume, else ``data.shards`` or the world size."""
+    if saved is None:
+        return config.data.shards or world
+    require(config.data.shards in (0, saved["shards"]), "data.shards",
+            f"the checkpoint's data order has {saved['shards']} shards; resume with "
+            f"data.shards={saved['shards']} (or 0)")
+    return saved["shards"]
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on two ranks only if their weights are identical."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _make_scheduler(config: TrainConfig, total_steps: int, optimizer) -> LambdaLR:
@@ -114,23 +148,56 @@ class LogWindow:
 
     def add(self, loss: torch.Tensor, task_losses: dict[str, torch.Tensor],
             batch: dict[str, torch.Tensor], waited: float) -> None:
+        """``loss`` and ``task_losses`` are means over this rank's label-bearing tokens; they are
+        summed weighted by those tokens, so the reduced values are token means over all ranks."""
         self.steps += 1
         self.rows += batch[LOSS_MASK_COLUMN].shape[0]
         self.data_wait += waited
-        self.sums += torch.stack([loss.detach().double(), batch[LOSS_MASK_COLUMN].sum().double()]
-                                 + [task_losses[task].double() for task in LABEL_COLUMNS])
+        tokens = batch[LOSS_MASK_COLUMN].sum().double()
+        self.sums += torch.stack([loss.detach().double() * tokens, tokens]
+                                 + [task_losses[task].double() * tokens for task in LABEL_COLUMNS])
 
     def reduce(self) -> dict[str, float]:
-        """Collective: loss mean over ranks and steps, throughput over all ranks, mean wait share."""
+        """Collective: loss mean over all ranks' tokens, throughput over all ranks, mean wait share."""
         world = dist.get_world_size()
         totals = torch.cat([self.sums, self.sums.new_tensor([self.rows, self.data_wait])])
         dist.all_reduce(totals)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         loss, tokens, *task_sums, rows, waited = totals.tolist()
-        steps = world * max(self.steps, 1)
-        return {"loss": loss / steps, "samples_per_s": rows / elapsed,
+        counted = max(tokens, 1.0)
+        return {"loss": loss / counted, "samples_per_s": rows / elapsed,
                 "tokens_per_s": tokens / elapsed, "data_wait": min(1.0, waited / world / elapsed),
-                "task_loss": {task: value / steps for task, value in zip(LABEL_COLUMNS, task_sums)}}
+                "task_loss": {task: value / counted for task, value in zip(LABEL_COLUMNS, task_sums)}}
+
+
+def _reports_failure(method):
+    """A :class:`Trainer` step whose exception every other rank must hear about (and stop)."""
+    @functools.wraps(method)
+    def wrapper(self: "Trainer", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            self.fail(error)
+            raise
+    return wrapper
+
+
+class Trace:
+    """``distributed.trace``: per step, one JSON line per rank with the ids of the rows the rank
+    trained on (:func:`trainer.data.row_fingerprints`) and the digest of its parameters after the
+    update, so sharding (disjoint, covering) and replica agreement can be checked after the fact."""
+
+    def __init__(self, run_dir: str | Path, rank: int):
+        path = Path(run_dir) / TRACE_DIR / f"rank{rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._stream: TextIO = path.open("a", buffering=1)
+
+    def write(self, step: int, batch: dict[str, torch.Tensor], model: nn.Module) -> None:
+        rows = row_fingerprints(batch["user_key"].numpy(), batch["ts"].numpy())
+        self._stream.write(json.dumps({"step": step, "rows": rows, "params": parameter_digest(model)}) + "\n")
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 class Trainer:
@@ -139,9 +206,18 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         backend = None if config.deepspeed.comm_backend == "auto" else config.deepspeed.comm_backend
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend,
+                                   timeout=timedelta(seconds=config.distributed.timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         configure_logging(self.rank)
+        self._failed = False
+        self.watchdog = Watchdog.from_environment(config.distributed.heartbeat_timeout_s)
+        self.watchdog.start()
+        self._set_up()
+
+    @_reports_failure
+    def _set_up(self) -> None:
+        config = self.config
         accelerator = get_accelerator()
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.device = torch.device(accelerator.current_device_name())
@@ -152,42 +228,86 @@ class Trainer:
         # What this run trains on, kept in every checkpoint: continual training starts after it.
         self.data_watermark = manifest.get("data_watermark") or {
             "batch": manifest.get("newest_batch", 0), "watermark_ms": manifest["watermark_ms"]}
+        self.plan = self._plan_resume() if config.train.resume else None
+        self.shards = resolved_shards(config, self.world, self.plan.newest.data if self.plan else None)
+        check_layout(config.data.batch_size, self.shards, self.world)
+        if config.distributed.fault != "none":
+            require(config.distributed.fault_rank < self.world, "distributed.fault_rank",
+                    f"must name one of the {self.world} ranks")
         self.total_steps = training_steps(config.features, config.train.steps, config.train.epochs,
-                                          config.data.batch_size, self.world)
+                                          config.data.batch_size)
+        self._check_ranks_agree()
         seed_everything(config.seed)  # the same initial weights on every rank
         model = GenerativeRanker(config.model, self.spec, self.t_ref)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, config.optim.weight_decay),
             lr_scheduler=functools.partial(_make_scheduler, config, self.total_steps),
-            config=deepspeed_config(config, self.world))
+            config=deepspeed_config(config, self.world,
+                                    load_universal=bool(self.plan and self.plan.universal)))
         seed_everything(rank_seed(config.seed, self.rank))
         self.telemetry = (TrainerTelemetry(config.telemetry.port, config.telemetry.host)
                           if self.rank == 0 else None)
+        self.trace = Trace(config.run, self.rank) if config.distributed.trace else None
         self.step = 0
         self.first_step = 0
         """The step this run's input stream started at (a warm start continues a count)."""
         self.metrics: Metrics | None = None
         self.checkpointed_step: int | None = None
-        log.info("training %d steps on %d ranks, global batch %d, device %s", self.total_steps,
-                 self.world, config.data.batch_size * self.world, self.device)
+        log.info("training %d steps on %d ranks, global batch %d (%d per rank, %d logical shards), "
+                 "device %s", self.total_steps, self.world, config.data.batch_size,
+                 config.data.batch_size // self.world, self.shards, self.device)
 
+    def _plan_resume(self) -> checkpoint.ResumePlan:
+        """Rank 0 reads the checkpoint markers, every rank gets its plan (one view of the files)."""
+        plan = [checkpoint.plan_resume(self.config.run, self.world) if self.rank == 0 else None]
+        dist.broadcast_object_list(plan, src=0)
+        return plan[0]
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must see the same training split: a node with a stale or partial copy would
+        otherwise train on other rows or run another number of steps (and hang the others)."""
+        rows, groups = count_rows(split_dir(self.config.features, "train"))
+        facts = torch.tensor([self.total_steps, rows, groups, self.shards], dtype=torch.int64,
+                             device=self.device)
+        low, high = facts.clone(), facts.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise DataError(f"ranks disagree about {split_dir(self.config.features, 'train')} "
+                            f"(steps, rows, row groups, shards) between {low.tolist()} and "
+                            f"{high.tolist()}: every node must see the same feature dataset")
+
+    def fail(self, error: BaseException) -> None:
+        """This rank failed: make sure every other rank stops too (see ``trainer.watchdog``)."""
+        if not self._failed:
+            self._failed = True
+            self.watchdog.fail(error)
+
+    @_reports_failure
     def resume(self) -> None:
-        tag, client_state = checkpoint.load_latest(self.engine, self.config.run)
-        check_resumable(client_state["data"], data_position(self.config, self.world, 0))
+        saved, client_state = checkpoint.load(self.engine, self.config.run, self.plan)
+        check_resumable(client_state["data"], data_position(self.config, self.shards, 0))
         self.step = client_state["step"]
+        self.first_step = self.step - client_state["data"]["steps"]
         self.metrics = client_state.get("metrics") or None
         self.checkpointed_step = self.step
-        log.info("resuming at step %d from %s", self.step, tag)
+        if saved.world != self.world:
+            seed_everything(rank_seed(self.config.seed, self.rank, self.step))
+            log.info("checkpoint %s was written by %d ranks: weights, optimizer state, schedule and data "
+                     "position carry over; the per-rank RNG streams (dropout) start afresh",
+                     saved.tag, saved.world)
+        log.info("resuming at step %d from %s", self.step, saved.tag)
 
+    @_reports_failure
     def fit(self) -> Metrics | None:
         config = self.config
         with TrainStream(config.features, self.spec.context_len, config.data.batch_size,
                          config.data.shuffle_buffer, config.data.seed, self.rank, self.world,
-                         skip_batches=self.step - self.first_step) as stream:
+                         self.shards, skip_steps=self.step - self.first_step) as stream:
             self._train_steps(stream)
             self.evaluate()
             if self.checkpointed_step != self.step:
-                self.save(stream.consumed)
+                self.save(stream.steps)
         if self.rank == 0:
             export_model(self.engine.module, config, self.spec, self.t_ref, config.run,
                          checkpoint.tag_for(self.step), self.step)
@@ -203,16 +323,21 @@ class Trainer:
         run_wait, run_started = 0.0, time.perf_counter()
         while self.step < self.total_steps:
             started = time.perf_counter()
-            batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in next(stream).items()}
+            host_batch = next(stream)
+            batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host_batch.items()}
             waited = time.perf_counter() - started
+            share = self._token_share(batch)
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                                 enabled=self.autocast is not None):
                 logits = self.engine(batch)
             loss, task_losses = masked_multitask_loss(logits, batch, self.config.model.task_weights)
-            self.engine.backward(loss)
+            self.engine.backward(loss * share)
             self.engine.step()
             self.step += 1
+            self.watchdog.step = self.step
             window.add(loss, task_losses, batch, waited)
+            if self.trace is not None:
+                self.trace.write(self.step, host_batch, self.engine.module)
             run_wait += waited
             progress.update(1)
             if self.step % config.log_every == 0 or self.step == self.total_steps:
@@ -222,11 +347,28 @@ class Trainer:
                 self.evaluate()
             if (config.checkpoint_every and self.step % config.checkpoint_every == 0
                     and self.step < self.total_steps):
-                self.save(stream.consumed)
+                self.save(stream.steps)
+            self._fire_drill()
         progress.close()
         elapsed = time.perf_counter() - run_started
         if elapsed > 0:
             log.info("rank 0 waited for data %.1f%% of %.1f s of training", 100 * run_wait / elapsed, elapsed)
+
+    def _token_share(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's loss weight: its label-bearing tokens × ranks / all ranks' tokens.
+
+        The loss is a mean over this rank's tokens and DeepSpeed averages gradients over ranks; with
+        this weight the update is the gradient of the mean over the global batch's tokens, so it
+        does not depend on how the global batch is split (W → W' resumes continue exactly)."""
+        tokens = batch[LOSS_MASK_COLUMN].sum()
+        total = tokens.detach().clone()
+        dist.all_reduce(total)
+        return tokens * self.world / total.clamp_min(1.0)
+
+    def _fire_drill(self) -> None:
+        drill = self.config.distributed
+        if drill.fault != "none" and self.rank == drill.fault_rank and self.step == drill.fault_step:
+            inject_fault(drill.fault, self.rank, self.step)
 
     def _log(self, window: LogWindow) -> None:
         stats = window.reduce()
@@ -257,12 +399,13 @@ class Trainer:
                                 for task, values in metrics.items())
             log.info("eval at step %d: %s", self.step, summary)
 
-    def save(self, consumed_batches: int) -> None:
+    def save(self, stream_steps: int) -> None:
+        """Checkpoint (collective); ``stream_steps`` is the input stream's position in global batches."""
+        data = data_position(self.config, self.shards, stream_steps)
         client_state: dict[str, Any] = {
-            "step": self.step, "data": data_position(self.config, self.world, consumed_batches),
-            "config": to_dict(self.config), "feature_spec_version": FEATURE_SPEC_VERSION,
+            "step": self.step, "config": to_dict(self.config), "feature_spec_version": FEATURE_SPEC_VERSION,
             "metrics": self.metrics or {}, "data_watermark": self.data_watermark}
-        checkpoint.save(self.engine, self.config.run, self.step, client_state,
+        checkpoint.save(self.engine, self.config.run, self.step, client_state, data,
                         self.config.train.keep_checkpoints)
         self.checkpointed_step = self.step
         if self.telemetry is not None:
@@ -271,6 +414,9 @@ class Trainer:
     def close(self) -> None:
         if self.telemetry is not None:
             self.telemetry.close()
+        if self.trace is not None:
+            self.trace.close()
+        self.watchdog.close()
 
 
 def train(config: TrainConfig) -> Metrics | None:
@@ -292,7 +438,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher passes it
     args = parser.parse_args(argv)
     config = config_from_args(TrainConfig, args)
-    train(config)
+    die_with_parent()
+    try:
+        train(config)
+    except Exception:
+        # Exit at once: a broken process group can hang the interpreter's orderly shutdown.
+        log.exception("rank %s failed", os.environ.get("RANK", "?"))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(1)
     dist.destroy_process_group()
     return 0
 

@@ -31,7 +31,7 @@ from trainer.export import MODEL_FILE, sha256, verify_export
 from trainer.gate import GateConfig, gate
 from trainer.publish import current, publish, read_log
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 TINY = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.siren_width=8",

@@ -119,7 +119,7 @@ class LaunchedRun:
 
 
 TRAIN_OVERRIDES = (
-    *TINY_MODEL, "model.dropout=0.1", "data.batch_size=16", "data.shuffle_buffer=64",
+    *TINY_MODEL, "model.dropout=0.1", "data.batch_size=32", "data.shuffle_buffer=64",
     "data.eval_batch_size=32", "train.steps=32", "train.log_every=4", "train.eval_every=16",
     "train.checkpoint_every=8", "train.keep_checkpoints=2", "schedule.warmup_steps=4",
     "optim.lr=0.02", "deepspeed.zero_stage=1")

@@ -44,8 +44,10 @@ def eval_rows(features, rank: int, world: int) -> list[RowKey]:
 
 
 def stream_rows(features, rank: int, world: int, batches: int, **options) -> list[RowKey]:
+    """``batches`` micro batches of 16 rows of rank ``rank`` (a global batch of 16 × ``world``)."""
     keys: list[RowKey] = []
-    with TrainStream(features, C, 16, options.pop("shuffle_buffer", 64), 7, rank, world, **options) as stream:
+    with TrainStream(features, C, 16 * world, options.pop("shuffle_buffer", 64), 7, rank, world,
+                     **options) as stream:
         for _ in range(batches):
             batch = next(stream)
             keys += row_keys(batch["user_key"].numpy(), batch["ts"].numpy())
@@ -88,9 +90,9 @@ def test_train_streams_are_disjoint_cover_and_never_run_dry(tiny_features):
 
 def test_every_rank_agrees_on_the_step_count(tiny_features):
     rows, _ = count_rows(split_dir(tiny_features, "train"))
-    assert training_steps(tiny_features, 0, 1.0, 16, 2) == -(-rows // 32)
-    assert training_steps(tiny_features, 0, 2.5, 16, 2) == -(-int(2.5 * rows) // 32)
-    assert training_steps(tiny_features, 5, 1.0, 16, 2) == 5
+    assert training_steps(tiny_features, 0, 1.0, 32) == -(-rows // 32)
+    assert training_steps(tiny_features, 0, 2.5, 32) == -(-int(2.5 * rows) // 32)
+    assert training_steps(tiny_features, 5, 1.0, 32) == 5
 
 
 def test_fewer_row_groups_than_ranks_falls_back_to_row_striding(single_row_group, caplog):
@@ -109,11 +111,11 @@ def test_fewer_row_groups_than_ranks_falls_back_to_row_striding(single_row_group
 def test_stream_is_deterministic_and_resumes_at_the_same_position(tiny_features):
     straight = stream_rows(tiny_features, 1, 2, 24)
     assert stream_rows(tiny_features, 1, 2, 24) == straight
-    assert stream_rows(tiny_features, 1, 2, 14, skip_batches=10) == straight[10 * 16:]
+    assert stream_rows(tiny_features, 1, 2, 14, skip_steps=10) == straight[10 * 16:]
     assert stream_rows(tiny_features, 0, 2, 24) != straight
-    with TrainStream(tiny_features, C, 16, 64, 7, 1, 2, skip_batches=3) as stream:
+    with TrainStream(tiny_features, C, 32, 64, 7, 1, 2, skip_steps=3) as stream:
         next(stream)
-        assert stream.consumed == 4
+        assert stream.steps == 4
 
 
 def test_shuffle_buffer_mixes_rows_across_row_groups(tiny_features):

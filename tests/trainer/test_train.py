@@ -69,7 +69,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 def test_deepspeed_config_comes_from_train_config():
     config = load_config(TrainConfig, overrides=[
-        *REQUIRED, "data.batch_size=8", "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
+        *REQUIRED, "data.batch_size=32", "optim.grad_clip=0.5", "deepspeed.zero_stage=2",
         "deepspeed.precision=bf16", "optim.weight_decay=0.1"])
     ds = deepspeed_config(config, world=4)
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 8
@@ -93,10 +93,10 @@ def test_launcher_command_and_environment(monkeypatch):
 
 
 def test_resume_refuses_a_different_data_order():
-    saved = {"batches": 8, "seed": 0, "world": 2, "batch_size": 16, "shuffle_buffer": 64}
-    check_resumable(saved, {**saved, "batches": 0})
-    with pytest.raises(CheckpointError, match="world=2, this run has world=4"):
-        check_resumable(saved, {**saved, "world": 4})
+    saved = {"steps": 8, "shards": 2, "seed": 0, "batch_size": 32, "shuffle_buffer": 64}
+    check_resumable(saved, {**saved, "steps": 0})
+    with pytest.raises(CheckpointError, match="data.shards=2, this run has data.shards=4"):
+        check_resumable(saved, {**saved, "shards": 4})
 
 
 def test_only_complete_checkpoints_count(tmp_path):
@@ -156,7 +156,7 @@ def test_two_rank_run_learns_checkpoints_and_exports(trained_run):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     state = torch.load(checkpoints / "step00000032" / "mp_rank_00_model_states.pt", weights_only=True)
     assert state["step"] == 32
-    assert state["data"] == {"batches": 32, "seed": 0, "world": 2, "batch_size": 16, "shuffle_buffer": 64}
+    assert state["data"] == {"steps": 32, "shards": 2, "seed": 0, "batch_size": 32, "shuffle_buffer": 64}
     assert state["metrics"]["contribution"]["ne"] == pytest.approx(metrics["metrics"]["contribution"]["ne"])
 
     export = trained_run.run / "export" / "latest"

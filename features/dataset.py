@@ -10,6 +10,7 @@ FileSystem so that it works on any filesystem Spark understands.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,16 @@ def write_manifest(path: str | os.PathLike[str], manifest: dict[str, Any]) -> No
     root = local_path(path)
     atomic_write_text(root / MANIFEST_NAME, manifest_json(manifest))
     atomic_write_text(root / SUCCESS_NAME, "")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an undefined metric) as ``None``, recursively, so the
+    files the project writes stay standard JSON."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def manifest_json(manifest: dict[str, Any]) -> str:

@@ -17,7 +17,6 @@ output as it was and never a directory with ``_SUCCESS`` and partial data.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import json
@@ -32,9 +31,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
-from features.config import ConfigError, add_config_arguments, config_from_args, to_dict
+from features.config import ConfigError, to_dict
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, manifest_json
-from features.settings import FeaturesConfig
+from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import build_session
 from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, TRAINING_COLUMNS
 from features.transforms import (
@@ -276,18 +275,10 @@ def _utc(ms: int | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="features.job", description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", help="raw events directory (config key raw)")
-    parser.add_argument("--out", help="feature dataset directory (config key out)")
-    parser.add_argument("--incremental", action="store_true", default=None,
-                        help="append the raw files not read yet as a new batch (incremental.enabled)")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        config = config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out,
-                                  **{"incremental.enabled": args.incremental})
+        config = parse_job_arguments("features.job", __doc__.splitlines()[0], argv)
     except ConfigError as error:
         print(f"features.job: {error}", file=sys.stderr)
         return 2

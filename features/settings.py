@@ -6,12 +6,13 @@ starts Spark), so an unknown key or a nonsensical value fails before any JVM sta
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from features.config import require
+from features.config import add_config_arguments, config_from_args, require
 from features.schema import ContractConfig
 from features.spec import FeatureSpec
 
@@ -89,3 +90,18 @@ class FeaturesConfig:
         require(self.eval_days >= 0, "eval_days", "must be >= 0 (0 = no eval split)")
         require(self.train_files >= 1, "train_files", "must be >= 1")
         require(self.eval_files >= 1, "eval_files", "must be >= 1")
+
+
+def parse_job_arguments(prog: str, description: str, argv: list[str]) -> FeaturesConfig:
+    """The command line shared by the job file (any master) and ``sirenfeed features`` (its local
+    wrapper): ``--raw``, ``--out``, ``--incremental``, ``--config FILE`` and ``key=value`` overrides.
+    Raises :class:`features.config.ConfigError` naming the key."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--raw", help="raw events directory (config key raw)")
+    parser.add_argument("--out", help="feature dataset directory (config key out)")
+    parser.add_argument("--incremental", action="store_true", default=None,
+                        help="append the raw files not read yet as a new batch (incremental.enabled)")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    return config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out,
+                            **{"incremental.enabled": args.incremental})

@@ -9,7 +9,6 @@ dataset summary (:func:`features.summary.describe`) goes to stdout.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import pyspark
 
-from features.config import ConfigError, add_config_arguments, config_from_args, to_yaml
-from features.settings import FeaturesConfig
+from features.config import ConfigError, to_yaml
+from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import session_settings
 from features.summary import describe
 
@@ -77,16 +76,8 @@ def run_job(config: FeaturesConfig) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sirenfeed features", description=__doc__.splitlines()[0])
-    parser.add_argument("--raw", help="raw events directory (config key raw)")
-    parser.add_argument("--out", help="feature dataset directory (config key out)")
-    parser.add_argument("--incremental", action="store_true", default=None,
-                        help="append the raw files not read yet as a new batch (incremental.enabled)")
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
     try:
-        config = config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out,
-                                  **{"incremental.enabled": args.incremental})
+        config = parse_job_arguments("sirenfeed features", __doc__.splitlines()[0], argv)
     except ConfigError as error:
         print(f"sirenfeed features: {error}", file=sys.stderr)
         return 2

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from features.config import (ConfigError, add_config_arguments, config_from_args, load_config, require,
                              to_dict)
-from features.dataset import atomic_write_text, read_manifest
+from features.dataset import atomic_write_text, json_safe, read_manifest
 from features.schema import ContractConfig
 from features.spec import LABEL_COLUMNS, FeatureSpec, long_dwell_threshold, user_key
 from features.synth import TRUTH_COLUMNS, TRUTH_DIR
@@ -337,14 +337,6 @@ def format_markdown(summary: dict[str, Any], baseline: str, floor: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float as ``None``, so the file stays standard JSON."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
 
 def compare(config: CompareConfig) -> dict[str, Any]:
     """Run (or finish) the comparison and write ``compare.json`` and ``compare.md``; returns the record."""
@@ -356,7 +348,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     floor = bayes_floor(config.truth, config.features, config.bins) if config.truth else None
     record = {"config": to_dict(config), "runs": {v: {str(s): m for s, m in r.items()} for v, r in results.items()},
               "summary": summary, "bayes_floor": floor}
-    atomic_write_text(out / COMPARE_JSON, json.dumps(_finite(record), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / COMPARE_JSON, json.dumps(json_safe(record), indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / COMPARE_MD, format_markdown(summary, config.baseline, floor))
     return record
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from features.config import add_config_arguments, config_from_args, require
-from features.dataset import atomic_write_text
+from features.dataset import atomic_write_text, json_safe
 from features.spec import LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer.data import DataError, eval_batches, read_feature_manifest
 from trainer.export import export_root, load_exported
@@ -86,15 +85,10 @@ def evaluate_split(model: nn.Module, features_dir: str | Path, context_len: int,
     return merged.compute(bins=bins) if rank == 0 else None
 
 
-def _finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def write_metrics(run_dir: str | Path, metrics: Metrics, **context: Any) -> Path:
     """``RUN_DIR/metrics.json`` (atomic): the metrics plus where they came from; undefined values
     (``nan``) are written as ``null`` so the file stays standard JSON."""
-    record = {**context, "metrics": {task: {name: _finite_or_none(value) for name, value in values.items()}
-                                     for task, values in metrics.items()}}
+    record = json_safe({**context, "metrics": metrics})
     target = Path(run_dir) / METRICS_FILE
     atomic_write_text(target, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return target

@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from features.dataset import atomic_write_text
+from features.dataset import atomic_write_text, json_safe
 from trainer.export import LATEST, ExportError, verify_export
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def append_log(registry: str | Path, record: dict[str, Any]) -> bool:
         except json.JSONDecodeError:
             continue
     with path.open("a") as stream:
-        stream.write(json.dumps(_finite(record), sort_keys=True) + "\n")
+        stream.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
         stream.flush()
         os.fsync(stream.fileno())
     return True
@@ -130,13 +130,6 @@ def read_log(registry: str | Path) -> list[dict[str, Any]]:
             continue
     return records
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class FreshnessTelemetry:

@@ -11,6 +11,10 @@ while (($#)) && [[ "$1" != "--" ]]; do submit_args+=("$1"); shift; done
 zip_dir="$(mktemp -d)"
 trap 'rm -rf "$zip_dir"' EXIT
 (cd "$repo" && python3 -m zipfile -c "$zip_dir/features.zip" features)
+# In cluster deploy mode the driver runs on the cluster and finds the shipped config (--files) in its
+# working directory; in client mode it reads the local file.
+config="$repo/conf/features.yaml"
+[[ " ${submit_args[*]} " == *" --deploy-mode cluster "* ]] && config="features.yaml"
 exec spark-submit "${submit_args[@]}" --py-files "$zip_dir/features.zip" \
   --files "$repo/conf/features.yaml" \
-  "$repo/features/job.py" --config "$repo/conf/features.yaml" "$@"
+  "$repo/features/job.py" --config "$config" "$@"

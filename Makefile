@@ -9,7 +9,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-multinode bench clean
 
 venv: $(STAMP)
 
@@ -26,10 +26,13 @@ demo: $(STAMP)
 	$(VENV)/bin/sirenfeed demo --config conf/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m 'not multinode'
+
+test-multinode: $(STAMP)
+	$(PY) -m pytest -m multinode
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m 'not slow'
+	$(PY) -m pytest -m 'not slow and not multinode'
 
 bench: $(STAMP)
 	$(PY) bench/features.py

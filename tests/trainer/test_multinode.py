@@ -158,6 +158,7 @@ def killed(one_group_features, tiny_model_overrides, tmp_path_factory) -> NodeRu
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 def test_two_nodes_train_disjoint_shards_into_identical_replicas(two_nodes, one_group_features):
     traces = [read_trace(two_nodes.run, rank) for rank in range(2)]
     assert [[record["step"] for record in trace] for trace in traces] == [list(range(1, STEPS + 1))] * 2
@@ -174,6 +175,7 @@ def test_two_nodes_train_disjoint_shards_into_identical_replicas(two_nodes, one_
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 def test_two_nodes_train_on_the_global_batches_of_a_single_rank(two_nodes, one_group_features, tiny_spec):
     """The world size changes who reads a row, never which rows form global batch k."""
     traces = [read_trace(two_nodes.run, rank) for rank in range(2)]
@@ -185,6 +187,7 @@ def test_two_nodes_train_on_the_global_batches_of_a_single_rank(two_nodes, one_g
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 def test_two_nodes_finish_with_one_model(two_nodes):
     assert complete_tags(two_nodes.run) == ["step00000005", "step00000010"]
     marker = json.loads((checkpoint_root(two_nodes.run) / "step00000010" / COMPLETE_MARKER).read_text())
@@ -195,6 +198,7 @@ def test_two_nodes_finish_with_one_model(two_nodes):
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 def test_a_killed_rank_stops_every_node_in_bounded_time(killed):
     node0, node1 = killed.outputs
     assert killed.codes[1] != 0 and killed.codes[0] == EXIT_PEER_FAILED, "\n".join(killed.outputs)
@@ -207,6 +211,7 @@ def test_a_killed_rank_stops_every_node_in_bounded_time(killed):
 
 
 @pytest.mark.slow
+@pytest.mark.multinode
 def test_the_last_complete_checkpoint_survives_the_kill(killed):
     assert complete_tags(killed.run) == ["step00000005"]
     root = checkpoint_root(killed.run)

@@ -105,10 +105,11 @@ def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_fi
     from features.config import load_config
     from trainer.config import TrainConfig, deepspeed_config
     from trainer.data import TrainStream, read_feature_manifest
+    from trainer.distributed import init_distributed
     from trainer.launch import configure_logging
     from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     configure_logging(rank)
     config = load_config(TrainConfig, overrides=[

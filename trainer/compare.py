@@ -55,6 +55,7 @@ from trainer.checkpoint import complete_tags
 from trainer.config import TrainConfig
 from trainer.evaluate import METRICS_FILE
 from trainer.export import export_root, verify_export
+from trainer.distributed import remove_leftover_segments
 from trainer.launch import REPO_ROOT, TRAIN_SCRIPT, deepspeed_command, free_port, launch_env
 from trainer.metrics import binary_metrics
 from trainer.variants import VARIANTS, variant_overrides
@@ -161,11 +162,12 @@ def train_one(config: CompareConfig, variant: str, seed: int) -> dict[str, Any]:
     elif run.exists():
         shutil.rmtree(run)  # a crashed attempt that never checkpointed: nothing worth keeping
     run.mkdir(parents=True, exist_ok=True)
-    command = deepspeed_command(TRAIN_SCRIPT, config.nproc, free_port(), str(config.train_config_file),
-                                overrides)
+    port = free_port()
+    command = deepspeed_command(TRAIN_SCRIPT, config.nproc, port, str(config.train_config_file), overrides)
     with (run / TRAIN_LOG).open("a") as stream:
         code = subprocess.run(command, env=launch_env(), stdout=stream, stderr=subprocess.STDOUT,
                               check=False).returncode
+    remove_leftover_segments(port)
     if code != 0:
         tail = (run / TRAIN_LOG).read_text()[-3000:]
         raise CompareError(f"training {variant} seed {seed} failed (exit code {code}); "

@@ -32,6 +32,7 @@ from features.config import add_config_arguments, config_from_args, require
 from features.dataset import atomic_write_text, json_safe
 from features.spec import LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer.data import DataError, eval_batches, read_feature_manifest
+from trainer.distributed import init_distributed
 from trainer.export import export_root, load_exported
 from trainer.launch import configure_logging, run_deepspeed
 from trainer.metrics import EvalAccumulator, format_table
@@ -100,7 +101,7 @@ def _evaluate(config: EvaluateConfig) -> Metrics | None:
     distributed = config.nproc > 1
     accelerator = deepspeed.get_accelerator()
     if distributed:
-        deepspeed.init_distributed()
+        init_distributed()
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device(accelerator.current_device_name())

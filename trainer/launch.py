@@ -55,6 +55,7 @@ from typing import Sequence
 from features.config import add_config_arguments, config_from_args
 from features.dataset import atomic_write_text
 from trainer.config import TrainConfig
+from trainer.distributed import remove_leftover_segments
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,12 @@ def pdsh_command(deepspeed_args: Sequence[str], env: dict[str, str], env_file: s
     return command
 
 
-def run_launcher(command: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> int:
+def run_launcher(command: Sequence[str], env: dict[str, str], cwd: Path | None = None,
+                 local_port: int | None = None) -> int:
     """Run a launcher command in the foreground in its own process group, passing SIGINT and
-    SIGTERM to the whole group; returns its exit code (128 + S if a signal S ended it)."""
+    SIGTERM to the whole group; returns its exit code (128 + S if a signal S ended it).
+    ``local_port``: the master port of ranks started on this machine, whose shared-memory
+    segments are swept afterwards (:func:`trainer.distributed.remove_leftover_segments`)."""
     log.info("running: %s", shlex.join(command))
     process = subprocess.Popen(list(command), env=env, cwd=cwd, start_new_session=True)
 
@@ -169,12 +173,16 @@ def run_launcher(command: Sequence[str], env: dict[str, str], cwd: Path | None =
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        if local_port is not None:
+            remove_leftover_segments(local_port)
     return 128 - code if code < 0 else code
 
 
 def run_deepspeed(script: Path, nproc: int, config_file: str | None, overrides: Sequence[str]) -> int:
     """Run the launcher for ``nproc`` ranks on this node in the foreground; returns its exit code."""
-    return run_launcher(deepspeed_command(script, nproc, free_port(), config_file, overrides), launch_env())
+    port = free_port()
+    return run_launcher(deepspeed_command(script, nproc, port, config_file, overrides), launch_env(),
+                        local_port=port)
 
 
 def configure_logging(rank: int) -> None:
@@ -253,7 +261,8 @@ def main(argv: list[str]) -> int:
         return 0
     for path, text in files.items():
         atomic_write_text(path, text)
-    return run_launcher(command, env, cwd=REPO_ROOT if over_ssh else None)
+    return run_launcher(command, env, cwd=REPO_ROOT if over_ssh else None,
+                        local_port=None if over_ssh else master_port)
 
 
 def _absolute(path: str) -> str:

@@ -31,7 +31,6 @@ import os
 import random
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -50,6 +49,7 @@ from trainer import checkpoint
 from trainer.config import TrainConfig, deepspeed_config, lr_factor
 from trainer.data import (DataError, TrainStream, check_layout, count_rows, read_feature_manifest,
                           row_fingerprints, split_dir, training_steps)
+from trainer.distributed import init_distributed
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model
 from trainer.launch import configure_logging
@@ -206,8 +206,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         backend = None if config.deepspeed.comm_backend == "auto" else config.deepspeed.comm_backend
-        deepspeed.init_distributed(dist_backend=backend,
-                                   timeout=timedelta(seconds=config.distributed.timeout_s))
+        init_distributed(backend, config.distributed.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         configure_logging(self.rank)
         self._failed = False

@@ -21,6 +21,7 @@ from features.dataset import write_manifest
 from features.spec import (FEATURE_SPEC_VERSION, ID_COLUMNS, TOKEN_FLOAT_COLUMNS, FeatureSpec,
                            cyclical, log_dwell, log_gap, user_key)
 from trainer.data import write_training_rows
+from trainer.distributed import SHM_PREFIX, SHM_ROOT
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
@@ -127,13 +128,21 @@ TRAIN_OVERRIDES = (
 optimizer state (ZeRO-1), with dropout so resuming must restore each rank's RNG."""
 
 
+def shared_memory_segments() -> set[Path]:
+    """This user's DeepSpeed ``shm_comm`` segments currently in ``/dev/shm``."""
+    return set(SHM_ROOT.glob(f"{SHM_PREFIX}_{os.getuid()}_*")) if SHM_ROOT.is_dir() else set()
+
+
 def launch_training(features: Path, run: Path, *overrides: str) -> LaunchedRun:
-    """``sirenfeed train`` (its module's ``main``) with 2 CPU ranks; fails the test on a non-zero exit."""
+    """``sirenfeed train`` (its module's ``main``) with 2 CPU ranks; fails the test on a non-zero exit
+    or if the run left shared memory behind (tests run one at a time, so anything new is its own)."""
+    before = shared_memory_segments()
     command = [sys.executable, "-m", "trainer.launch", "--features", str(features), "--run", str(run),
                "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *overrides]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"training failed ({result.returncode}):\n{output[-6000:]}"
+    assert shared_memory_segments() - before == set()
     return LaunchedRun(run, features, tuple(overrides), output)
 
 

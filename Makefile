@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/overhead.py
 	$(PY) bench/scaling.py
+	$(PY) bench/retrain.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

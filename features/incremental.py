@@ -43,6 +43,7 @@ import re
 import uuid
 from typing import Any
 
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -159,6 +160,32 @@ def run_incremental(spark: SparkSession, config: FeaturesConfig) -> dict[str, An
                 name, entry["events"], entry["late"], entry["too_late"], entry["duplicates"],
                 _utc(manifest["watermark_ms"]))
     return manifest
+
+
+def pending_raw_files(config: FeaturesConfig) -> dict[str, int] | None:
+    """The raw files the next incremental run would read, with their row counts (from the Parquet
+    footers), without starting Spark: what a poller checks before paying for a feature job.
+
+    ``None`` when ``raw`` or ``out`` is not on the local filesystem (the job itself must look) or
+    the dataset is not complete yet. Mirrors :meth:`DatasetFiles.list_parquet` (``*.parquet``, no
+    ``_``/``.``-prefixed path component) and the consumed list of :func:`run_incremental`; a test
+    holds the two to the same answer."""
+    if any("://" in uri and not uri.startswith("file://") for uri in (config.raw, config.out)):
+        return None
+    out, raw = local_path(config.out), local_path(config.raw).absolute()
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        consumed = (json.loads((out / manifest["state"] / CONSUMED).read_text()) if manifest.get("state")
+                    else manifest.get("input_files", []))
+    except (OSError, ValueError, KeyError):
+        return None
+    seen = {str(local_path(re.sub(r"^file:/*", "/", uri))) for uri in consumed}
+    found = {}
+    for path in sorted(raw.rglob("*.parquet")) if raw.is_dir() else []:
+        if (path.is_file() and str(path) not in seen
+                and not any(part.startswith(("_", ".")) for part in path.relative_to(raw).parts)):
+            found[str(path)] = pq.ParquetFile(path).metadata.num_rows
+    return found
 
 
 # --- reading the raw batch and cutting its windows ---------------------------------------------

@@ -15,7 +15,8 @@ from features.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("features.synth", "write synthetic feed logs in the raw event contract"),
     "features": ("features.submit", "run the Spark feature job (spark-submit, local master)"),
-    "train": ("trainer.launch", "train the ranker through the deepspeed launcher (local ranks, a hostfile, or one node of many)"),
+    "train": ("trainer.launch", "train the ranker through the deepspeed launcher (local ranks, a hostfile, or one node of many); "
+                                "--continuous: keep training on new data as it lands"),
     "evaluate": ("trainer.evaluate", "evaluate RUN_DIR/export/latest exactly on FEATURES_DIR/eval"),
     "compare": ("trainer.compare", "train rotary variants x seeds on the same data; mean ± std and paired deltas"),
     "report": ("trainer.report", "HTML report with figures of a run: curves, calibration, NE by hour/gap, angles"),
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # it logs every connection at INFO
-    module = importlib.import_module(COMMANDS[name][0])
+    module, entry = importlib.import_module(COMMANDS[name][0]), "main"
+    if name == "train" and "--continuous" in rest:  # continuous training is driven by retraining cycles
+        module, entry = importlib.import_module("sirenfeed.retrain"), "continuous_main"
     try:
-        return int(module.main(rest) or 0)
+        return int(getattr(module, entry)(rest) or 0)
     except ConfigError as error:
         print(f"sirenfeed {name}: {error}", file=sys.stderr)
         return 2

@@ -1,12 +1,17 @@
 """``sirenfeed demo`` (what ``make demo`` runs): the whole pipeline end to end on this machine.
 
-1. synthetic feed logs (``features.synth``),
+1. synthetic feed logs (``features.synth``): ``days`` of history plus ``retrain_cycles`` fresh days
+   kept aside for the retraining leg,
 2. the Spark feature job through ``spark-submit`` on a local master, and its summary,
 3. 2-rank DeepSpeed training of SIREN-RoPE and of the ordinal-RoPE baseline on the same data,
    each evaluated exactly on the held-out last day, and a side-by-side table,
 4. the exported model, loaded back with ``weights_only=True``,
 5. the streaming leg: the last day of events replayed through the embedded Kafka-protocol broker
-   into the raw landing zone, checked to hold exactly the replayed valid events.
+   into the raw landing zone, checked to hold exactly the replayed valid events,
+6. incremental retraining: the batch model is served; then each fresh day is produced to Kafka and
+   one ``sirenfeed retrain`` cycle drains it into the landing zone, appends it to the features,
+   warm-starts the first variant on it, gates the candidate against the served model on the freshest
+   held-out slice and publishes it or not; the decision and the freshness are printed.
 
 Everything lands under ``work`` (default ``demo-out/``), which each run replaces step by step.
 """
@@ -14,8 +19,11 @@ Everything lands under ``work`` (default ``demo-out/``), which each run replaces
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,12 +51,15 @@ class DemoConfig:
         "train.checkpoint_every=0"])
     """``key=value`` overrides of ``conf/train.yaml`` for every demo run (kept small for a laptop)."""
     streaming: bool = True
+    retrain_cycles: int = 2
+    """Fresh days streamed through Kafka after the batch run, one retraining cycle each (0 = none)."""
 
     def __post_init__(self) -> None:
         require(self.users >= 1, "users", "must be >= 1")
         require(self.days >= 2, "days", "must be >= 2 (the last day is held out)")
         require(self.nproc >= 1, "nproc", "must be >= 1")
         require(bool(self.variants), "variants", "must name at least one model preset")
+        require(self.retrain_cycles >= 0, "retrain_cycles", "must be >= 0")
 
 
 def _banner(title: str) -> None:
@@ -67,17 +78,22 @@ def run_demo(config: DemoConfig) -> int:
 
     started = time.monotonic()
     work = Path(config.work).resolve()
-    raw, features = work / "raw", work / "features"
+    synth_dir, raw, features = work / "synth", work / "raw", work / "features"
     train_conf = Path(__file__).resolve().parent.parent / "conf" / "train.yaml"
+    steps = 6 if config.retrain_cycles else 5
 
-    _banner(f"1/5 synthetic feed logs: {config.users} users x {config.days} days -> {raw}")
-    synth = load_config(SynthConfig, None, [f"users={config.users}", f"days={config.days}",
+    _banner(f"1/{steps} synthetic feed logs: {config.users} users x {config.days} days "
+            f"(+{config.retrain_cycles} fresh) -> {raw}")
+    synth = load_config(SynthConfig, None, [f"users={config.users}",
+                                            f"days={config.days + config.retrain_cycles}",
                                             f"seed={config.seed}"])
-    manifest = write_synthetic_logs(synth, raw)
+    manifest = write_synthetic_logs(synth, synth_dir)
+    fresh_dates = split_history(synth_dir, raw, config.retrain_cycles)
     print(f"{manifest['events']:,} events ({manifest['bad_events_total']} malformed and "
-          f"{manifest['duplicates']} duplicates planted for the feature job to catch)")
+          f"{manifest['duplicates']} duplicates planted for the feature job to catch); "
+          f"{len(fresh_dates)} fresh day(s) kept aside: {', '.join(fresh_dates) or 'none'}")
 
-    _banner(f"2/5 Spark feature job -> {features}")
+    _banner(f"2/{steps} Spark feature job -> {features}")
     job = load_config(FeaturesConfig, None, [f"raw={raw}", f"out={features}", *config.feature_overrides])
     if run_job(job) != 0:
         log.error("the feature job failed")
@@ -87,7 +103,7 @@ def run_demo(config: DemoConfig) -> int:
     results = {}
     for name in config.variants:
         run_dir = work / "runs" / name
-        _banner(f"3/5 training '{name}' on {config.nproc} ranks -> {run_dir}")
+        _banner(f"3/{steps} training '{name}' on {config.nproc} ranks -> {run_dir}")
         code = run_deepspeed(TRAIN_SCRIPT, config.nproc, str(train_conf), [
             f"features={features}", f"run={run_dir}", *variant_overrides(name),
             *config.train_overrides])
@@ -99,7 +115,7 @@ def run_demo(config: DemoConfig) -> int:
     _banner("held-out last day, per task (lower NE/ECE is better, higher AUC/GAUC is better)")
     print(format_table(results))
 
-    _banner("4/5 the exported model")
+    _banner(f"4/{steps} the exported model")
     export = work / "runs" / config.variants[0] / "export" / "latest"
     model, _, spec = load_exported(export)
     parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -109,12 +125,92 @@ def run_demo(config: DemoConfig) -> int:
     if config.streaming:
         from ingest.demo import streaming_leg
 
-        _banner("5/5 streaming leg: last day through Kafka into the landing zone")
+        _banner(f"5/{steps} streaming leg: last day through Kafka into the landing zone")
         result = streaming_leg(raw, work / "stream")
         print(result["summary"])
 
+    if fresh_dates:
+        _banner(f"6/{steps} incremental retraining: {len(fresh_dates)} cycle(s) on fresh days from Kafka")
+        retraining_leg(config, work, synth_dir, fresh_dates, work / "runs" / config.variants[0])
+
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s; outputs under {work}")
     return 0
+
+
+def split_history(synth_dir: Path, raw: Path, fresh_days: int) -> list[str]:
+    """Hard-link all but the last ``fresh_days`` days of the synthetic log into ``raw`` (the history
+    the batch run reads; replaced); returns the dates kept aside."""
+    folders = sorted(synth_dir.glob("date=*"))
+    history = folders[:len(folders) - fresh_days]
+    shutil.rmtree(raw, ignore_errors=True)
+    for folder in history:
+        shutil.copytree(folder, raw / folder.name, copy_function=os.link)
+    return [folder.name.split("=", 1)[1] for folder in folders[len(history):]]
+
+
+def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates: list[str],
+                   initial_run: Path) -> None:
+    """Serve the batch model, then one retraining cycle per fresh day produced to Kafka."""
+    from features.dataset import read_manifest
+    from ingest.broker import embedded_broker
+    from ingest.clients import make_producer
+    from ingest.config import IngestConfig
+    from ingest.producer import event_messages, raw_dates, read_day, send_messages
+    from sirenfeed.retrain import CycleTelemetry, RetrainConfig, describe_outcome, run_once
+    from trainer.publish import publish, read_log
+    from trainer.variants import variant_overrides
+
+    root = work / "retrain"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(work / "broker", ignore_errors=True)
+    ingest_overrides = [f"landing.dir={work / 'raw'}", f"broker.run_dir={work / 'broker'}", "broker.port=0",
+                        "metrics.report_lag=false"]
+    ingest = load_config(IngestConfig, None, ingest_overrides)
+    features = work / "features"
+    manifest = read_manifest(features)
+    served = publish(initial_run / "export" / "latest", root / "registry", "b000000-batch",
+                     {"batch": 0, "watermark_ms": manifest["watermark_ms"], "cycle": None,
+                      "max_event_ms": min(manifest["watermark_ms"], manifest["split_ts_ms"] - 1)}, keep=3)
+    print(f"serving the batch model {served.name}; fresh days will come through Kafka")
+    fresh = raw_dates(synth_dir)
+    with embedded_broker(ingest) as address:
+        retrain = load_config(RetrainConfig, Path(__file__).resolve().parent.parent / "conf" / "retrain.yaml", [
+            f"dir={root}", f"initial_run={initial_run}", f"features.raw={work / 'raw'}", f"features.out={features}",
+            *[f"features.{item}" for item in config.feature_overrides], f"nproc={config.nproc}",
+            "train_overrides=[" + ",".join(["schedule.kind=constant", *variant_overrides(config.variants[0]),
+                                            *config.train_overrides, "train.epochs=1"]) + "]",
+            "drain.enabled=true", "drain.idle_s=3",
+            "drain.overrides=[" + ",".join([*ingest_overrides, f"kafka.bootstrap_servers={address}"]) + "]"])
+        telemetry = CycleTelemetry(retrain, serve=False)
+        producer = make_producer(load_config(IngestConfig, None, [*ingest_overrides,
+                                                                   f"kafka.bootstrap_servers={address}"]))
+        try:
+            for number, date in enumerate(fresh_dates, 1):
+                day = read_day(fresh[date])
+                produced_at = time.time()
+                send_messages(producer, ingest.kafka.topic, event_messages(day), total=day.num_rows,
+                              description=f"produce {date}")
+                print(f"\n--- cycle {number}: {day.num_rows:,} events of {date} produced to Kafka", flush=True)
+                code = run_once(retrain)
+                telemetry.on_cycle(code)
+                if code not in (0, 3):
+                    raise RuntimeError(f"retraining cycle {number} ended: {describe_outcome(code)} (exit code {code})")
+                print(_cycle_summary(read_log(root / "registry")[-1], produced_at))
+        finally:
+            producer.close()
+    print(f"\npublish log: {root / 'registry' / 'publish.jsonl'}; "
+          f"gauges: {telemetry.textfile}")
+
+
+def _cycle_summary(record: dict, produced_at: float) -> str:
+    """The gate decision and the freshness of one cycle, from its publish log record."""
+    newest = dt.datetime.fromtimestamp(record["trained"]["max_event_ms"] / 1000, dt.timezone.utc)
+    lines = [f"gate: {record['reason']} -> " + ("PUBLISHED" if record["published"] else "kept the served model"),
+             f"candidate trained through batch {record['trained']['batch']}, "
+             f"newest event {newest:%Y-%m-%d %H:%M} UTC"]
+    if record["published"]:
+        lines.append(f"freshness: produced to Kafka -> serving in {record['decided_at'] - produced_at:.0f} s")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

@@ -2,8 +2,9 @@
 retraining cycle (or one per period), safe to run unattended.
 
 A cycle is a journaled state machine; each step is idempotent and recorded in
-``RETRAIN_DIR/cycles/<id>/state.json`` only after it completed, so a crash anywhere is finished by
-the next invocation (an unfinished cycle is resumed before a new one starts):
+``RETRAIN_DIR/cycles/<id>/state.json`` only after it completed (with its duration, under
+``seconds``), so a crash anywhere is finished by the next invocation (an unfinished cycle is
+resumed before a new one starts):
 
 1. ``drain``: (optional) consume the Kafka topic into the landing zone until idle (``ingest``'s own
    exactly-once publish makes a re-run harmless);
@@ -26,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +71,23 @@ class DrainConfig:
 
 
 @dataclass
+class ContinuousConfig:
+    """``sirenfeed train --continuous``: when a cycle starts (see :func:`run_continuous`)."""
+    poll_s: float = 30.0
+    """How often to look for raw files the feature dataset has not read yet."""
+    every_s: float = 300.0
+    """M: start a cycle once new raw files have waited this long (0: as soon as they land)."""
+    every_events: int = 0
+    """N: start one at once when this many new events wait, however recent (0: by time only).
+    A segment trains on about ``every_events × context_len / stride / data.batch_size`` steps."""
+
+    def __post_init__(self) -> None:
+        require(self.poll_s > 0, "continuous.poll_s", "must be > 0")
+        require(self.every_s >= 0, "continuous.every_s", "must be >= 0")
+        require(self.every_events >= 0, "continuous.every_events", "must be >= 0")
+
+
+@dataclass
 class RetrainConfig:
     dir: str = MISSING
     """Retraining state: lock, cycles/ journals and candidate runs, lineage.json, registry/."""
@@ -85,7 +106,11 @@ class RetrainConfig:
     keep_published: int = 3
     drain: DrainConfig = field(default_factory=DrainConfig)
     telemetry_port: int = 0
-    """With ``--every``: serve the freshness gauges on this port (0 = off)."""
+    """With ``--every`` or ``--continuous``: serve the freshness gauges on this port (0 = off)."""
+    metrics_textfile: str = ""
+    """After every cycle the freshness gauges are written here in the Prometheus text format (for
+    node_exporter's textfile collector); "" = ``DIR/sirenfeed_retrain.prom``."""
+    continuous: ContinuousConfig = field(default_factory=ContinuousConfig)
 
     def __post_init__(self) -> None:
         require(bool(self.dir.strip()), "dir", "must not be empty")
@@ -148,7 +173,13 @@ class Retrainer:
 
     def _cycles(self) -> list[Path]:
         folder = self.root / "cycles"
-        return sorted(folder.glob("c[0-9]*")) if folder.is_dir() else []
+        # A folder without a journal is a cycle that crashed while being opened: it is reopened.
+        return sorted(path.parent for path in folder.glob("c[0-9]*/state.json")) if folder.is_dir() else []
+
+    def unfinished(self) -> bool:
+        """Whether a crash left a cycle to complete."""
+        cycles = self._cycles()
+        return bool(cycles) and json.loads((cycles[-1] / "state.json").read_text()).get("outcome") is None
 
     def open_cycle(self) -> tuple[Path, dict[str, Any]]:
         """The unfinished cycle a crash left, or a new one."""
@@ -160,7 +191,7 @@ class Retrainer:
                 return cycles[-1], journal
         number = int(cycles[-1].name[1:]) + 1 if cycles else 1
         folder = self.root / "cycles" / f"c{number:06d}"
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         journal = {"cycle": folder.name, "started_at": time.time(), "done": [], "outcome": None}
         _write_json(folder / "state.json", journal)
         return folder, journal
@@ -319,8 +350,10 @@ class Retrainer:
             for step in STEPS:
                 if step in journal["done"]:
                     continue
+                started = time.monotonic()
                 facts = getattr(self, f"step_{step}")(folder, journal)
-                self.mark_done(folder, journal, step, **facts)
+                seconds = {**journal.get("seconds", {}), step: round(time.monotonic() - started, 3)}
+                self.mark_done(folder, journal, step, **facts, seconds=seconds)
                 if journal.get("nothing_new"):
                     return self.finish(folder, journal, "nothing_new")
             return self.finish(folder, journal, "published" if journal["published"] else "not_published")
@@ -345,6 +378,99 @@ def run_once(config: RetrainConfig) -> int:
         return FAILED
 
 
+class CycleTelemetry:
+    """The freshness gauges of a retraining directory: served on ``telemetry_port`` by the
+    long-running modes, and written to ``metrics_textfile`` after every cycle."""
+
+    def __init__(self, config: RetrainConfig, serve: bool):
+        from trainer.publish import FreshnessTelemetry
+        from trainer.telemetry import start_metrics_server
+
+        self.gauges = FreshnessTelemetry(Path(config.dir) / "registry")
+        self.textfile = Path(config.metrics_textfile or Path(config.dir) / "sirenfeed_retrain.prom")
+        self.server = start_metrics_server(config.telemetry_port, registry=self.gauges.registry) if serve else None
+
+    def on_cycle(self, code: int) -> None:
+        self.gauges.on_cycle(code)
+        try:
+            self.gauges.write_textfile(self.textfile)
+        except OSError as error:  # monitoring must not fail the cycle it reports on
+            log.warning("could not write the metrics text file %s: %s", self.textfile, error)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def run_periodically(config: RetrainConfig, period_s: float, stop: threading.Event) -> int:
+    """``--every PERIOD``: a cycle every period until ``stop`` is set (SIGTERM/SIGINT)."""
+    telemetry = CycleTelemetry(config, serve=True)
+    try:
+        while not stop.is_set():
+            started = time.monotonic()
+            code = run_once(config)
+            telemetry.on_cycle(code)
+            log.info("cycle ended: %s; next in %.0f s", describe_outcome(code), period_s)
+            stop.wait(max(0.0, period_s - (time.monotonic() - started)))
+    finally:
+        telemetry.close()
+    return 0
+
+
+def run_continuous(config: RetrainConfig, stop: threading.Event) -> int:
+    """``sirenfeed train --continuous``: train on new data as it lands, until ``stop`` is set.
+
+    Every ``continuous.poll_s`` (after draining Kafka, if ``drain.enabled``) it lists the raw files
+    the feature dataset has not read (:func:`features.incremental.pending_raw_files`, no Spark).
+    A cycle (features → warm start → gate → publish, the same as ``sirenfeed retrain``) starts
+    once they have waited ``continuous.every_s`` or hold ``continuous.every_events`` events; an
+    unfinished cycle left by a crash is completed first. Where the files cannot be listed cheaply
+    (a remote filesystem) a cycle starts every ``every_s`` and the feature job decides."""
+    from features.incremental import pending_raw_files
+
+    retrainer = Retrainer(config)
+    cycles = Retrainer(dataclasses.replace(config, drain=DrainConfig()))  # drained by the loop
+    telemetry = CycleTelemetry(config, serve=True)
+    waiting_since: float | None = None
+    try:
+        while not stop.is_set():
+            if config.drain.enabled:
+                retrainer.step_drain(Path(config.dir), {})
+            pending = pending_raw_files(config.features)
+            now = time.monotonic()
+            if pending is None or pending:
+                waiting_since = now if waiting_since is None else waiting_since
+            events = sum(pending.values()) if pending else 0
+            due = waiting_since is not None and (
+                now - waiting_since >= config.continuous.every_s
+                or 0 < config.continuous.every_events <= events)
+            if due or cycles.unfinished():
+                if pending:
+                    log.info("%d new raw files (%d events) waited %.0f s: starting a cycle",
+                             len(pending), events, now - waiting_since)
+                code = run_once(cycles.config)
+                telemetry.on_cycle(code)
+                log.info("cycle ended: %s", describe_outcome(code))
+                if code in (PUBLISHED, NOT_PUBLISHED):
+                    waiting_since = None
+                    continue  # look again at once: more may have landed during the cycle
+                if code == NOTHING_NEW:
+                    waiting_since = None
+            stop.wait(config.continuous.poll_s)
+    finally:
+        telemetry.close()
+    return 0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the loop ends after the cycle in progress (the launcher
+    forwards the signal to the ranks; an interrupted cycle is resumed by the next run)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stop.set())
+    return stop
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sirenfeed retrain", description=__doc__.splitlines()[0])
     parser.add_argument("--every", type=parse_period, metavar="PERIOD",
@@ -352,30 +478,30 @@ def main(argv: list[str]) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(RetrainConfig, args)
-    if args.every is None:
-        code = run_once(config)
-        print(f"sirenfeed retrain: {_describe(code)} (exit code {code})")
-        return code
-    from trainer.publish import FreshnessTelemetry
-    from trainer.telemetry import start_metrics_server
-
-    telemetry = FreshnessTelemetry(Path(config.dir) / "registry")
-    server = start_metrics_server(config.telemetry_port, registry=telemetry.registry)
-    try:
-        while True:
-            started = time.monotonic()
-            code = run_once(config)
-            telemetry.on_cycle(code)
-            log.info("cycle ended: %s; next in %.0f s", _describe(code), args.every)
-            time.sleep(max(0.0, args.every - (time.monotonic() - started)))
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if server is not None:
-            server.close()
+    if args.every is not None:
+        return run_periodically(config, args.every, stop_on_signals())
+    telemetry = CycleTelemetry(config, serve=False)
+    code = run_once(config)
+    telemetry.on_cycle(code)
+    print(f"sirenfeed retrain: {describe_outcome(code)} (exit code {code})")
+    return code
 
 
-def _describe(code: int) -> str:
+def continuous_main(argv: list[str]) -> int:
+    """``sirenfeed train --continuous --config conf/retrain.yaml [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="sirenfeed train --continuous",
+        description="Keep training on new data as it lands: poll the landing zone, and when new "
+                    "events have waited continuous.every_s (or number continuous.every_events) run "
+                    "a retraining cycle (features, warm start, gate, publish). Takes the retrain "
+                    "config (conf/retrain.yaml); SIGTERM stops it after the cycle in progress.")
+    parser.add_argument("--continuous", action="store_true", required=True, help=argparse.SUPPRESS)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_continuous(config_from_args(RetrainConfig, args), stop_on_signals())
+
+
+def describe_outcome(code: int) -> str:
     return {PUBLISHED: "published", NOT_PUBLISHED: "not published (gate)", NOTHING_NEW: "nothing new",
             LOCKED: "another cycle is running", FAILED: "failed"}.get(code, "failed")
 

@@ -40,6 +40,7 @@ import hashlib
 import itertools
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -55,6 +56,9 @@ from features.spec import (FEATURE_SPEC_VERSION, TOKEN_COLUMNS, TOKEN_FLOAT_COLU
                            FeatureSpec)
 
 log = logging.getLogger(__name__)
+# Petastorm warns on every reader it opens that pyarrow's legacy API it uses is deprecated; the pin
+# to that pyarrow is deliberate (see constraints.txt), so the warning says nothing to a user.
+warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
 
 Columns = dict[str, np.ndarray]
 Batch = dict[str, torch.Tensor]

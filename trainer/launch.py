@@ -48,7 +48,6 @@ import socket
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -187,21 +186,22 @@ def run_deepspeed(script: Path, nproc: int, config_file: str | None, overrides: 
 
 def configure_logging(rank: int) -> None:
     """Logging inside a launched rank: rank 0 at INFO, the others at WARNING, each line tagged with
-    the rank. DeepSpeed's and Petastorm's chatter (INFO lines, Petastorm's pyarrow deprecation
-    warnings on every reader it opens) is held back so our progress lines stay readable."""
+    the rank. DeepSpeed's and Petastorm's INFO chatter is held back so our progress lines stay
+    readable."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "petastorm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sirenfeed train",
         description="Train the ranker through the deepspeed launcher: local ranks, a hostfile over "
-                    "ssh/pdsh, or one node of a launch without ssh.")
+                    "ssh/pdsh, or one node of a launch without ssh.",
+        epilog="`sirenfeed train --continuous --config conf/retrain.yaml` keeps training on new data "
+               "as it lands (see `sirenfeed train --continuous --help`).")
     parser.add_argument("--features", help="feature dataset directory (config key features)")
     parser.add_argument("--run", help="run directory (config key run)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per node (default 2)")

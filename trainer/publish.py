@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
 from features.dataset import atomic_write_text, json_safe
 from trainer.export import LATEST, ExportError, verify_export
@@ -137,7 +137,12 @@ class FreshnessTelemetry:
 
     - ``sirenfeed_published_max_event_timestamp_seconds``: newest event time the served model saw
     - ``sirenfeed_published_freshness_seconds``: now − that (the model's staleness)
+    - ``sirenfeed_published_event_to_published_seconds``: that event's age when the model went live
     - ``sirenfeed_retrain_last_cycle_timestamp_seconds`` / ``sirenfeed_retrain_last_exit_code``
+
+    Served by the long-running modes; :meth:`write_textfile` leaves them for node_exporter's
+    textfile collector after a one-shot cycle (a file cannot recompute ``now − …`` at scrape
+    time: dashboards use ``time() - sirenfeed_published_max_event_timestamp_seconds``).
     """
 
     def __init__(self, registry_dir: str | Path):
@@ -148,8 +153,12 @@ class FreshnessTelemetry:
         freshness = Gauge("sirenfeed_published_freshness_seconds",
                           "Now minus the newest event time the served model was trained on.",
                           registry=self.registry)
+        latency = Gauge("sirenfeed_published_event_to_published_seconds",
+                        "Age of the served model's newest event when the model was published.",
+                        registry=self.registry)
         max_event.set_function(self.max_event_seconds)
         freshness.set_function(lambda: time.time() - self.max_event_seconds())
+        latency.set_function(self.event_to_published_seconds)
         self.last_cycle = Gauge("sirenfeed_retrain_last_cycle_timestamp_seconds",
                                 "Unix time the last retraining cycle ended.", registry=self.registry)
         self.last_exit_code = Gauge("sirenfeed_retrain_last_exit_code",
@@ -160,6 +169,17 @@ class FreshnessTelemetry:
         record = trained_record(link.resolve()) if link.is_symlink() else {}
         return record["max_event_ms"] / 1000 if record.get("max_event_ms") else math.nan
 
+    def event_to_published_seconds(self) -> float:
+        for record in reversed(read_log(self._dir)):
+            if record.get("published") and record.get("event_to_published_s") is not None:
+                return float(record["event_to_published_s"])
+        return math.nan
+
     def on_cycle(self, exit_code: int) -> None:
         self.last_cycle.set(time.time())
         self.last_exit_code.set(exit_code)
+
+    def write_textfile(self, path: str | Path) -> None:
+        """Write the gauges in the Prometheus text format, atomically (temporary file + rename)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_to_textfile(str(path), self.registry)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.dataset import read_manifest
-from features.incremental import REASON_TOO_LATE, run_incremental
+from features.incremental import REASON_TOO_LATE, pending_raw_files, run_incremental
 from features.job import run
 from features.schema import RAW_ARROW_SCHEMA, ContractConfig
 from features.settings import FeaturesConfig, IncrementalConfig
@@ -82,7 +82,10 @@ def appended(spark, tmp_path_factory):
     days = {day: events_of_day(day) for day in range(3)}
     write_raw(raw, "part-0", days[0] + days[1], date_of(0))
     run(spark, config(raw, out))
+    assert pending_raw_files(config(raw, out)) == {}
     write_raw(raw, "part-0", days[2], date_of(2))
+    assert pending_raw_files(config(raw, out)) == {str(raw / f"date={date_of(2)}" / "hour=00" / "part-0.parquet"):
+                                                    len(days[2])}
     run_incremental(spark, config(raw, out, allowed_lateness_s=6 * 3600))
     return {"root": root, "raw": raw, "out": out, "days": days}
 
@@ -115,9 +118,14 @@ def test_late_too_late_redelivered_events_and_a_crashed_append(spark, appended, 
     too_late = {**days[2][0], "event_id": "too-late-1", "event_ts": watermark - 30 * HOUR_MS}
     redelivered = days[2][-1]  # its id is remembered: inside the lateness window
     third = events_of_day(3, users=3)
+    assert pending_raw_files(settings) == {}
     write_raw(raw, "part-late", [late, too_late, redelivered], date_of(2))  # an older partition
     write_raw(raw, "part-0", third, date_of(3))
+    (raw / "_ignored.parquet").write_bytes(b"")  # what the job skips, the poller skips
     before = label_tokens(out)
+    pending = pending_raw_files(settings)
+    assert sorted(pending.values()) == sorted([3, len(third)])
+    assert {Path(path).parent.parent.name for path in pending} == {f"date={date_of(2)}", f"date={date_of(3)}"}
 
     from features import incremental
 
@@ -134,6 +142,7 @@ def test_late_too_late_redelivered_events_and_a_crashed_append(spark, appended, 
     run_incremental(spark, settings)
     assert run_incremental(spark, settings)["newest_batch"] == 2, "a run with nothing new adds no batch"
     assert not list(out.rglob(".b0*.parquet")), "hidden leftovers of the crashed run remain"
+    assert pending_raw_files(settings) == {}, "the poller sees files the job would read again"
 
     manifest = read_manifest(out)
     batch = manifest["batches"][2]

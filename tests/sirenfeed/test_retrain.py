@@ -9,6 +9,8 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,14 @@ import torch
 
 from features.config import load_config
 from features.dataset import read_manifest, write_manifest
+from features.incremental import pending_raw_files
 from features.job import run as run_full_job
 from features.schema import RAW_ARROW_SCHEMA
 from features.settings import IncrementalConfig, SparkConfig
 from features.spark import build_session
 from sirenfeed import retrain
-from sirenfeed.retrain import (LOCKED, NOTHING_NEW, PUBLISHED, STEPS, RetrainConfig, Retrainer,
-                               exclusive_lock)
+from sirenfeed.retrain import (LOCKED, NOTHING_NEW, PUBLISHED, STEPS, ContinuousConfig, RetrainConfig,
+                               Retrainer, exclusive_lock)
 from trainer import launch as launch_module
 from trainer.export import MODEL_FILE, sha256, verify_export
 from trainer.gate import GateConfig, gate
@@ -57,9 +60,12 @@ def day_events(day: int, users: int = 12) -> list[dict]:
     return rows
 
 
+def date_of(day: int) -> str:
+    return str(np.datetime64(MONDAY + day * DAY_MS, "ms").astype("datetime64[D]"))
+
+
 def write_day(raw: Path, day: int) -> None:
-    date = str(np.datetime64(MONDAY + day * DAY_MS, "ms").astype("datetime64[D]"))
-    folder = raw / f"date={date}" / "hour=00"
+    folder = raw / f"date={date_of(day)}" / "hour=00"
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(day_events(day), schema=RAW_ARROW_SCHEMA), folder / "part-0.parquet")
 
@@ -148,6 +154,17 @@ def test_nothing_new_and_the_lock(completed_cycle, capsys):
                              *overrides_for_main(config)])
     assert code == LOCKED
     assert "another cycle is running" in capsys.readouterr().out
+    gauges = prometheus_values(Path(config.dir) / "sirenfeed_retrain.prom")
+    assert gauges["sirenfeed_retrain_last_exit_code"] == LOCKED
+    assert gauges["sirenfeed_published_max_event_timestamp_seconds"] == max(
+        event["event_ts"] for event in day_events(1)) / 1000
+    assert gauges["sirenfeed_published_event_to_published_seconds"] > 0
+
+
+def prometheus_values(path: Path) -> dict[str, float]:
+    """``name → value`` of the unlabelled samples in a Prometheus text file."""
+    return {name: float(value) for name, value in
+            (line.split() for line in path.read_text().splitlines() if line and not line.startswith("#"))}
 
 
 def overrides_for_main(config: RetrainConfig) -> list[str]:
@@ -193,3 +210,50 @@ def test_corrupt_checkpoint_and_export_fall_back_to_the_previous_good_one(comple
     victim = next(path for path in sorted((Path(head["run"]) / "checkpoints" / head["tag"]).rglob("*.pt")))
     victim.write_bytes(victim.read_bytes()[:-16])
     assert retrainer.warm_start_source()["cycle"] is None, "falls back to the initial run's checkpoint"
+
+
+@pytest.mark.slow
+def test_continuous_mode_trains_when_enough_new_events_wait(setup, tmp_path):
+    """``sirenfeed train --continuous``: nothing runs while too few new events wait (``every_s`` is
+    far off); a cycle starts as soon as ``every_events`` are there, and publishes."""
+    day = day_events(3)
+    config = dataclasses.replace(
+        setup["config"], dir=str(tmp_path / "continuous"),
+        continuous=ContinuousConfig(poll_s=0.2, every_s=3600, every_events=len(day) + 5))
+    landing = Path(config.features.raw) / f"date={date_of(3)}" / "hour=00"
+    landing.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(day[:5], schema=RAW_ARROW_SCHEMA), landing / "part-0.parquet")
+    stop = threading.Event()
+    loop = threading.Thread(target=retrain.run_continuous, args=(config, stop), daemon=True)
+    loop.start()
+    try:
+        time.sleep(2.0)  # ten polls
+        assert not (tmp_path / "continuous" / "cycles").exists(), "a cycle started below both thresholds"
+        pq.write_table(pa.Table.from_pylist(day[5:], schema=RAW_ARROW_SCHEMA), landing / "part-1.parquet")
+        deadline = time.monotonic() + 400
+        registry = tmp_path / "continuous" / "registry"
+        while not read_log(registry) and loop.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        loop.join(timeout=120)
+    assert not loop.is_alive(), "the loop did not stop after the cycle"
+    assert [record["published"] for record in read_log(registry)] == [True]
+    trained = json.loads((current(registry) / "_TRAINED.json").read_text())
+    assert trained["max_event_ms"] == max(event["event_ts"] for event in day)
+    assert prometheus_values(tmp_path / "continuous" / "sirenfeed_retrain.prom")[
+        "sirenfeed_retrain_last_exit_code"] == PUBLISHED
+    assert pending_raw_files(config.features) == {}
+
+
+def test_continuous_mode_is_reached_through_sirenfeed_train(tmp_path, capsys):
+    from sirenfeed.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--continuous", "--help"])
+    assert exit_info.value.code == 0 and "continuous.every_s" in capsys.readouterr().out
+    code = cli_main(["train", "--continuous", "--config", str(REPO_ROOT / "conf" / "retrain.yaml"),
+                     f"dir={tmp_path / 'retrain'}", f"initial_run={tmp_path / 'run'}",
+                     f"features.raw={tmp_path / 'landing'}", f"features.out={tmp_path / 'features'}",
+                     "continuous.every_s=-1"])
+    assert code == 2 and "continuous.every_s" in capsys.readouterr().err

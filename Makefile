@@ -26,13 +26,13 @@ demo: $(STAMP)
 	$(VENV)/bin/sirenfeed demo --config conf/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -m 'not multinode'
+	$(PY) -m pytest
 
 test-multinode: $(STAMP)
 	$(PY) -m pytest -m multinode
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m 'not slow and not multinode'
+	$(PY) -m pytest -m 'not slow'
 
 bench: $(STAMP)
 	$(PY) bench/features.py

@@ -15,6 +15,7 @@ trap 'rm -rf "$zip_dir"' EXIT
 # working directory; in client mode it reads the local file.
 config="$repo/conf/features.yaml"
 [[ " ${submit_args[*]} " == *" --deploy-mode cluster "* ]] && config="features.yaml"
-exec spark-submit "${submit_args[@]}" --py-files "$zip_dir/features.zip" \
+# Not exec: the EXIT trap must still remove the zip once spark-submit returns.
+spark-submit "${submit_args[@]}" --py-files "$zip_dir/features.zip" \
   --files "$repo/conf/features.yaml" \
   "$repo/features/job.py" --config "$config" "$@"

@@ -43,6 +43,7 @@ import re
 import uuid
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -167,7 +168,7 @@ def pending_raw_files(config: FeaturesConfig) -> dict[str, int] | None:
     footers), without starting Spark: what a poller checks before paying for a feature job.
 
     ``None`` when ``raw`` or ``out`` is not on the local filesystem (the job itself must look) or
-    the dataset is not complete yet. Mirrors :meth:`DatasetFiles.list_parquet` (``*.parquet``, no
+    the dataset is not complete yet. A file whose footer cannot be read yet counts 0 rows. Mirrors :meth:`DatasetFiles.list_parquet` (``*.parquet``, no
     ``_``/``.``-prefixed path component) and the consumed list of :func:`run_incremental`; a test
     holds the two to the same answer."""
     if any("://" in uri and not uri.startswith("file://") for uri in (config.raw, config.out)):
@@ -184,7 +185,10 @@ def pending_raw_files(config: FeaturesConfig) -> dict[str, int] | None:
     for path in sorted(raw.rglob("*.parquet")) if raw.is_dir() else []:
         if (path.is_file() and str(path) not in seen
                 and not any(part.startswith(("_", ".")) for part in path.relative_to(raw).parts)):
-            found[str(path)] = pq.ParquetFile(path).metadata.num_rows
+            try:
+                found[str(path)] = pq.ParquetFile(path).metadata.num_rows
+            except (OSError, pa.ArrowInvalid):  # still being written by a non-atomic writer
+                found[str(path)] = 0
     return found
 
 

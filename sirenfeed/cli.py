@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sirenfeed: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # it logs every connection at INFO
     module, entry = importlib.import_module(COMMANDS[name][0]), "main"
     if name == "train" and "--continuous" in rest:  # continuous training is driven by retraining cycles

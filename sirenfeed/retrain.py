@@ -107,6 +107,8 @@ class RetrainConfig:
     drain: DrainConfig = field(default_factory=DrainConfig)
     telemetry_port: int = 0
     """With ``--every`` or ``--continuous``: serve the freshness gauges on this port (0 = off)."""
+    telemetry_host: str = "127.0.0.1"
+    """Address the gauges are served on (``0.0.0.0`` for a Prometheus on another machine)."""
     metrics_textfile: str = ""
     """After every cycle the freshness gauges are written here in the Prometheus text format (for
     node_exporter's textfile collector); "" = ``DIR/sirenfeed_retrain.prom``."""
@@ -388,9 +390,12 @@ class CycleTelemetry:
 
         self.gauges = FreshnessTelemetry(Path(config.dir) / "registry")
         self.textfile = Path(config.metrics_textfile or Path(config.dir) / "sirenfeed_retrain.prom")
-        self.server = start_metrics_server(config.telemetry_port, registry=self.gauges.registry) if serve else None
+        self.server = (start_metrics_server(config.telemetry_port, config.telemetry_host,
+                                            registry=self.gauges.registry) if serve else None)
 
     def on_cycle(self, code: int) -> None:
+        if code == LOCKED:  # the cycle holding the lock reports itself when it ends
+            return
         self.gauges.on_cycle(code)
         try:
             self.gauges.write_textfile(self.textfile)
@@ -434,9 +439,14 @@ def run_continuous(config: RetrainConfig, stop: threading.Event) -> int:
     waiting_since: float | None = None
     try:
         while not stop.is_set():
-            if config.drain.enabled:
-                retrainer.step_drain(Path(config.dir), {})
-            pending = pending_raw_files(config.features)
+            try:
+                if config.drain.enabled:
+                    retrainer.step_drain(Path(config.dir), {})
+                pending = pending_raw_files(config.features)
+            except Exception:  # e.g. Kafka unreachable: the trainer keeps serving and tries again
+                log.exception("polling for new data failed; trying again in %.0f s", config.continuous.poll_s)
+                stop.wait(config.continuous.poll_s)
+                continue
             now = time.monotonic()
             if pending is None or pending:
                 waiting_since = now if waiting_since is None else waiting_since

@@ -92,7 +92,7 @@ def setup(tmp_path_factory):
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     write_day(raw, 2)
-    return {"config": config, "root": root, "features": features, "initial": initial}
+    return {"config": config, "overrides": overrides, "root": root, "features": features, "initial": initial}
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +147,19 @@ def test_a_cycle_crashing_after_every_step_completes_once_and_publishes(complete
 
 @pytest.mark.slow
 def test_nothing_new_and_the_lock(completed_cycle, capsys):
+    """Exit codes 4 and 5; the gauges file reports the cycle that ran, not the refused invocation."""
     config = completed_cycle["config"]
-    assert retrain.run_once(config) == NOTHING_NEW
+    command = ["--config", str(REPO_ROOT / "conf" / "retrain.yaml"), *completed_cycle["overrides"]]
+    assert retrain.main(command) == NOTHING_NEW
+    textfile = Path(config.dir) / "sirenfeed_retrain.prom"
+    reported = textfile.read_text()
     with exclusive_lock(Path(config.dir) / "lock"):
-        code = retrain.main(["--config", str(REPO_ROOT / "conf" / "retrain.yaml"),
-                             *overrides_for_main(config)])
+        code = retrain.main(command)
     assert code == LOCKED
     assert "another cycle is running" in capsys.readouterr().out
-    gauges = prometheus_values(Path(config.dir) / "sirenfeed_retrain.prom")
-    assert gauges["sirenfeed_retrain_last_exit_code"] == LOCKED
+    assert textfile.read_text() == reported
+    gauges = prometheus_values(textfile)
+    assert gauges["sirenfeed_retrain_last_exit_code"] == NOTHING_NEW
     assert gauges["sirenfeed_published_max_event_timestamp_seconds"] == max(
         event["event_ts"] for event in day_events(1)) / 1000
     assert gauges["sirenfeed_published_event_to_published_seconds"] > 0
@@ -165,11 +169,6 @@ def prometheus_values(path: Path) -> dict[str, float]:
     """``name → value`` of the unlabelled samples in a Prometheus text file."""
     return {name: float(value) for name, value in
             (line.split() for line in path.read_text().splitlines() if line and not line.startswith("#"))}
-
-
-def overrides_for_main(config: RetrainConfig) -> list[str]:
-    return [f"dir={config.dir}", f"initial_run={config.initial_run}", f"features.raw={config.features.raw}",
-            f"features.out={config.features.out}"]
 
 
 @pytest.mark.slow
@@ -217,30 +216,32 @@ def test_continuous_mode_trains_when_enough_new_events_wait(setup, tmp_path):
     """``sirenfeed train --continuous``: nothing runs while too few new events wait (``every_s`` is
     far off); a cycle starts as soon as ``every_events`` are there, and publishes."""
     day = day_events(3)
+    waiting = sum(pending_raw_files(setup["config"].features).values())  # day 2, unless a cycle took it
     config = dataclasses.replace(
         setup["config"], dir=str(tmp_path / "continuous"),
-        continuous=ContinuousConfig(poll_s=0.2, every_s=3600, every_events=len(day) + 5))
+        continuous=ContinuousConfig(poll_s=0.2, every_s=3600, every_events=waiting + len(day)))
     landing = Path(config.features.raw) / f"date={date_of(3)}" / "hour=00"
     landing.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(day[:5], schema=RAW_ARROW_SCHEMA), landing / "part-0.parquet")
     stop = threading.Event()
     loop = threading.Thread(target=retrain.run_continuous, args=(config, stop), daemon=True)
     loop.start()
+    registry = tmp_path / "continuous" / "registry"
     try:
         time.sleep(2.0)  # ten polls
         assert not (tmp_path / "continuous" / "cycles").exists(), "a cycle started below both thresholds"
+        # Written in place, not renamed into place: the poller may see it half-written.
         pq.write_table(pa.Table.from_pylist(day[5:], schema=RAW_ARROW_SCHEMA), landing / "part-1.parquet")
-        deadline = time.monotonic() + 400
-        registry = tmp_path / "continuous" / "registry"
+        deadline = time.monotonic() + 600
         while not read_log(registry) and loop.is_alive() and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         stop.set()
-        loop.join(timeout=120)
+        loop.join(timeout=300)
     assert not loop.is_alive(), "the loop did not stop after the cycle"
     assert [record["published"] for record in read_log(registry)] == [True]
-    trained = json.loads((current(registry) / "_TRAINED.json").read_text())
-    assert trained["max_event_ms"] == max(event["event_ts"] for event in day)
+    journal = json.loads((tmp_path / "continuous" / "cycles" / "c000001" / "state.json").read_text())
+    assert journal["since_batch"] == 0 and set(journal["seconds"]) == set(STEPS)
     assert prometheus_values(tmp_path / "continuous" / "sirenfeed_retrain.prom")[
         "sirenfeed_retrain_last_exit_code"] == PUBLISHED
     assert pending_raw_files(config.features) == {}

@@ -103,6 +103,7 @@ def run_demo(config: DemoConfig) -> int:
     results = {}
     for name in config.variants:
         run_dir = work / "runs" / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a previous demo's checkpoints are not this one's
         _banner(f"3/{steps} training '{name}' on {config.nproc} ranks -> {run_dir}")
         code = run_deepspeed(TRAIN_SCRIPT, config.nproc, str(train_conf), [
             f"features={features}", f"run={run_dir}", *variant_overrides(name),

@@ -126,9 +126,13 @@ def saved_checkpoints(run_dir: str | Path) -> list[Saved]:
     root = checkpoint_root(run_dir)
     saved = []
     for tag in complete_tags(run_dir):
-        marker = json.loads((root / tag / COMPLETE_MARKER).read_text())
-        saved.append(Saved(tag, marker["step"], marker["world"], marker["data"],
-                           any((root / tag).glob(PARTITIONED_FILES))))
+        try:
+            marker = json.loads((root / tag / COMPLETE_MARKER).read_text())
+            saved.append(Saved(tag, marker["step"], marker["world"], marker["data"],
+                               any((root / tag).glob(PARTITIONED_FILES))))
+        except (KeyError, TypeError, ValueError) as error:
+            log.warning("ignoring checkpoint %s/%s: its %s is not one this version writes (%r)",
+                        root, tag, COMPLETE_MARKER, error)
     return saved
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from features.config import ConfigError, load_config
-from trainer.checkpoint import COMPLETE_MARKER, UNIVERSAL, checkpoint_root, plan_resume
+from trainer.checkpoint import COMPLETE_MARKER, UNIVERSAL, checkpoint_root, plan_resume, saved_checkpoints
 from trainer.config import TrainConfig, deepspeed_config
 from trainer.data import DataError, TrainStream, check_layout, row_fingerprints
 from trainer.train import resolved_shards
@@ -110,6 +110,16 @@ def test_resume_plans_the_universal_form_only_for_partitioned_state_on_another_w
     fake_checkpoint(zero0, 4, 2, partitioned=False)
     plan = plan_resume(zero0, 3)
     assert not plan.universal and plan.newest.world == 2  # the whole optimizer state is in one file
+
+
+def test_a_checkpoint_marker_of_another_format_is_skipped_not_fatal(tmp_path, caplog):
+    fake_checkpoint(tmp_path, 4, 2, partitioned=False)
+    foreign = checkpoint_root(tmp_path) / "step00000009"
+    foreign.mkdir()
+    (foreign / COMPLETE_MARKER).write_text(json.dumps({"step": 9}))  # an older version's marker
+    assert [saved.step for saved in saved_checkpoints(tmp_path)] == [4]
+    assert plan_resume(tmp_path, 2).newest.step == 4
+    assert "ignoring checkpoint" in caplog.text and "step00000009" in caplog.text
 
 
 # The real launcher: 2 ranks → 1 → 2.

@@ -45,7 +45,7 @@ from ingest.clients import make_producer
 from ingest.config import IngestConfig
 from ingest.producer import event_messages, raw_dates, read_day, send_messages
 from sirenfeed.demo import split_history
-from sirenfeed.retrain import RetrainConfig, run_continuous, run_once
+from sirenfeed.retrain import CONTINUAL_TRAIN_OVERRIDES, RetrainConfig, run_continuous, run_once
 from trainer.launch import TRAIN_SCRIPT, run_deepspeed
 from trainer.publish import read_log
 from trainer.variants import variant_overrides
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
                             "metrics.report_lag=false"]
         overrides = [f"dir={root}", f"initial_run={initial}", f"features.raw={raw}", f"features.out={features}",
                      *[f"features.{item}" for item in FEATURE_OVERRIDES], f"nproc={args.nproc}",
-                     "train_overrides=[" + ",".join(["schedule.kind=constant", *TRAIN_OVERRIDES,
+                     "train_overrides=[" + ",".join([*CONTINUAL_TRAIN_OVERRIDES, *TRAIN_OVERRIDES,
                                                      "train.epochs=1"]) + "]"]
         config = load_config(RetrainConfig, REPO / "conf" / "retrain.yaml", overrides)
 

@@ -157,7 +157,8 @@ def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates:
     from ingest.clients import make_producer
     from ingest.config import IngestConfig
     from ingest.producer import event_messages, raw_dates, read_day, send_messages
-    from sirenfeed.retrain import CycleTelemetry, RetrainConfig, describe_outcome, run_once
+    from sirenfeed.retrain import (CONTINUAL_TRAIN_OVERRIDES, CycleTelemetry, RetrainConfig, describe_outcome,
+                                   run_once)
     from trainer.publish import publish, read_log
     from trainer.variants import variant_overrides
 
@@ -178,7 +179,7 @@ def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates:
         retrain = load_config(RetrainConfig, Path(__file__).resolve().parent.parent / "conf" / "retrain.yaml", [
             f"dir={root}", f"initial_run={initial_run}", f"features.raw={work / 'raw'}", f"features.out={features}",
             *[f"features.{item}" for item in config.feature_overrides], f"nproc={config.nproc}",
-            "train_overrides=[" + ",".join(["schedule.kind=constant", *variant_overrides(config.variants[0]),
+            "train_overrides=[" + ",".join([*CONTINUAL_TRAIN_OVERRIDES, *variant_overrides(config.variants[0]),
                                             *config.train_overrides, "train.epochs=1"]) + "]",
             "drain.enabled=true", "drain.idle_s=3",
             "drain.overrides=[" + ",".join([*ingest_overrides, f"kafka.bootstrap_servers={address}"]) + "]"])

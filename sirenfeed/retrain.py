@@ -55,6 +55,9 @@ PUBLISHED, FAILED, NOT_PUBLISHED, NOTHING_NEW, LOCKED = 0, 1, 3, 4, 5
 OUTCOMES = {"published": PUBLISHED, "not_published": NOT_PUBLISHED, "nothing_new": NOTHING_NEW}
 STEPS = ("drain", "features", "train", "gate", "publish", "advance")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONTINUAL_TRAIN_OVERRIDES = ("schedule.kind=constant", "optim.lr=0.0001", "train.checkpoint_every=0")
+"""On top of ``train_config`` for every warm-start segment by default: a constant learning rate well
+below a batch run's peak (``optim.lr`` 1e-3 in conf/train.yaml), which would undo what it learned."""
 
 
 @dataclass
@@ -99,8 +102,7 @@ class RetrainConfig:
     spark_submit: bool = True
     """Run the feature job through ``spark-submit`` (false: in this process)."""
     train_config: str = "conf/train.yaml"
-    train_overrides: list[str] = field(default_factory=lambda: ["schedule.kind=constant",
-                                                               "train.checkpoint_every=0"])
+    train_overrides: list[str] = field(default_factory=lambda: list(CONTINUAL_TRAIN_OVERRIDES))
     nproc: int = 2
     gate: GateConfig = field(default_factory=GateConfig)
     keep_published: int = 3

@@ -134,9 +134,22 @@ class WarmStartTrainer(Trainer):
         tag, client_state = checkpoint.load_latest(self.engine, source_run)
         self.step = self.first_step = client_state["step"]
         self.total_steps += self.step
+        self._continue_at_configured_lr()
         log.info("warm start from %s/%s at step %d (trained through batch %s); %d new steps",
                  source_run, tag, self.step, client_state.get("data_watermark", {}).get("batch"),
                  self.total_steps - self.step)
+
+
+    def _continue_at_configured_lr(self) -> None:
+        """The checkpoint brings its optimizer's and scheduler's learning rate (a batch run's peak
+        ``optim.lr``, or wherever its cosine ended); a segment trains at this run's ``optim.lr``."""
+        scheduler = self.engine.lr_scheduler
+        scheduler.base_lrs = [self.config.optim.lr] * len(scheduler.base_lrs)
+        rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(self.engine.optimizer.param_groups, rates):
+            group["initial_lr"], group["lr"] = self.config.optim.lr, rate
+        scheduler._last_lr = rates
+        log.info("continual learning rate %.2e", rates[0])
 
 
 def check_continual(config: TrainConfig) -> None:

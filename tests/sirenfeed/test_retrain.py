@@ -33,6 +33,7 @@ from trainer import launch as launch_module
 from trainer.export import MODEL_FILE, sha256, verify_export
 from trainer.gate import GateConfig, gate
 from trainer.publish import current, publish, read_log
+from trainer.train import HISTORY_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MONDAY = 1_780_272_000_000
@@ -219,6 +220,7 @@ def test_continuous_mode_trains_when_enough_new_events_wait(setup, tmp_path):
     waiting = sum(pending_raw_files(setup["config"].features).values())  # day 2, unless a cycle took it
     config = dataclasses.replace(
         setup["config"], dir=str(tmp_path / "continuous"),
+        train_overrides=[*setup["config"].train_overrides, "optim.lr=0.003"],  # the batch run's is 0.01
         continuous=ContinuousConfig(poll_s=0.2, every_s=3600, every_events=waiting + len(day)))
     landing = Path(config.features.raw) / f"date={date_of(3)}" / "hour=00"
     landing.mkdir(parents=True, exist_ok=True)
@@ -242,6 +244,8 @@ def test_continuous_mode_trains_when_enough_new_events_wait(setup, tmp_path):
     assert [record["published"] for record in read_log(registry)] == [True]
     journal = json.loads((tmp_path / "continuous" / "cycles" / "c000001" / "state.json").read_text())
     assert journal["since_batch"] == 0 and set(journal["seconds"]) == set(STEPS)
+    history = [json.loads(line) for line in (Path(journal["run"]) / HISTORY_FILE).read_text().splitlines()]
+    assert history and {record["lr"] for record in history} == {0.003}, "the segment ignored its optim.lr"
     assert prometheus_values(tmp_path / "continuous" / "sirenfeed_retrain.prom")[
         "sirenfeed_retrain_last_exit_code"] == PUBLISHED
     assert pending_raw_files(config.features) == {}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,18 +106,26 @@ class NodeRuns:
     """Every process seen under either command while it ran."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """Where the two nodes run: the master's address, and per node a command prefix and interface."""
+    master: str
+    prefixes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    ifaces: tuple[str, str] = ("lo", "lo")
+
+
 def launch_two_nodes(features: Path, run: Path, overrides: list[str], hostfile: Path | None = None,
-                     timeout: float = 300) -> NodeRuns:
-    master = f"127.0.0.1:{free_port()}"
+                     timeout: float = 300, network: Network | None = None) -> NodeRuns:
+    network = network or Network(master=f"127.0.0.1:{free_port()}")
     logs = [run.parent / f"{run.name}.node{rank}.log" for rank in range(2)]
     processes = []
     started = time.monotonic()
     for rank, log in enumerate(logs):
-        command = [sys.executable, "-m", "trainer.launch", "--nodes", "2", "--node-rank", str(rank),
-                   "--master", master, "--nproc", "1", "--iface", "lo", "--features", str(features),
-                   "--run", str(run), "--config", str(REPO_ROOT / "conf" / "train.yaml"), *overrides]
-        if hostfile is not None:
-            command[3:3] = ["--hostfile", str(hostfile)]
+        command = [*network.prefixes[rank], sys.executable, "-m", "trainer.launch", "--nodes", "2",
+                   "--node-rank", str(rank), "--master", network.master, "--nproc", "1",
+                   "--iface", network.ifaces[rank], *(["--hostfile", str(hostfile)] if hostfile else []),
+                   "--features", str(features), "--run", str(run),
+                   "--config", str(REPO_ROOT / "conf" / "train.yaml"), *overrides]
         with log.open("w") as stream:
             processes.append(subprocess.Popen(command, cwd=REPO_ROOT, stdout=stream,
                                               stderr=subprocess.STDOUT))
@@ -157,10 +167,8 @@ def killed(one_group_features, tiny_model_overrides, tmp_path_factory) -> NodeRu
         f"distributed.fault_step={KILL_AT}"))
 
 
-@pytest.mark.slow
-@pytest.mark.multinode
-def test_two_nodes_train_disjoint_shards_into_identical_replicas(two_nodes, one_group_features):
-    traces = [read_trace(two_nodes.run, rank) for rank in range(2)]
+def assert_one_world_of_disjoint_shards(nodes: NodeRuns) -> None:
+    traces = [read_trace(nodes.run, rank) for rank in range(2)]
     assert [[record["step"] for record in trace] for trace in traces] == [list(range(1, STEPS + 1))] * 2
     for mine, theirs in zip(*traces):
         assert len(mine["rows"]) == len(theirs["rows"]) == BATCH // 2
@@ -169,9 +177,55 @@ def test_two_nodes_train_disjoint_shards_into_identical_replicas(two_nodes, one_
     seen = [{row for record in trace for row in record["rows"]} for trace in traces]
     assert not seen[0] & seen[1]  # each rank's shard stays its own, epoch after epoch
     assert len(seen[0] | seen[1]) == 40  # 10 global batches of 16 = 4 passes over the 40 rows
-    assert all("fewer row groups than the 2 shards" in output for output in two_nodes.outputs)
-    assert ("training 10 steps on 2 ranks, global batch 16 (8 per rank, 2 logical shards)"
-            in two_nodes.outputs[0])
+    assert all("fewer row groups than the 2 shards" in output for output in nodes.outputs)
+    assert "training 10 steps on 2 ranks, global batch 16 (8 per rank, 2 logical shards)" in nodes.outputs[0]
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+def test_two_nodes_train_disjoint_shards_into_identical_replicas(two_nodes):
+    assert_one_world_of_disjoint_shards(two_nodes)
+
+
+@pytest.fixture
+def network_namespaces():
+    """Two network namespaces joined by a veth pair, 10.231.7.1 ↔ 10.231.7.2: two hosts that share
+    no loopback, so the ranks must talk over a real interface to a real remote address."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    tag = f"sf{os.getpid() % 100000}"
+    spaces, links = [f"{tag}n{index}" for index in range(2)], [f"{tag}v{index}" for index in range(2)]
+    setup = [["netns", "add", spaces[0]], ["netns", "add", spaces[1]],
+             ["link", "add", links[0], "type", "veth", "peer", "name", links[1]]]
+    for index in range(2):
+        setup += [["link", "set", links[index], "netns", spaces[index]],
+                  ["-n", spaces[index], "addr", "add", f"10.231.7.{index + 1}/24", "dev", links[index]],
+                  ["-n", spaces[index], "link", "set", links[index], "up"],
+                  ["-n", spaces[index], "link", "set", "lo", "up"]]
+    try:
+        for arguments in setup:
+            result = subprocess.run(["ip", *arguments], capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.skip(f"cannot build network namespaces here: ip {' '.join(arguments)}: "
+                            f"{result.stderr.strip()}")
+        yield Network(master="10.231.7.1:29500",
+                      prefixes=(("ip", "netns", "exec", spaces[0]), ("ip", "netns", "exec", spaces[1])),
+                      ifaces=(links[0], links[1]))
+    finally:
+        for space in spaces:
+            subprocess.run(["ip", "netns", "delete", space], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+def test_two_hosts_in_separate_network_namespaces_train_as_one_world(
+        network_namespaces, one_group_features, tiny_model_overrides, tmp_path):
+    nodes = launch_two_nodes(one_group_features, tmp_path / "run",
+                             run_overrides(tiny_model_overrides, "distributed.trace=true"),
+                             network=network_namespaces)
+    assert nodes.codes == [0, 0], "\n".join(output[-4000:] for output in nodes.outputs)
+    assert_one_world_of_disjoint_shards(nodes)
+    assert "master_addr=10.231.7.1" in nodes.outputs[1]  # node 1 reached node 0 over the veth link
 
 
 @pytest.mark.slow

@@ -201,7 +201,8 @@ def network_namespaces():
         setup += [["link", "set", links[index], "netns", spaces[index]],
                   ["-n", spaces[index], "addr", "add", f"10.231.7.{index + 1}/24", "dev", links[index]],
                   ["-n", spaces[index], "link", "set", links[index], "up"],
-                  ["-n", spaces[index], "link", "set", "lo", "up"]]
+                  ["-n", spaces[index], "link", "set", "lo", "up"],
+                  ["netns", "exec", spaces[index], sys.executable, "-c", "pass"]]
     try:
         for arguments in setup:
             result = subprocess.run(["ip", *arguments], capture_output=True, text=True)

@@ -25,6 +25,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 
 from features.dataset import atomic_write_text  # noqa: E402
 from features.job import run  # noqa: E402
+from features.logs import configure_logging  # noqa: E402
 from features.settings import FeaturesConfig, SparkConfig  # noqa: E402
 from features.spark import build_session  # noqa: E402
 from features.synth import SynthConfig, write_synthetic_logs  # noqa: E402
@@ -45,8 +46,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--work", help="directory for the log and the features (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS), help="results JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sirenfeed-bench-"))
     try:
         result = measure(args, work)

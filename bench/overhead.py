@@ -35,6 +35,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 
 from features.config import load_config  # noqa: E402
 from features.dataset import atomic_write_text  # noqa: E402
+from features.logs import configure_logging  # noqa: E402
 from features.spec import FeatureSpec  # noqa: E402
 from trainer.model import (GenerativeRanker, ModelConfig, masked_multitask_loss,  # noqa: E402
                            parameter_groups, synthetic_batch)
@@ -160,7 +161,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", action="store_true", help="log the top operators of a SIREN-RoPE step")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     logging.getLogger("trainer.model").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     contexts = [int(value) for value in args.contexts.split(",")]

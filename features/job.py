@@ -33,6 +33,7 @@ from pyspark.sql.utils import AnalysisException
 
 from features.config import ConfigError, to_dict
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, manifest_json
+from features.logs import configure_logging
 from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import build_session
 from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, TRAINING_COLUMNS
@@ -275,8 +276,7 @@ def _utc(ms: int | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
     try:
         config = parse_job_arguments("features.job", __doc__.splitlines()[0], argv)
     except ConfigError as error:

@@ -29,6 +29,7 @@ from typing import Iterator
 
 from features.config import add_config_arguments, config_from_args
 from features.dataset import atomic_write_text
+from features.logs import configure_logging
 from ingest.config import IngestConfig
 
 log = logging.getLogger(__name__)
@@ -216,9 +217,7 @@ def read_state(run_dir: str | Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
+    configure_logging()
     parser = argparse.ArgumentParser(prog="sirenfeed broker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, help="port on 127.0.0.1 (broker.port; 0 = a free port)")
     parser.add_argument("--topics", nargs="+", metavar="TOPIC",

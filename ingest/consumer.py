@@ -32,6 +32,7 @@ from kafka.structs import OffsetAndMetadata
 from tqdm import tqdm
 
 from features.config import add_config_arguments, config_from_args
+from features.logs import configure_logging
 from features.validation import check_message
 from ingest.broker import BrokerError
 from ingest.clients import bootstrap_servers, make_admin, make_consumer, make_producer
@@ -350,9 +351,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
+    configure_logging()
     parser = argparse.ArgumentParser(prog="sirenfeed ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", metavar="LANDING_DIR", help="landing zone root (landing.dir)")
     parser.add_argument("--until-idle", type=float, metavar="SECONDS",

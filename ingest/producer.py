@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from features.config import add_config_arguments, config_from_args
 from features.dataset import MANIFEST_NAME, is_complete
+from features.logs import configure_logging
 from features.schema import RAW_ARROW_SCHEMA, SCHEMA_VERSION
 from ingest.broker import BrokerError
 from ingest.clients import make_producer
@@ -152,9 +153,7 @@ def replay(config: IngestConfig, raw_dir: str | Path, topic: str | None = None) 
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per connection
+    configure_logging()
     parser = argparse.ArgumentParser(prog="sirenfeed produce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw", required=True, metavar="RAW_DIR",
                         help="raw events: RAW_DIR/date=YYYY-MM-DD/")

@@ -7,10 +7,10 @@ dispatches, importing the chosen command alone so ``sirenfeed --help`` stays fas
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 from features.config import ConfigError
+from features.logs import configure_logging
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("features.synth", "write synthetic feed logs in the raw event contract"),
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"sirenfeed: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # it logs every connection at INFO
+    configure_logging()
     module, entry = importlib.import_module(COMMANDS[name][0]), "main"
     if name == "train" and "--continuous" in rest:  # continuous training is driven by retraining cycles
         module, entry = importlib.import_module("sirenfeed.retrain"), "continuous_main"

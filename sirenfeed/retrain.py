@@ -46,6 +46,7 @@ from omegaconf import MISSING
 
 from features.config import add_config_arguments, config_from_args, load_config, require
 from features.dataset import atomic_write_text
+from features.logs import configure_logging
 from features.settings import FeaturesConfig
 from trainer.gate import GateConfig
 
@@ -519,5 +520,5 @@ def describe_outcome(code: int) -> str:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     sys.exit(main(sys.argv[1:]))

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from features.config import (ConfigError, add_config_arguments, config_from_args, load_config, require,
                              to_dict)
 from features.dataset import atomic_write_text, json_safe, read_manifest
+from features.logs import configure_logging
 from features.schema import ContractConfig
 from features.spec import LABEL_COLUMNS, FeatureSpec, long_dwell_threshold, user_key
 from features.synth import TRUTH_COLUMNS, TRUTH_DIR
@@ -375,8 +376,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
     try:
         sys.exit(main(sys.argv[1:]))
     except ConfigError as error:

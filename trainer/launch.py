@@ -53,6 +53,7 @@ from typing import Sequence
 
 from features.config import add_config_arguments, config_from_args
 from features.dataset import atomic_write_text
+from features.logs import DATE_FORMAT
 from trainer.config import TrainConfig
 from trainer.distributed import remove_leftover_segments
 
@@ -190,7 +191,7 @@ def configure_logging(rank: int) -> None:
     readable."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt=DATE_FORMAT, force=True)
     for noisy in ("DeepSpeed", "petastorm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from features.config import add_config_arguments, config_from_args, require
+from features.logs import configure_logging
 from features.spec import (LABEL_COLUMNS, LOSS_MASK_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK,
                            TS_COLUMN, cyclical)
 from trainer.data import DataError, eval_batches, read_feature_manifest
@@ -377,8 +377,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="report directory (default: RUN/report)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    # Petastorm warns about pyarrow deprecations on every reader it opens; nothing we can act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
     config = config_from_args(ReportConfig, args, run=args.run, features=args.features, out=args.out)
     target = build_report(config)
     print(target / "index.html")
@@ -386,6 +384,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
     sys.exit(main(sys.argv[1:]))

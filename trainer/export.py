@@ -4,7 +4,9 @@
 
 - ``model.pt``: the fp32 state dict (tensors only, loadable with ``weights_only=True``)
 - ``config.yaml`` and ``config.json``: the resolved :class:`~trainer.config.TrainConfig`
-- ``feature_spec.json``: the feature spec, its version and the time reference ``t_ref_seconds``
+- ``feature_spec.json``: the feature spec, its version and the time reference ``t_ref_seconds``:
+  the T_ref the weights use, read from the model's own buffer (a warm start keeps its checkpoint's
+  anchor, whatever the new data's watermark), null for a model without time features
 - ``_MANIFEST.json`` (sha256 of every file above) and ``_SUCCESS``, written last
   (:func:`features.dataset.write_manifest`)
 
@@ -27,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from features.config import load_config, to_dict, to_yaml
 from features.dataset import IncompleteDatasetError, read_manifest, write_manifest
@@ -62,7 +63,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_model(model: nn.Module, config: TrainConfig, spec: FeatureSpec, t_ref_seconds: float,
+def export_model(model: GenerativeRanker, config: TrainConfig, spec: FeatureSpec,
                  run_dir: str | Path, tag: str, step: int) -> Path:
     """Write ``RUN_DIR/export/<tag>/`` and point ``latest`` at it (call on one rank only).
 
@@ -87,7 +88,7 @@ def export_model(model: nn.Module, config: TrainConfig, spec: FeatureSpec, t_ref
         (staging / CONFIG_JSON).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
         (staging / SPEC_FILE).write_text(json.dumps({
             "spec": dataclasses.asdict(spec), "version": FEATURE_SPEC_VERSION,
-            "t_ref_seconds": t_ref_seconds}, indent=2, sort_keys=True) + "\n")
+            "t_ref_seconds": model.time_reference()}, indent=2, sort_keys=True) + "\n")
         write_manifest(staging, {"tag": tag, "step": step,
                                  "sha256": {name: sha256(staging / name) for name in EXPORT_FILES}})
         if target.exists():
@@ -136,15 +137,21 @@ def load_exported(path: str | Path) -> tuple[GenerativeRanker, TrainConfig, Feat
     """The exported model (eval mode, on CPU), its training config and feature spec.
 
     ``path`` is an export directory or ``RUN_DIR/export/latest``; the link is resolved once, so a
-    concurrent publish cannot mix two exports. Raises :class:`ExportError` when incomplete or corrupt.
+    concurrent publish cannot mix two exports. The model's T_ref comes from the weights, which must
+    agree with ``feature_spec.json``. Raises :class:`ExportError` when incomplete, corrupt or when
+    the two disagree.
     """
     path = Path(path).resolve()
     verify_export(path)
     config = load_config(TrainConfig, path / CONFIG_YAML)
     spec_record = json.loads((path / SPEC_FILE).read_text())
     spec = FeatureSpec(**spec_record["spec"])
-    model = GenerativeRanker(config.model, spec, spec_record["t_ref_seconds"])
+    t_ref = spec_record["t_ref_seconds"]
+    model = GenerativeRanker(config.model, spec, t_ref or 0)
     state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
+    if model.time_reference() != t_ref:
+        raise ExportError(f"{path / SPEC_FILE} records T_ref {t_ref}, but the weights use "
+                          f"{model.time_reference()}")
     model.eval()
     return model, config, spec

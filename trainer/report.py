@@ -48,7 +48,7 @@ from trainer.evaluate import METRICS_FILE
 from trainer.export import export_root, load_exported
 from trainer.metrics import binary_metrics, format_table
 from trainer.model import GenerativeRanker
-from trainer.rotary import METADATA_COLUMNS, METADATA_EMBEDDING_DIM, YEAR_SECONDS, SirenRoPE
+from trainer.rotary import METADATA_COLUMNS, SirenRoPE
 from trainer.train import HISTORY_FILE
 
 if TYPE_CHECKING:
@@ -221,20 +221,20 @@ def plot_ne_by_bucket(values: dict[str, np.ndarray], labels: list[str], xlabel: 
     return _save(figure, path)
 
 
-def temporal_angles(rotary: SirenRoPE, ts: np.ndarray, t_ref_seconds: int) -> np.ndarray:
-    """f(x)·ω for the newest-token position (order 0) at event times ``ts``: ``[len(ts), d_head/2]``.
+def temporal_angles(rotary: SirenRoPE, ts: np.ndarray) -> np.ndarray:
+    """f(x)·ω at event times ``ts`` (epoch seconds): ``[len(ts), d_head/2]``.
 
-    Categorical inputs to f (if any) are set to the padding embedding (zeros): the time effect alone.
+    x is built by the model's own :class:`~trainer.rotary.TimeFeatures` (its T_ref and clamp) from
+    the feature pipeline's cyclical columns, as in training. Categorical inputs to f (if any) get
+    the padding id, whose embedding is zero: the time effect alone.
     """
-    years = (ts.astype(np.int64) - int(t_ref_seconds)).astype(np.float64) / YEAR_SECONDS
-    cycles = cyclical(ts)
-    x = np.stack([np.zeros_like(years), years] + [cycles[c].astype(np.float64)
-                                                   for c in ("tod_sin", "tod_cos", "dow_sin", "dow_cos")], axis=-1)
-    inputs = torch.from_numpy(x).float()
+    ts = np.asarray(ts, dtype=np.int64)
+    row = {TS_COLUMN: torch.from_numpy(ts)[None]}
+    row.update({column: torch.from_numpy(values)[None] for column, values in cyclical(ts).items()})
     if rotary.metadata is not None:
-        inputs = torch.cat([inputs, torch.zeros(len(ts), len(METADATA_COLUMNS) * METADATA_EMBEDDING_DIM)], dim=-1)
+        row.update({column: torch.zeros_like(row[TS_COLUMN]) for column in METADATA_COLUMNS})
     with torch.no_grad():
-        return (rotary.temporal_function(inputs) * rotary.omega.float()).numpy()
+        return (rotary.temporal_function(rotary.inputs(row)) * rotary.omega.float())[0].numpy()
 
 
 def plot_angles(model: GenerativeRanker, pairs: list[int], path: Path) -> str | None:
@@ -246,7 +246,7 @@ def plot_angles(model: GenerativeRanker, pairs: list[int], path: Path) -> str | 
     t_ref = int(rotary.time_features.t_ref_seconds.item())
     monday = t_ref - (t_ref - MONDAY_EPOCH_OFFSET_S) % SECONDS_PER_WEEK  # the Monday 00:00 before T_ref
     week = monday + np.arange(0, SECONDS_PER_WEEK, 600)
-    angles = temporal_angles(rotary, week, t_ref)
+    angles = temporal_angles(rotary, week)
     figure = _figure(figsize=(13, 4.5))
     week_axis, day_axis = figure.subplots(1, 2)
     days = (week - monday) / SECONDS_PER_DAY
@@ -256,13 +256,13 @@ def plot_angles(model: GenerativeRanker, pairs: list[int], path: Path) -> str | 
     for boundary in range(1, 7):
         week_axis.axvline(boundary, color="lightgray", linewidth=0.6)
     week_axis.set(xlabel="time of week (UTC), ticks at noon", ylabel="f(x)_j · ω_j  [rad]",
-                  title="Learned temporal angle over one week (newest token)")
+                  title="Learned temporal angle over one week")
     week_axis.legend(fontsize=8)
     hours = np.arange(0, 24, 0.25)
     for pair in chosen[:2]:
         for day in (0, 2, 5, 6):
             times = monday + day * SECONDS_PER_DAY + (hours * 3600).astype(np.int64)
-            day_axis.plot(hours, temporal_angles(rotary, times, t_ref)[:, pair],
+            day_axis.plot(hours, temporal_angles(rotary, times)[:, pair],
                           label=f"j={pair}, {DAY_NAMES[day]}")
     day_axis.set(xlabel="hour of day (UTC)", ylabel="f(x)_j · ω_j  [rad]",
                  title="By time of day, for a few days of the week")

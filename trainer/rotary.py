@@ -9,10 +9,22 @@ circle (DESIGN.md §3)::
     none      Θ_j(i) = 0
     ordinal   Θ_j(i) = p_i · θ_j                       θ_j = base^(−2j/d_head)
     to_rope   Θ_j(i) = (p_i + β · Δ_i) · θ_j            Δ_i = hours from token i to the newest
-    siren     Θ_j(i) = f(x_i)_j · ω_j + λ · p_i · θ_j   f = f_sin + f_dnn of time features x_i
+    siren     Θ_j(i) = f(x_i)_j · ω_j + λ · p_i · θ_j   f = f_sin + f_dnn
+                                                        x_i = [t̃_i, sin/cos day, sin/cos week]
 
 ``p_i`` is the reverse ordinal position: rows are left-padded, so column ``k`` of a row of width
 ``C`` is ``p = C − 1 − k`` (newest token 0) whatever the row's length.
+
+Causality. Token i's prediction may depend on tokens j ≤ i only (its own features and its
+history), so nothing that puts token i on its circle may depend on a later token. Appending k
+tokens to a row adds k to every earlier ``p``; that is harmless where p enters linearly (ordinal,
+TO-RoPE, the λ · p · θ term: only ``p_i − p_j`` reaches ``q_i · k_j``), but not inside the
+non-linear f. The paper's demo code feeds f the normalised reverse position ``p / (C − 1)`` as one
+of its inputs; it counts the tokens that *follow* i, so in that code appending a token moves the
+angles, and through attention the predictions, of every earlier token, and training (token i
+anywhere in the window) differs from serving (the candidate is always the newest token). We leave
+it out: x_i holds only the token's own time features (:class:`TimeFeatures`), and order enters
+through λ · p · θ alone.
 
 All angle math runs in fp32 with autocast off, and reads parameters through ``.float()``, so it
 stays fp32 under ``torch.autocast`` and also when a wrapper casts the module's parameters to bf16.
@@ -29,8 +41,8 @@ from features.spec import CYCLICAL_COLUMNS, SECONDS_PER_DAY, TS_COLUMN
 
 YEAR_SECONDS = 365.25 * SECONDS_PER_DAY
 HOUR_SECONDS = 3600.0
-TIME_FEATURE_COUNT = 2 + len(CYCLICAL_COLUMNS)
-"""x_i = [order, t̃, tod_sin, tod_cos, dow_sin, dow_cos]."""
+TIME_FEATURE_COUNT = 1 + len(CYCLICAL_COLUMNS)
+"""x_i = [t̃, tod_sin, tod_cos, dow_sin, dow_cos]."""
 METADATA_COLUMNS: tuple[str, ...] = ("content_type", "topic", "surface")
 """Categorical ids that can join x_i as input to f (``model.categorical_input``)."""
 METADATA_EMBEDDING_DIM = 8
@@ -85,17 +97,25 @@ def _affine_fp32(layer: nn.Linear, x: Tensor, scale: float = 1.0) -> Tensor:
 
 
 class TimeFeatures(nn.Module):
-    """x_i = [order, t̃, sin/cos(2πT/86400), sin/cos(2πT/604800)] per token, fp32 ``[B, C, 6]``.
+    """x_i = [t̃, sin/cos(2πT/86400), sin/cos(2πT/604800)] per token, fp32 ``[B, C, 5]``::
 
-    ``order = p / (context_len − 1)``; ``t̃ = (T − T_ref) / year``. The cyclical terms are the
-    row's own columns (features.spec computes them). A token without a timestamp gets all zeros.
-    ``T_ref`` is a persistent int64 buffer: a checkpoint restores the anchor it was trained with
-    (re-anchor with :meth:`set_time_reference`).
+        t̃ = clamp((T − T_ref) / year, −H, H)        H = horizon_years (model.time_horizon_years)
+
+    Every entry is a function of token i's own event time T, so x_i is causal (the module docstring
+    says why the paper's reverse-position input is not here). The cyclical terms are the row's own
+    columns (features.spec computes them). A token without a timestamp gets all zeros.
+
+    ``T_ref`` is a persistent int64 buffer: a checkpoint restores the anchor it was trained with, a
+    warm start keeps it (re-anchoring, :meth:`set_time_reference`, would move every t̃ the weights
+    have learned from), and the export records it. What keeps long-running incremental training
+    sound far from ``T_ref`` is the clamp: beyond ``H`` years t̃ saturates instead of feeding f
+    values ever further outside the range it was trained on, while the cyclical terms keep their
+    meaning.
     """
 
-    def __init__(self, context_len: int, t_ref_seconds: float):
+    def __init__(self, t_ref_seconds: float, horizon_years: float):
         super().__init__()
-        self.context_len = context_len
+        self.horizon_years = horizon_years
         self.register_buffer("t_ref_seconds", torch.tensor(int(t_ref_seconds), dtype=torch.int64))
 
     def set_time_reference(self, t_ref_seconds: float) -> None:
@@ -103,12 +123,10 @@ class TimeFeatures(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         ts = batch[TS_COLUMN]
-        batch_size, width = ts.shape
-        order = reverse_positions(width, ts.device) / (self.context_len - 1)
         # Subtract in int64: epoch seconds do not fit fp32 exactly (one ulp is 128 s).
         years = (ts - self.t_ref_seconds).to(torch.float32) / YEAR_SECONDS
         features = torch.stack(
-            [order.expand(batch_size, width), years]
+            [years.clamp(-self.horizon_years, self.horizon_years)]
             + [batch[column].to(torch.float32) for column in CYCLICAL_COLUMNS], dim=-1)
         return features * has_timestamp(batch).unsqueeze(-1)
 
@@ -221,12 +239,12 @@ class SirenRoPE(RotaryEncoding):
     embeddings join x_i.
     """
 
-    def __init__(self, *, d_head: int, rope_base: float, context_len: int, t_ref_seconds: float,
-                 width: int, siren_layers: int, dnn_layers: int, omega0: float,
+    def __init__(self, *, d_head: int, rope_base: float, t_ref_seconds: float,
+                 time_horizon_years: float, width: int, siren_layers: int, dnn_layers: int, omega0: float,
                  siren_branch: bool, dnn_branch: bool, ordinal_term: bool, angle_count: int,
                  metadata_buckets: dict[str, int] | None):
         super().__init__(d_head, rope_base)
-        self.time_features = TimeFeatures(context_len, t_ref_seconds)
+        self.time_features = TimeFeatures(t_ref_seconds, time_horizon_years)
         self.metadata = None if metadata_buckets is None else nn.ModuleDict({
             column: nn.Embedding(metadata_buckets[column], METADATA_EMBEDDING_DIM, padding_idx=0)
             for column in METADATA_COLUMNS})

@@ -20,13 +20,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ordinal": {**_FULL_SIREN, "rotary": "ordinal"},
     "to_rope": {**_FULL_SIREN, "rotary": "to_rope"},
     "time_embedding": {**_FULL_SIREN, "rotary": "ordinal", "time_in_embedding": True},
+    "time_embedding_siren": {**_FULL_SIREN, "time_in_embedding": True},
     "siren_only": {**_FULL_SIREN, "dnn_branch": False},
     "dnn_only": {**_FULL_SIREN, "siren_branch": False},
     "siren": dict(_FULL_SIREN),
     "siren_categorical": {**_FULL_SIREN, "categorical_input": True},
     "siren_no_ordinal": {**_FULL_SIREN, "ordinal_term": False},
 }
-"""Variant name -> ``model.*`` values."""
+"""Variant name -> ``model.*`` values.
+
+``time_embedding`` (the token's time features in its embedding, ordinal RoPE in attention) is the
+control for SIREN-RoPE; ``time_embedding_siren`` keeps the same embedding and adds SIREN-RoPE, so
+the pair measures what the rotation adds on top of time features. A rotation cannot move a token's
+prediction by its own time alone (``q_i · k_i`` is unrotated), only how it relates to its history.
+"""
 
 
 def _format(value: Any) -> str:

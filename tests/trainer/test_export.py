@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from features.config import load_config
+from features.dataset import read_manifest, write_manifest
 from features.spec import FEATURE_SPEC_VERSION
 from trainer.config import TrainConfig
-from trainer.data import DataError, eval_batches
+from trainer.data import DataError, eval_batches, parquet_files
 from trainer.evaluate import main as evaluate_main
 from trainer.export import EXPORT_FILES, ExportError, export_model, load_exported
+from trainer import checkpoint
 from trainer.model import GenerativeRanker, synthetic_batch
-
 
 
 @pytest.fixture
@@ -27,11 +28,11 @@ def exported(tmp_path, tiny_spec, tiny_model_overrides):
         "features=/data/features", f"run={tmp_path / 'run'}", *tiny_model_overrides])
     torch.manual_seed(0)
     model = GenerativeRanker(config.model, tiny_spec, 1_714_800_000)
-    export_model(model, config, tiny_spec, 1_714_800_000, config.run, "a", 1)
+    export_model(model, config, tiny_spec, config.run, "a", 1)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.01)
-    export_model(model, config, tiny_spec, 1_714_800_000, config.run, "b", 2)
+    export_model(model, config, tiny_spec, config.run, "b", 2)
     return model.eval(), config, tmp_path / "run" / "export"
 
 
@@ -46,6 +47,33 @@ def test_round_trip_gives_identical_logits(exported, tiny_spec):
         assert torch.equal(expected[task], actual[task]), task
     record = json.loads((root / "b" / "feature_spec.json").read_text())
     assert record["version"] == FEATURE_SPEC_VERSION and record["t_ref_seconds"] == 1_714_800_000
+
+
+def test_the_export_records_the_anchor_the_weights_use(tmp_path, tiny_spec, tiny_model_overrides):
+    """One source of truth for T_ref: the model's buffer (here moved away from the anchor it was
+    built with, as a checkpoint load does), not what the caller believes."""
+    config = load_config(TrainConfig, overrides=[
+        "features=/data/features", f"run={tmp_path / 'run'}", *tiny_model_overrides])
+    model = GenerativeRanker(config.model, tiny_spec, 1_714_800_000).eval()
+    model.set_time_reference(1_700_000_000)
+    target = export_model(model, config, tiny_spec, config.run, "a", 1)
+    assert json.loads((target / "feature_spec.json").read_text())["t_ref_seconds"] == 1_700_000_000
+    loaded, _, _ = load_exported(target)
+    assert loaded.time_reference() == 1_700_000_000
+    batch = synthetic_batch(tiny_spec, 4, seed=3, start_seconds=1_700_000_000)
+    with torch.no_grad():
+        expected, actual = model(batch), loaded(batch)
+    for task in expected:
+        assert torch.equal(expected[task], actual[task]), task
+
+
+def test_a_model_without_time_features_records_no_anchor(tmp_path, tiny_spec, tiny_model_overrides):
+    config = load_config(TrainConfig, overrides=[
+        "features=/data/features", f"run={tmp_path / 'run'}", *tiny_model_overrides, "model.rotary=ordinal"])
+    target = export_model(GenerativeRanker(config.model, tiny_spec, 1_714_800_000), config, tiny_spec,
+                          config.run, "a", 1)
+    assert json.loads((target / "feature_spec.json").read_text())["t_ref_seconds"] is None
+    assert load_exported(target)[0].time_reference() is None
 
 
 def test_latest_moves_only_to_a_complete_export(exported):
@@ -63,7 +91,7 @@ def test_latest_moves_only_to_a_complete_export(exported):
 def test_exporting_a_complete_tag_again_keeps_it_and_moves_latest(exported, tiny_spec):
     model, config, root = exported
     before = (root / "a" / "model.pt").read_bytes()
-    export_model(model, config, tiny_spec, 1_714_800_000, config.run, "a", 1)
+    export_model(model, config, tiny_spec, config.run, "a", 1)
     assert (root / "latest").resolve() == (root / "a").resolve()
     assert (root / "a" / "model.pt").read_bytes() == before  # not the modified weights of "b"
 
@@ -104,6 +132,51 @@ def test_export_of_a_run_matches_its_final_checkpoint(trained_run, tiny_features
     trained.load_state_dict(state["module"])
     trained.eval()
     batch = next(eval_batches(tiny_features, spec.context_len, 32, 0, 1))
+    with torch.no_grad():
+        expected, actual = trained(batch), exported_model(batch)
+    for task in expected:
+        assert torch.equal(expected[task], actual[task]), task
+
+
+def as_next_batch(root):
+    """Catalogue a written feature dataset as feature batch 1, the layout an incremental append
+    leaves, so a warm start from a checkpoint trained through batch 0 trains on it."""
+    manifest = read_manifest(root)
+    files = {split: [str(path.relative_to(root)) for path in parquet_files(root / split)]
+             for split in ("train", "eval")}
+    manifest["batches"] = [{"index": 1, "name": "b000001", "watermark_ms": manifest["watermark_ms"],
+                            "max_event_ms": manifest["watermark_ms"], "split_ts_ms": manifest["split_ts_ms"],
+                            "files": files}]
+    write_manifest(root, manifest)
+    return root
+
+
+@pytest.mark.slow
+def test_a_warm_start_exports_the_anchor_of_its_checkpoint(trained_run, feature_writer, launch,
+                                                           train_overrides, tmp_path):
+    """A warm start on data with a later watermark keeps its checkpoint's T_ref in the weights; the
+    export records that anchor (not the new data's), and the exported model scores like the
+    segment's final checkpoint."""
+    fresh = as_next_batch(feature_writer(tmp_path / "fresh", train_files=[(9, 64, 32)],
+                                         eval_files=[(10, 32, 32)], seed=4))
+    source = checkpoint.checkpoint_root(trained_run.run) / checkpoint.complete_tags(trained_run.run)[-1]
+    anchor = torch.load(source / "mp_rank_00_model_states.pt", weights_only=True)[
+        "module"]["rotary.time_features.t_ref_seconds"].item()
+    fresh_watermark = json.loads((fresh / "_MANIFEST.json").read_text())["watermark_ms"] // 1000
+    assert fresh_watermark != anchor
+    run = tmp_path / "warm"
+    launch(fresh, run, *train_overrides, "train.steps=2", "schedule.kind=constant",
+           "schedule.warmup_steps=0", "train.eval_every=0", "train.checkpoint_every=0",
+           "--resume-from", str(trained_run.run))
+    record = json.loads((run / "export" / "latest" / "feature_spec.json").read_text())
+    assert record["t_ref_seconds"] == anchor
+    exported_model, config, spec = load_exported(run / "export" / "latest")
+    assert exported_model.time_reference() == anchor
+    final = checkpoint.checkpoint_root(run) / checkpoint.complete_tags(run)[-1]
+    trained = GenerativeRanker(config.model, spec, fresh_watermark)
+    trained.load_state_dict(torch.load(final / "mp_rank_00_model_states.pt", weights_only=True)["module"])
+    trained.eval()
+    batch = next(eval_batches(fresh, spec.context_len, 32, 0, 1))
     with torch.no_grad():
         expected, actual = trained(batch), exported_model(batch)
     for task in expected:

@@ -7,10 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.evaluate import METRICS_FILE
-from trainer.report import GAP_LABELS, gap_bucket, main, ne_by_bucket, read_history
+from trainer.model import GenerativeRanker, ModelConfig, synthetic_batch
+from trainer.report import GAP_LABELS, gap_bucket, main, ne_by_bucket, read_history, temporal_angles
+from trainer.rotary import METADATA_COLUMNS, YEAR_SECONDS
 from trainer.train import HISTORY_FILE
+from trainer.variants import VARIANTS
 
 # pyparsing 3.3 deprecates names matplotlib's font and mathtext parsers still use.
 
@@ -81,3 +85,29 @@ def test_gap_buckets_and_bucket_ne():
     values = ne_by_bucket(tokens, bucket, 3, min_tokens=50)
     assert values["count"].tolist() == [195, 200, 5]
     assert values["like"][0] < 1.0 and values["like"][1] < 1.0 and np.isnan(values["like"][2])
+
+
+@pytest.mark.parametrize("name", ["siren", "siren_categorical", "siren_no_ordinal"])
+def test_temporal_angles_are_the_models_own(tiny_spec, name):
+    """The figure's f(x)·ω is the temporal part of the angles the model attends with, computed by
+    the model's TimeFeatures (anchor and clamp included), with categorical inputs at padding."""
+    t_ref = 1_714_800_000
+    torch.manual_seed(0)
+    config = ModelConfig(**VARIANTS[name], d_model=32, n_heads=2, time_horizon_years=0.5)
+    model = GenerativeRanker(config, tiny_spec, t_ref)
+    batch = synthetic_batch(tiny_spec, 6, seed=1, start_seconds=t_ref + int(0.4 * YEAR_SECONDS))
+    batch.update({column: torch.zeros_like(batch[column]) for column in METADATA_COLUMNS})
+    rotary = model.rotary
+    with torch.no_grad():
+        angles = rotary(batch)
+        if rotary.ordinal_gate is not None:
+            angles = angles - rotary.ordinal_gate * rotary.ordinal_angles(batch)
+    real = batch["ts"] > 0
+    expected = angles[real].numpy()
+    assert np.allclose(temporal_angles(rotary, batch["ts"][real].numpy()), expected, atol=1e-5)
+    beyond = temporal_angles(rotary, batch["ts"][real].numpy() + int(YEAR_SECONDS))
+    # A year later everything lies past the horizon: only the cyclical inputs still move f.
+    assert not np.allclose(beyond, expected, atol=1e-3)
+    at_horizon = t_ref + int(0.5 * YEAR_SECONDS) + np.arange(0, 7 * 86_400 * 52, 7 * 86_400)
+    same_phase = temporal_angles(rotary, at_horizon + 7 * 86_400 * 3)
+    assert np.allclose(same_phase, temporal_angles(rotary, at_horizon), atol=1e-4)

@@ -8,8 +8,8 @@ import torch
 
 from features.spec import ID_COLUMNS, FeatureSpec, cyclical
 from trainer.model import GenerativeRanker, ModelConfig, build_rotary, synthetic_batch
-from trainer.rotary import (METADATA_COLUMNS, METADATA_EMBEDDING_DIM, OrdinalRoPE, Siren, TimeFeatures,
-                            rotate, unit_rotations)
+from trainer.rotary import (METADATA_COLUMNS, METADATA_EMBEDDING_DIM, TIME_FEATURE_COUNT, OrdinalRoPE,
+                            Siren, TimeFeatures, rotate, unit_rotations)
 from trainer.variants import VARIANTS
 
 T_REF = 1_700_000_000
@@ -79,16 +79,36 @@ def test_rotation_is_fp32_for_bf16_inputs():
 
 
 def test_time_features_match_their_definition(spec, batch):
-    features = TimeFeatures(spec.context_len, T_REF)(batch)
+    features = TimeFeatures(T_REF, horizon_years=2.0)(batch)
     ts = batch["ts"].numpy()
-    width = ts.shape[1]
-    order = np.broadcast_to(np.arange(width - 1, -1, -1) / (spec.context_len - 1), ts.shape)
     cyc = cyclical(ts)
-    expected = np.stack([order, (ts - T_REF) / YEAR, cyc["tod_sin"], cyc["tod_cos"], cyc["dow_sin"],
+    expected = np.stack([(ts - T_REF) / YEAR, cyc["tod_sin"], cyc["tod_cos"], cyc["dow_sin"],
                          cyc["dow_cos"]], axis=-1) * (ts > 0)[..., None]
-    assert features.dtype == torch.float32
+    assert features.shape[-1] == TIME_FEATURE_COUNT == 5 and features.dtype == torch.float32
     assert np.allclose(features.numpy(), expected, atol=1e-5)
     assert (features[batch["ts"] == 0] == 0).all() and (batch["ts"] == 0).any()
+
+
+def test_time_features_depend_on_the_tokens_own_time_only(batch):
+    """No position in x_i: the same token gets the same features in any column of any row."""
+    features = TimeFeatures(T_REF, horizon_years=2.0)
+    shifted = {column: values[:, 1:] if values.ndim == 2 else values for column, values in batch.items()}
+    assert torch.equal(features(shifted), features(batch)[:, 1:])
+
+
+def test_time_offset_is_clamped_to_the_horizon(batch):
+    """t̃ saturates at ± H years, however far incremental training runs from T_ref; the cyclical
+    terms are untouched."""
+    features = TimeFeatures(T_REF, horizon_years=1.5)
+    real = batch["ts"] > 0
+    for years, expected in ((5.0, 1.5), (-4.0, -1.5), (1.0, 1.0)):
+        moved = {**batch, "ts": torch.where(real, batch["ts"] + int(years * YEAR), 0)}
+        x = features(moved)
+        within = (batch["ts"][real] - T_REF).float() / YEAR
+        assert torch.allclose(x[..., 0][real], (within + years).clamp(-1.5, 1.5), atol=1e-5)
+        if expected != years:
+            assert (x[..., 0][real] == expected).all()
+        assert torch.equal(x[..., 1:], features(batch)[..., 1:])
 
 
 def test_none_variant_gives_zero_angles(spec, batch):
@@ -204,6 +224,29 @@ def test_time_embedding_changes_embeddings_not_angles(spec, batch):
         assert torch.equal(ordinal(shifted)["like"], ordinal(batch)["like"])
 
 
+def test_time_embedding_siren_rotates_like_siren_and_embeds_time_like_the_control(spec, batch):
+    config = variant_config("time_embedding_siren", d_model=32, n_heads=2)
+    assert config.rotary == "siren" and config.time_in_embedding
+    torch.manual_seed(0)
+    model = GenerativeRanker(config, spec, T_REF)
+    torch.manual_seed(0)
+    siren = GenerativeRanker(variant_config("siren", d_model=32, n_heads=2), spec, T_REF)
+    siren.rotary.load_state_dict(model.rotary.state_dict())
+    assert model.time_projection is not None and siren.time_projection is None
+    assert torch.equal(model.rotation_angles(batch), siren.rotation_angles(batch))
+    real = batch["ts"] > 0
+    shifted = {**batch, "ts": torch.where(real, batch["ts"] + 3 * 3_600, 0)}
+    assert not torch.allclose(model.rotation_angles(shifted)[real], model.rotation_angles(batch)[real])
+    # A row's first token attends to itself only, where the rotation cancels (q_i · k_i is
+    # unrotated): its own time reaches its prediction through the embedding alone.
+    rows = torch.arange(batch["ts"].shape[0])
+    first = batch["ts"].shape[1] - batch["length"].long()
+    with torch.no_grad():
+        embedded = (model(shifted)["like"] - model(batch)["like"])[rows, first].abs()
+        rotated_only = (siren(shifted)["like"] - siren(batch)["like"])[rows, first].abs()
+    assert (embedded > 1e-6).all() and (rotated_only < 1e-6).all()
+
+
 def test_siren_initial_weight_bounds():
     torch.manual_seed(0)
     siren = Siren(6, 64, 2, 16, omega0=10.0)
@@ -247,7 +290,7 @@ def arcsine_distance(values):
 def test_rotary_parameter_count(spec):
     config = ModelConfig()
     rotary = build_rotary(config, spec, T_REF)
-    width, inputs, outputs = 64, 6, 16
+    width, inputs, outputs = 64, 5, 16
     branch = (inputs * width + width) + (width * width + width) + (width * outputs + outputs)
     assert sum(p.numel() for p in rotary.parameters()) == 2 * branch + outputs + 1
     categorical = build_rotary(variant_config("siren_categorical"), spec, T_REF)

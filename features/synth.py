@@ -7,9 +7,11 @@ writes
   :data:`features.schema.RAW_ARROW_SCHEMA`, one file per date per chunk of users (NNNNN is the
   chunk), sorted by (user, time). The partition is the UTC date of the event's true time, which the
   two timestamp faults below keep.
-* ``RAW_DIR/_truth/date=YYYY-MM-DD/part-NNNNN.parquet``: ``event_id`` and the probabilities
-  ``p_contribution``, ``p_like``, ``p_long_dwell`` (float64) each event was drawn with, one row per
-  distinct ``event_id``, so a benchmark can compute the Bayes-optimal NE.
+* ``RAW_DIR/_truth/date=YYYY-MM-DD/part-NNNNN.parquet``: ``event_id``, the probabilities
+  ``p_contribution``, ``p_like``, ``p_long_dwell`` (float64) each event was drawn with, and the terms
+  of its engagement logit η by mechanism (``relational_logit``, ``topic_interest_logit``,
+  ``absolute_time_logit``, see *Ground truth* below), one row per distinct ``event_id``, so a
+  benchmark can compute the Bayes-optimal NE, overall and on the events a mechanism moves.
 * ``_MANIFEST.json`` and ``_SUCCESS`` (:func:`features.dataset.write_manifest`): counts (events,
   valid events, injected bad events by kind, injected duplicates, users, days, events per date),
   the watermark (largest ``event_ts`` of a valid event), the seed and the whole config.
@@ -62,18 +64,34 @@ catalogue's age range (the topic's oldest item when none is old enough).
         + content_types[c].tod_logit · cos(2π(hour − content_types[c].tod_peak_hour)/24)
         + weekend_logit · [Saturday or Sunday]
         + freshness_logit · exp(−age_i / freshness_tau_h)
-        + topic_interest_logit · exp(−Δt / topic_interest_tau_h),
+        + topic_interest_logit · exp(−Δt / topic_interest_tau_h)
+        + author_recency_logit · exp(−Δa / author_recency_tau_min) · [Δa ≥ dwell_a + author_recency_delay_s],
 
 where ``Δt`` is the wall-clock time since the user's last contribution on an item of the same topic
-(∞ before the first). Because it decays with time and not with the number of impressions in
-between, a model that sees timestamps can exploit it and a purely ordinal one cannot fully. The
-loop that carries the last-contribution time per (user, topic) runs over the impression index, one
-vectorised step per position in the users' time-ordered sequences.
+(∞ before the first), and ``Δa`` the time since the user's last engagement (click or contribution)
+on an item of the same author, ``dwell_a`` that engagement's dwell (the newest one only: while it
+is not yet observable the term is 0). Both decay with time and not
+with the number of impressions in between, so a model that sees timestamps can exploit them and a
+purely ordinal one cannot fully. The same-author term is the planted *relational* effect: it
+depends only on the gap between the candidate and an earlier event, which a rotation of attention
+scores can express (q_i·k_i, the token with itself, is unrotated, so no rotation can move a token's
+prediction by its own time). It counts only once the earlier engagement was observable, its dwell
+over and ``author_recency_delay_s`` (at least the feature job's logging delay) passed, so it is
+learnable from the earlier token's actions, its author id and the gap; with the defaults the gaps of
+the events it lifts run from half a minute within a session (median ≈ 3 minutes) to an hour across
+sessions. The loop that carries the last-contribution time per (user, topic) and the last
+engagement per (user, author) runs over the impression index, one vectorised step per position in
+the users' time-ordered sequences, and draws each step's contribution, click and dwell.
 
 *Actions.* Given a contribution, like/comment/share are independent draws with
 ``content_types[c].p_like / p_comment / p_share``, and a like when none of them fires, so
 ``p_like = σ(η) · (p_like + (1 − p_like)(1 − p_comment)(1 − p_share))``. ``click`` is drawn with
 ``click_given_contribution`` after a contribution and ``σ(η + click_logit_offset)`` otherwise.
+
+*Ground truth by mechanism.* ``relational_logit`` is the same-author term of η (0 when no observable
+same-author engagement precedes the event), ``topic_interest_logit`` the topic-interest term, and
+``absolute_time_logit`` the terms set by the event's own time: content type × hour of day, weekend
+and freshness. The rest of η (base, surface, user bias, item quality) is constant in time.
 
 *Dwell.* ``log dwell_ms ~ N(μ_j, content_types[c].dwell_log_std²)`` with
 ``μ_j = log(content_types[c].dwell_median_ms) + dwell_logit_slope·(η − base_logit)
@@ -82,9 +100,11 @@ thresholds of :class:`features.spec.FeatureSpec`, ``long_dwell = dwell_ms ≥ th
 analytic probability ``p_long_dwell = σ(η)·Q(z_1) + (1 − σ(η))·Q(z_0)``, Q the standard normal
 tail and ``z_j = (log threshold[c] − μ_j)/dwell_log_std``.
 
-*Sizes of the defaults.* Contribution ≈ 8 %, like ≈ 7 %, comment and share ≈ 1.6 % each, long
-dwell ≈ 26 %, ≈ 24 impressions per user-day. Time-dependent logit terms: topic interest up to +1.5,
-content type × hour of day ±0.6 to ±1.0, weekend +0.5, freshness up to +0.8.
+*Sizes of the defaults.* Contribution ≈ 8.6 %, like ≈ 7 %, comment and share ≈ 1.7 % each, click
+≈ 35 %, long dwell ≈ 26 %, ≈ 24 impressions per user-day. Time-dependent logit terms: topic interest
+up to +1.5, same-author recency up to +1.2 (above 0.1 on ≈ 2.2 % of events, where contribution is
+≈ 24 % against ≈ 8 % elsewhere), content type × hour of day ±0.6 to ±1.0, weekend +0.5, freshness
+up to +0.8.
 
 *Dirty data* (so the feature job's quarantine and dedup have work). Each event is corrupted with
 probability ``bad_fraction``, into one of the kinds of :data:`BAD_EVENT_REASONS` chosen uniformly;
@@ -132,6 +152,9 @@ DATASET_KIND = "synthetic_raw_events"
 """``dataset`` entry of the manifest; a directory carrying it may be replaced by a re-run."""
 TRUTH_DIR = "_truth"
 TRUTH_COLUMNS = ("p_contribution", "p_like", "p_long_dwell")
+"""The probabilities each event's labels were drawn with."""
+MECHANISM_COLUMNS = ("relational_logit", "topic_interest_logit", "absolute_time_logit")
+"""Terms of each event's engagement logit η, by mechanism (module docstring, *Ground truth*)."""
 
 BAD_EVENT_REASONS: dict[str, str] = {
     "empty_user_id": f"{REASON_EMPTY}:user_id",
@@ -229,6 +252,9 @@ class GenerativeProcess:
     freshness_tau_h: float = 12.0
     topic_interest_logit: float = 1.5
     topic_interest_tau_h: float = 3.0
+    author_recency_logit: float = 1.2
+    author_recency_tau_min: float = 25.0
+    author_recency_delay_s: float = 30.0
     click_logit_offset: float = 2.0
     click_given_contribution: float = 0.8
     dwell_logit_slope: float = 0.3
@@ -241,12 +267,12 @@ class GenerativeProcess:
                 "must be >= process.topics (every topic needs an item older than the period)")
         for name in ("topic_concentration", "catalogue_days", "fresh_age_mean_h",
                      "sessions_per_day", "daily_rhythm", "impressions_per_session",
-                     "freshness_tau_h", "topic_interest_tau_h"):
+                     "freshness_tau_h", "topic_interest_tau_h", "author_recency_tau_min"):
             require(getattr(self, name) > 0, f"process.{name}", "must be > 0")
         require(self.impressions_per_session >= 1, "process.impressions_per_session", "must be >= 1")
         for name in ("author_zipf", "author_quality_std", "item_quality_std", "activity_log_std",
                      "peak_hour_std", "weekend_activity_log_std", "user_bias_std",
-                     "impression_gap_min_s", "impression_gap_mean_s"):
+                     "impression_gap_min_s", "impression_gap_mean_s", "author_recency_delay_s"):
             require(getattr(self, name) >= 0, f"process.{name}", "must be >= 0")
         for name in ("topic_explore_prob", "author_topic_loyalty", "author_type_loyalty",
                      "fresh_share", "click_given_contribution"):
@@ -364,6 +390,7 @@ class Catalogue:
     topic: np.ndarray
     content_type: np.ndarray
     quality: np.ndarray
+    author: np.ndarray
     item_ids: pa.Array
     author_ids: pa.Array
     by_topic: np.ndarray
@@ -411,7 +438,7 @@ def build_catalogue(process: GenerativeProcess, days: int, rng: np.random.Genera
     topic_keys = topic[by_topic] * key_span + created[by_topic]
     topic_first = np.searchsorted(topic[by_topic], np.arange(process.topics))
     return Catalogue(
-        created_s=created, topic=topic, content_type=content_type, quality=quality,
+        created_s=created, topic=topic, content_type=content_type, quality=quality, author=author,
         item_ids=pa.array([f"i{index:0{item_width}d}" for index in range(n_items)], pa.string()),
         author_ids=pa.array(author_names[author], pa.string()),
         by_topic=by_topic, topic_keys=topic_keys, topic_first=topic_first, key_span=key_span)
@@ -534,29 +561,79 @@ def preferred_topics(users: Users, user: np.ndarray, rng: np.random.Generator) -
 # Engagement
 
 
-def static_logit(events: Impressions, users: Users, catalogue: Catalogue, start_ms: int,
-                 process: GenerativeProcess) -> np.ndarray:
-    """Every term of η except the topic interest, which depends on earlier draws."""
+def absolute_time_logit(events: Impressions, catalogue: Catalogue, start_ms: int,
+                        process: GenerativeProcess) -> np.ndarray:
+    """The terms of η set by the impression's own time: content type × hour, weekend, freshness."""
     types = list(process.content_types.values())
     tod_logit = np.array([params.tod_logit for params in types])
     tod_peak = np.array([params.tod_peak_hour for params in types])
-    surface_logit = np.array([params.logit for params in process.surfaces.values()])
     content_type = catalogue.content_type[events.item]
     age_s = (events.ts_ms - start_ms) / 1000.0 - catalogue.created_s[events.item]
     phase = 2.0 * np.pi * (hour_of_day(events.ts_ms) - tod_peak[content_type]) / 24.0
-    return (process.base_logit + surface_logit[events.surface] + users.bias[events.user]
-            + catalogue.quality[events.item]
-            + tod_logit[content_type] * np.cos(phase)
+    return (tod_logit[content_type] * np.cos(phase)
             + process.weekend_logit * is_weekend(events.ts_ms)
             + process.freshness_logit * np.exp(-age_s / (process.freshness_tau_h * 3600.0)))
 
 
-def topic_interest(events: Impressions, static: np.ndarray, process: GenerativeProcess,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draw contributions in time order; returns ``(interest logit, contribution)`` per event.
+def static_logit(events: Impressions, users: Users, catalogue: Catalogue,
+                 process: GenerativeProcess, absolute_time: np.ndarray) -> np.ndarray:
+    """Every term of η except those relative to the user's earlier engagements."""
+    surface_logit = np.array([params.logit for params in process.surfaces.values()])
+    return (process.base_logit + surface_logit[events.surface] + users.bias[events.user]
+            + catalogue.quality[events.item] + absolute_time)
+
+
+@dataclass
+class DwellModel:
+    """``log dwell_ms ~ N(μ_j, log_std²)`` per event, ``μ_j = log_median + slope·(η − base_logit)
+    + shift·j`` with j the contribution (module docstring, *Dwell*)."""
+
+    log_median: np.ndarray
+    log_std: np.ndarray
+    slope: float
+    base_logit: float
+    shift: float
+
+    @classmethod
+    def of(cls, content_type: np.ndarray, process: GenerativeProcess) -> DwellModel:
+        types = list(process.content_types.values())
+        median = np.array([params.dwell_median_ms for params in types])[content_type]
+        log_std = np.array([params.dwell_log_std for params in types])[content_type]
+        return cls(np.log(median), log_std, process.dwell_logit_slope, process.base_logit,
+                   process.dwell_contribution_shift)
+
+    def location(self, eta: np.ndarray, index: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """μ_0 of the events at ``index``."""
+        return self.log_median[index] + self.slope * (eta - self.base_logit)
+
+    def draw(self, eta: np.ndarray, contribution: np.ndarray, noise: np.ndarray,
+             index: np.ndarray) -> np.ndarray:
+        """``dwell_ms`` of the events at ``index`` from their standard normal ``noise``."""
+        log_dwell = (self.location(eta, index) + self.shift * contribution
+                     + self.log_std[index] * noise)
+        return np.floor(np.exp(np.minimum(log_dwell, math.log(INT32_MAX)))).astype(np.int32)
+
+
+@dataclass
+class Engagement:
+    topic_interest: np.ndarray
+    """The topic interest term of η per event."""
+    author_recency: np.ndarray
+    """The same-author recency term of η per event."""
+    contribution: np.ndarray
+    click: np.ndarray
+    dwell_ms: np.ndarray
+
+
+def draw_engagement(events: Impressions, static: np.ndarray, author: np.ndarray,
+                    dwell: DwellModel, process: GenerativeProcess,
+                    rng: np.random.Generator) -> Engagement:
+    """Draw contributions and dwells in time order, with the terms of η that depend on them.
 
     One step per position k in the users' sequences, over the users that have a k-th event: users
-    are visited by decreasing event count so they form a prefix ``[:active]`` at every step.
+    are visited by decreasing event count so they form a prefix ``[:active]`` at every step. The
+    same-author state lives per (user, author) pair that occurs in the chunk, so memory follows the
+    events, not users × authors.
     """
     counts = events.counts
     n_users = len(counts)
@@ -565,22 +642,49 @@ def topic_interest(events: Impressions, static: np.ndarray, process: GenerativeP
     active_at = np.searchsorted(np.sort(counts), np.arange(counts.max(initial=0)), side="right")
     active_at = n_users - active_at
     t_s = events.ts_ms / 1000.0
-    tau_s = process.topic_interest_tau_h * 3600.0
-    last_contribution = np.full((n_users, process.topics), -np.inf)
-    uniform = rng.random(len(static))
-    interest = np.zeros(len(static))
-    contribution = np.zeros(len(static), dtype=bool)
+    topic_tau_s = process.topic_interest_tau_h * 3600.0
+    author_tau_s = process.author_recency_tau_min * 60.0
+    _, pair = np.unique(events.user.astype(np.int64) * process.authors + author, return_inverse=True)
+    n = len(static)
+    last_topic_contribution = np.full((n_users, process.topics), -np.inf)
+    last_author_engagement = np.full(int(pair.max(initial=-1)) + 1, -np.inf)
+    author_engagement_observable = np.full_like(last_author_engagement, np.inf)
+    uniform = rng.random(n)
+    click_uniform = rng.random(n)
+    dwell_noise = rng.standard_normal(n)
+    topic_interest = np.zeros(n)
+    author_recency = np.zeros(n)
+    contribution = np.zeros(n, dtype=bool)
+    click = np.zeros(n, dtype=bool)
+    dwell_ms = np.zeros(n, dtype=np.int32)
     for k, active in enumerate(active_at):
         rows = order[:active]
         index = first[:active] + k
-        topic, now = events.topic[index], t_s[index]
+        topic, user_author, now = events.topic[index], pair[index], t_s[index]
         step_interest = process.topic_interest_logit * np.exp(
-            (last_contribution[rows, topic] - now) / tau_s)
-        engaged = uniform[index] < sigmoid(static[index] + step_interest)
-        last_contribution[rows[engaged], topic[engaged]] = now[engaged]
-        interest[index] = step_interest
+            (last_topic_contribution[rows, topic] - now) / topic_tau_s)
+        # Only an engagement the user's history could already show at ``now`` (its dwell over and
+        # logged) counts, so the effect is learnable from the earlier token's actions and the gap.
+        step_recency = np.where(
+            now >= author_engagement_observable[user_author],
+            process.author_recency_logit
+            * np.exp((last_author_engagement[user_author] - now) / author_tau_s), 0.0)
+        eta = static[index] + step_interest + step_recency
+        engaged = uniform[index] < sigmoid(eta)
+        clicked = click_uniform[index] < np.where(
+            engaged, process.click_given_contribution, sigmoid(eta + process.click_logit_offset))
+        step_dwell = dwell.draw(eta, engaged, dwell_noise[index], index)
+        last_topic_contribution[rows[engaged], topic[engaged]] = now[engaged]
+        trigger = engaged | clicked
+        last_author_engagement[user_author[trigger]] = now[trigger]
+        author_engagement_observable[user_author[trigger]] = (
+            now[trigger] + step_dwell[trigger] / 1000.0 + process.author_recency_delay_s)
+        topic_interest[index] = step_interest
+        author_recency[index] = step_recency
         contribution[index] = engaged
-    return interest, contribution
+        click[index] = clicked
+        dwell_ms[index] = step_dwell
+    return Engagement(topic_interest, author_recency, contribution, click, dwell_ms)
 
 
 @dataclass
@@ -596,12 +700,15 @@ class Outcomes:
     p_long_dwell: np.ndarray
 
 
-def draw_outcomes(eta: np.ndarray, contribution: np.ndarray, content_type: np.ndarray,
-                  process: GenerativeProcess, rng: np.random.Generator) -> Outcomes:
+def draw_outcomes(eta: np.ndarray, engagement: Engagement, content_type: np.ndarray,
+                  dwell: DwellModel, process: GenerativeProcess,
+                  rng: np.random.Generator) -> Outcomes:
+    """The actions given each contribution, and the probabilities every label was drawn with."""
     types = list(process.content_types.values())
     spec = FeatureSpec()
     q_like, q_comment, q_share = (np.array([getattr(params, name) for params in types])[content_type]
                                   for name in ("p_like", "p_comment", "p_share"))
+    contribution = engagement.contribution
     n = len(eta)
     comment = contribution & (rng.random(n) < q_comment)
     share = contribution & (rng.random(n) < q_share)
@@ -609,25 +716,16 @@ def draw_outcomes(eta: np.ndarray, contribution: np.ndarray, content_type: np.nd
     p_contribution = sigmoid(eta)
     p_like = p_contribution * (q_like + (1.0 - q_like) * (1.0 - q_comment) * (1.0 - q_share))
 
-    click = np.where(contribution, rng.random(n) < process.click_given_contribution,
-                     rng.random(n) < sigmoid(eta + process.click_logit_offset))
-
-    median = np.array([params.dwell_median_ms for params in types])[content_type]
-    log_std = np.array([params.dwell_log_std for params in types])[content_type]
-    location = np.log(median) + process.dwell_logit_slope * (eta - process.base_logit)
-    log_dwell = (location + process.dwell_contribution_shift * contribution
-                 + log_std * rng.standard_normal(n))
-    dwell_ms = np.floor(np.exp(np.minimum(log_dwell, math.log(INT32_MAX)))).astype(np.int32)
-
     # floor(D) >= threshold  <=>  D >= threshold for an integer threshold, so P is the log-normal tail.
     threshold = np.array([long_dwell_threshold(spec, name) for name in process.content_types],
                          np.float64)[content_type]
     log_threshold = np.log(np.maximum(threshold, 1.0))
-    tail_engaged = normal_tail((log_threshold - location - process.dwell_contribution_shift) / log_std)
-    tail_other = normal_tail((log_threshold - location) / log_std)
+    location = dwell.location(eta)
+    tail_engaged = normal_tail((log_threshold - location - dwell.shift) / dwell.log_std)
+    tail_other = normal_tail((log_threshold - location) / dwell.log_std)
     p_long = p_contribution * tail_engaged + (1.0 - p_contribution) * tail_other
     p_long_dwell = np.where(threshold > 0, p_long, 1.0)
-    return Outcomes(contribution, like, comment, share, click, dwell_ms,
+    return Outcomes(contribution, like, comment, share, engagement.click, engagement.dwell_ms,
                     p_contribution, p_like, p_long_dwell)
 
 
@@ -655,16 +753,23 @@ def simulate_chunk(config: SynthConfig, catalogue: Catalogue, first_user: int, n
     start_ms = config.start_ms
     users = draw_users(n_users, process, rng)
     events = draw_impressions(users, catalogue, config.days, start_ms, process, rng)
-    static = static_logit(events, users, catalogue, start_ms, process)
-    interest, contribution = topic_interest(events, static, process, rng)
     content_type = catalogue.content_type[events.item]
-    outcomes = draw_outcomes(static + interest, contribution, content_type, process, rng)
-    return _tables(config, catalogue, first_user, n_users, events, content_type, outcomes, rng)
+    absolute_time = absolute_time_logit(events, catalogue, start_ms, process)
+    static = static_logit(events, users, catalogue, process, absolute_time)
+    dwell = DwellModel.of(content_type, process)
+    engagement = draw_engagement(events, static, catalogue.author[events.item], dwell, process, rng)
+    eta = static + engagement.topic_interest + engagement.author_recency
+    outcomes = draw_outcomes(eta, engagement, content_type, dwell, process, rng)
+    mechanisms = {"relational_logit": engagement.author_recency,
+                  "topic_interest_logit": engagement.topic_interest,
+                  "absolute_time_logit": absolute_time}
+    return _tables(config, catalogue, first_user, n_users, events, content_type, outcomes,
+                   mechanisms, rng)
 
 
 def _tables(config: SynthConfig, catalogue: Catalogue, first_user: int, n_users: int,
             events: Impressions, content_type: np.ndarray, outcomes: Outcomes,
-            rng: np.random.Generator) -> ChunkTables:
+            mechanisms: dict[str, np.ndarray], rng: np.random.Generator) -> ChunkTables:
     n = len(events.user)
     faulty = rng.random(n) < config.bad_fraction
     kind = np.where(faulty, rng.integers(0, len(BAD_KINDS), n), -1)
@@ -721,7 +826,8 @@ def _tables(config: SynthConfig, catalogue: Catalogue, first_user: int, n_users:
                                  schema=RAW_ARROW_SCHEMA)
     truth_order = np.argsort(day, kind="stable")
     truth = pa.table({"event_id": event_ids(truth_order),
-                      **{name: getattr(outcomes, name)[truth_order] for name in TRUTH_COLUMNS}})
+                      **{name: getattr(outcomes, name)[truth_order] for name in TRUTH_COLUMNS},
+                      **{name: mechanisms[name][truth_order] for name in MECHANISM_COLUMNS}})
     return ChunkTables(
         events=table, truth=truth, event_days=day[order], truth_days=day[truth_order],
         bad_counts={name: int(mask.sum()) for name, mask in fault.items()},

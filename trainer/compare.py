@@ -20,7 +20,14 @@ and the relative NE change ``100·(NE_v,s / NE_base,s − 1)``; their mean, the 
 with n = 3 a t-interval would need 4.3·SE, so "exceeds 2 SE" is a screening mark, not a test).
 
 With ``truth`` (the synthetic logs' directory), the Bayes-optimal metrics of the eval events, scored
-with the generator's true probabilities (``RAW_DIR/_truth``), are the floor no model can beat.
+with the generator's true probabilities (``RAW_DIR/_truth``), are the floor no model can beat. The
+truth also splits the eval events into the *relational* slice, where the planted relational effect
+is active (``relational_logit > relational_threshold``: a recent, observable engagement with the
+same author, :mod:`features.synth`), and the rest. Each run's exported model scores the eval tokens
+again (one process, matched to the events by user, second and item id), and per slice every metric
+gets the same statistics as overall, the Bayes floor included; per variant, the paired contrast
+``ΔNE%_relational,s − ΔNE%_rest,s`` says whether it gains on the relational events more than on the
+others, i.e. whether it captures the relational mechanism rather than an absolute one.
 
 Writes ``OUT/compare.json`` (every number) and ``OUT/compare.md`` (the tables) and prints the tables.
 """
@@ -32,7 +39,6 @@ import json
 import logging
 import math
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 import pyarrow.parquet as pq
 from omegaconf import MISSING
 from tqdm import tqdm
@@ -49,15 +56,16 @@ from features.config import (ConfigError, add_config_arguments, config_from_args
 from features.dataset import atomic_write_text, json_safe, read_manifest
 from features.logs import configure_logging
 from features.schema import ContractConfig
-from features.spec import LABEL_COLUMNS, FeatureSpec, long_dwell_threshold, user_key
+from features.spec import (LABEL_COLUMNS, LOSS_MASK_COLUMN, TS_COLUMN, FeatureSpec, hash_id,
+                           long_dwell_threshold, user_key)
 from features.synth import TRUTH_COLUMNS, TRUTH_DIR
 from features.validation import check_record
 from trainer.checkpoint import complete_tags
 from trainer.config import TrainConfig
+from trainer.data import eval_batches
 from trainer.evaluate import METRICS_FILE
-from trainer.export import export_root, verify_export
-from trainer.distributed import remove_leftover_segments
-from trainer.launch import REPO_ROOT, TRAIN_SCRIPT, deepspeed_command, free_port, launch_env
+from trainer.export import export_root, load_exported, verify_export
+from trainer.launch import REPO_ROOT, TRAIN_SCRIPT, deepspeed_command, free_port, launch_env, run_launcher
 from trainer.metrics import binary_metrics
 from trainer.variants import VARIANTS, variant_overrides
 
@@ -69,6 +77,9 @@ COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
 SUMMARY_METRICS: tuple[str, ...] = ("ne", "auc", "gauc", "ece")
 BAYES_ROW = "bayes (truth)"
+RELATIONAL_COLUMN = "relational_logit"
+SLICES: tuple[str, ...] = ("relational", "rest")
+PREDICT_BATCH_ROWS = 1024
 RESERVED_KEYS = ("features", "run", "seed", "data.seed", "train.resume", "model.rotary",
                  "model.siren_branch", "model.dnn_branch", "model.ordinal_term",
                  "model.categorical_input", "model.time_in_embedding")
@@ -98,6 +109,8 @@ class CompareConfig:
     """Synthetic raw logs directory with ``_truth/``: adds the Bayes-optimal floor (optional)."""
     bins: int = 15
     """Equal-width calibration bins for the floor's ECE (the trainer's evaluation uses 15)."""
+    relational_threshold: float = 0.1
+    """With ``truth``: eval events whose ``relational_logit`` exceeds this form the relational slice."""
 
     def __post_init__(self) -> None:
         require(bool(self.variants), "variants", "must name at least one variant")
@@ -110,6 +123,7 @@ class CompareConfig:
         require(self.first_seed >= 0, "first_seed", "must be >= 0")
         require(self.nproc >= 1, "nproc", "must be >= 1")
         require(self.bins >= 1, "bins", "must be >= 1")
+        require(self.relational_threshold >= 0, "relational_threshold", "must be >= 0")
         for item in self.train_overrides:
             key = item.split("=", 1)[0].strip()
             require("=" in item, "train_overrides", f"'{item}' is not key=value")
@@ -166,9 +180,7 @@ def train_one(config: CompareConfig, variant: str, seed: int) -> dict[str, Any]:
     port = free_port()
     command = deepspeed_command(TRAIN_SCRIPT, config.nproc, port, str(config.train_config_file), overrides)
     with (run / TRAIN_LOG).open("a") as stream:
-        code = subprocess.run(command, env=launch_env(), stdout=stream, stderr=subprocess.STDOUT,
-                              check=False).returncode
-    remove_leftover_segments(port)
+        code = run_launcher(command, launch_env(), local_port=port, stdout=stream)
     if code != 0:
         tail = (run / TRAIN_LOG).read_text()[-3000:]
         raise CompareError(f"training {variant} seed {seed} failed (exit code {code}); "
@@ -255,9 +267,23 @@ def _parquet_table(root: Path, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(path, columns=columns) for path in files])
 
 
-def bayes_floor(raw_dir: str | Path, features_dir: str | Path, bins: int = 15) -> dict[str, dict[str, float]]:
-    """Metrics per task of the generator's true probabilities on exactly the eval split's events:
-    the valid (contract), deduplicated events at or after the split time of the feature dataset."""
+@dataclass
+class EvalTruth:
+    """The eval split's events, each once, with their labels and the generator's ground truth."""
+
+    keys: list[tuple[int, int, int]]
+    """Per event ``(user_key, ts, item_id)`` as the feature rows hold them: how a token is matched."""
+    users: np.ndarray
+    labels: dict[str, np.ndarray]
+    probability: dict[str, np.ndarray]
+    """The true probability per task."""
+    relational_logit: np.ndarray | None
+    """The relational term of the engagement logit; ``None`` for truth written before it existed."""
+
+
+def eval_truth(raw_dir: str | Path, features_dir: str | Path) -> EvalTruth:
+    """The generator's truth on exactly the eval split's events: the valid (contract),
+    deduplicated events at or after the split time of the feature dataset."""
     raw_dir = Path(raw_dir)
     if not (raw_dir / TRUTH_DIR).is_dir():
         raise FileNotFoundError(f"{raw_dir / TRUTH_DIR} not found: 'truth' must be synthetic logs "
@@ -277,24 +303,114 @@ def bayes_floor(raw_dir: str | Path, features_dir: str | Path, bins: int = 15) -
         seen.add(event["event_id"])
         kept[event["event_id"]] = event
     truth = _parquet_table(raw_dir / TRUTH_DIR).to_pydict()
-    probability = {event_id: row for event_id, *row in zip(truth["event_id"], *(truth[c] for c in TRUTH_COLUMNS))}
-    missing = [event_id for event_id in kept if event_id not in probability]
+    columns = [*TRUTH_COLUMNS, *([RELATIONAL_COLUMN] if RELATIONAL_COLUMN in truth else [])]
+    by_event = {event_id: row for event_id, *row in zip(truth["event_id"], *(truth[c] for c in columns))}
+    missing = [event_id for event_id in kept if event_id not in by_event]
     if missing:
         raise ValueError(f"{len(missing)} eval events have no ground truth in {raw_dir / TRUTH_DIR}, "
                          f"e.g. {missing[:3]}")
     ordered = list(kept.values())
+    rows = np.array([by_event[e["event_id"]] for e in ordered], dtype=np.float64).reshape(len(ordered), len(columns))
     labels = {
         "contribution": [e["like"] or e["comment"] or e["share"] for e in ordered],
         "like": [e["like"] for e in ordered],
         "long_dwell": [e["dwell_ms"] >= long_dwell_threshold(spec, e["content_type"]) for e in ordered],
     }
-    users = np.array([user_key(e["user_id"]) for e in ordered], dtype=np.int64)
-    floor = {}
-    for index, task in enumerate(LABEL_COLUMNS):
-        column = TRUTH_COLUMNS.index(f"p_{task}")
-        pred = np.array([probability[e["event_id"]][column] for e in ordered], dtype=np.float64)
-        floor[task] = binary_metrics(pred, np.asarray(labels[task], dtype=np.float64), users, bins)
-    return floor
+    item_buckets = spec.buckets["item_id"]
+    return EvalTruth(
+        keys=[(user_key(e["user_id"]), e["event_ts"] // 1000, hash_id("item_id", e["item_id"], item_buckets))
+              for e in ordered],
+        users=np.array([user_key(e["user_id"]) for e in ordered], dtype=np.int64),
+        labels={task: np.asarray(labels[task], dtype=np.float64) for task in LABEL_COLUMNS},
+        probability={task: rows[:, columns.index(f"p_{task}")] for task in LABEL_COLUMNS},
+        relational_logit=rows[:, columns.index(RELATIONAL_COLUMN)] if RELATIONAL_COLUMN in columns else None)
+
+
+def bayes_floor(raw_dir: str | Path, features_dir: str | Path, bins: int = 15) -> dict[str, dict[str, float]]:
+    """Metrics per task of the generator's true probabilities on exactly the eval split's events."""
+    truth = eval_truth(raw_dir, features_dir)
+    return {task: binary_metrics(truth.probability[task], truth.labels[task], truth.users, bins)
+            for task in LABEL_COLUMNS}
+
+
+# --- the relational slice ---------------------------------------------------------------------
+
+@dataclass
+class EvalPredictions:
+    """One model's prediction of every label-bearing eval token, in file order."""
+
+    keys: list[tuple[int, int, int]]
+    """Per token ``(user_key, ts, item_id)``, as in :attr:`EvalTruth.keys`."""
+    users: np.ndarray
+    labels: dict[str, np.ndarray]
+    pred: dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def eval_predictions(run: str | Path, features_dir: str | Path) -> EvalPredictions:
+    """Score the eval split with the run's exported model, in this process."""
+    model, _, spec = load_exported(export_root(run) / "latest")
+    keys: list[tuple[int, int, int]] = []
+    users, labels, pred = [], {task: [] for task in LABEL_COLUMNS}, {task: [] for task in LABEL_COLUMNS}
+    for batch in eval_batches(features_dir, spec.context_len, PREDICT_BATCH_ROWS, 0, 1):
+        logits = model(batch)
+        bearing = batch[LOSS_MASK_COLUMN] > 0
+        row_users = batch["user_key"][:, None].expand_as(bearing)[bearing]
+        keys += zip(row_users.tolist(), batch[TS_COLUMN][bearing].tolist(), batch["item_id"][bearing].tolist())
+        users.append(row_users.numpy())
+        for task in LABEL_COLUMNS:
+            labels[task].append(batch[task][bearing].double().numpy())
+            pred[task].append(torch.sigmoid(logits[task].float())[bearing].double().numpy())
+    return EvalPredictions(keys, np.concatenate(users),
+                           {task: np.concatenate(values) for task, values in labels.items()},
+                           {task: np.concatenate(values) for task, values in pred.items()})
+
+
+def slice_metrics(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], users: np.ndarray,
+                  relational: np.ndarray, bins: int = 15) -> dict[str, dict[str, dict[str, float]]]:
+    """Metrics per slice (:data:`SLICES`) and task; ``relational`` marks the relational slice."""
+    masks = {"relational": relational, "rest": ~relational}
+    return {name: {task: binary_metrics(pred[task][mask], labels[task][mask], users[mask], bins)
+                   for task in LABEL_COLUMNS} for name, mask in masks.items()}
+
+
+def _relational_mask(truth: EvalTruth, predictions: EvalPredictions, threshold: float) -> np.ndarray:
+    """Per token, whether its event is in the relational slice."""
+    # Two events of one user in the same second on the same item would share a key; the generator's
+    # gaps make that vanishingly rare, and such a pair is scored by the later event's truth.
+    index = {key: position for position, key in enumerate(truth.keys)}
+    unmatched = [key for key in predictions.keys if key not in index]
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} eval tokens have no ground truth event (user, ts, item), "
+                         f"e.g. {unmatched[:3]}: is 'truth' the raw logs these features were built from?")
+    active = truth.relational_logit > threshold
+    return active[np.fromiter((index[key] for key in predictions.keys), np.int64, len(predictions.keys))]
+
+
+def relational_slice(truth: EvalTruth, predictions: dict[str, dict[int, EvalPredictions]], baseline: str,
+                     threshold: float, bins: int = 15) -> dict[str, Any]:
+    """Every run's metrics on the relational slice and the rest, their statistics over seeds (as
+    :func:`summarize`), the Bayes floor per slice, and per variant the paired contrast
+    ``ΔNE%_relational,s − ΔNE%_rest,s`` to ``baseline``."""
+    active = truth.relational_logit > threshold
+    runs = {variant: {seed: slice_metrics(p.pred, p.labels, p.users, _relational_mask(truth, p, threshold), bins)
+                      for seed, p in by_seed.items()} for variant, by_seed in predictions.items()}
+    summary = {name: summarize({variant: {seed: slices[name] for seed, slices in by_seed.items()}
+                                for variant, by_seed in runs.items()}, baseline) for name in SLICES}
+    contrast: dict[str, Any] = {}
+    base = runs[baseline]
+    for variant, by_seed in runs.items():
+        if variant == baseline:
+            continue
+        pairs = sorted(seed for seed in by_seed if seed in base)
+        contrast[variant] = {task: paired([
+            100.0 * (by_seed[s]["relational"][task]["ne"] / base[s]["relational"][task]["ne"]
+                     - by_seed[s]["rest"][task]["ne"] / base[s]["rest"][task]["ne"]) for s in pairs])
+            for task in LABEL_COLUMNS}
+    return {"column": RELATIONAL_COLUMN, "threshold": threshold,
+            "events": {"relational": int(active.sum()), "rest": int((~active).sum())},
+            "bayes_floor": slice_metrics(truth.probability, truth.labels, truth.users, active, bins),
+            "runs": runs, "summary": summary, "contrast": contrast}
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -340,6 +456,39 @@ def format_markdown(summary: dict[str, Any], baseline: str, floor: dict[str, Any
     return "\n".join(lines) + "\n"
 
 
+def format_slice_markdown(record: dict[str, Any], baseline: str) -> str:
+    """One markdown table per task: NE on the relational slice and on the rest, the paired ΔNE % to
+    the baseline on each, and their paired contrast (negative: the variant gains more where the
+    relational effect is active)."""
+    events = record["events"]
+    total = events["relational"] + events["rest"]
+    share = 100.0 * events["relational"] / total if total else math.nan
+    lines = [f"## Relational slice: {record['column']} > {record['threshold']:g} "
+             f"({events['relational']} of {total} eval events, {share:.1f} %)", ""]
+    for task in LABEL_COLUMNS:
+        lines += [f"### {task} by slice", "",
+                  f"| variant | NE relational | ΔNE % vs {baseline} | NE rest | ΔNE % vs {baseline} | "
+                  "ΔNE % relational − rest |",
+                  "|---|---|---|---|---|---|"]
+        for variant in record["summary"]["relational"]:
+            cells = [variant]
+            for name in SLICES:
+                entry = record["summary"][name][variant][task]
+                versus = entry.get("vs_baseline")
+                cells += [_pm(entry["ne"]), "—" if versus is None else _signed(versus["ne_relative_pct"], 2)]
+            contrast = record["contrast"].get(variant)
+            cells.append("—" if contrast is None else _signed(contrast[task], 2))
+            lines.append("| " + " | ".join(cells) + " |")
+        floor = [record["bayes_floor"][name][task]["ne"] for name in SLICES]
+        lines.append("| " + " | ".join([BAYES_ROW, *(item for value in floor for item in (
+            "n/a" if not math.isfinite(value) else f"{value:.4f}", "—")), "—"]) + " |")
+        lines.append("")
+    lines.append("NE per slice: mean ± sample std over seeds; Δ columns paired by seed, mean ± standard "
+                 "error, `*` = |mean| > 2 SE; the last column is ΔNE % on the relational slice minus "
+                 "ΔNE % on the rest, per seed.")
+    return "\n".join(lines) + "\n"
+
+
 
 def compare(config: CompareConfig) -> dict[str, Any]:
     """Run (or finish) the comparison and write ``compare.json`` and ``compare.md``; returns the record."""
@@ -348,12 +497,31 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     results = run_all(config)
     summary = summarize(results, config.baseline)
-    floor = bayes_floor(config.truth, config.features, config.bins) if config.truth else None
+    truth = eval_truth(config.truth, config.features) if config.truth else None
+    floor = None if truth is None else {
+        task: binary_metrics(truth.probability[task], truth.labels[task], truth.users, config.bins)
+        for task in LABEL_COLUMNS}
+    slices = None
+    if truth is not None and truth.relational_logit is None:
+        log.warning("%s has no %s column (written before it existed): no relational slice",
+                    Path(config.truth) / TRUTH_DIR, RELATIONAL_COLUMN)
+    elif truth is not None:
+        predictions = {variant: {seed: eval_predictions(run_dir(config.out, variant, seed), config.features)
+                                 for seed in by_seed} for variant, by_seed in results.items()}
+        slices = relational_slice(truth, predictions, config.baseline, config.relational_threshold, config.bins)
     record = {"config": to_dict(config), "runs": {v: {str(s): m for s, m in r.items()} for v, r in results.items()},
-              "summary": summary, "bayes_floor": floor}
+              "summary": summary, "bayes_floor": floor, "relational_slice": slices}
     atomic_write_text(out / COMPARE_JSON, json.dumps(json_safe(record), indent=2, sort_keys=True) + "\n")
-    atomic_write_text(out / COMPARE_MD, format_markdown(summary, config.baseline, floor))
+    atomic_write_text(out / COMPARE_MD, compare_markdown(record, config.baseline))
     return record
+
+
+def compare_markdown(record: dict[str, Any], baseline: str) -> str:
+    """``compare.md``: the overall tables, then the relational slice's where there is one."""
+    text = format_markdown(record["summary"], baseline, record["bayes_floor"])
+    if record["relational_slice"] is not None:
+        text += "\n" + format_slice_markdown(record["relational_slice"], baseline)
+    return text
 
 
 def main(argv: list[str]) -> int:
@@ -371,7 +539,7 @@ def main(argv: list[str]) -> int:
     config = config_from_args(CompareConfig, args, features=args.features, out=args.out, variants=variants,
                               seeds=args.seeds, truth=args.truth, nproc=args.nproc)
     record = compare(config)
-    print(format_markdown(record["summary"], config.baseline, record["bayes_floor"]))
+    print(compare_markdown(record, config.baseline))
     return 0
 
 

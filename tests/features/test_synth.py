@@ -23,7 +23,8 @@ from features.dataset import SUCCESS_NAME, read_manifest
 from features.schema import RAW_ARROW_SCHEMA, ContractConfig
 from features.spec import FeatureSpec, long_dwell_threshold
 from features.synth import (
-    BAD_EVENT_REASONS, TRUTH_COLUMNS, TRUTH_DIR, SynthConfig, main, write_synthetic_logs,
+    BAD_EVENT_REASONS, MECHANISM_COLUMNS, TRUTH_COLUMNS, TRUTH_DIR, GenerativeProcess, SynthConfig,
+    main, write_synthetic_logs,
 )
 from features.validation import check_record
 
@@ -31,7 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 DIRTY = ["users=60", "days=4", "seed=11", "users_per_chunk=25", "bad_fraction=0.03",
          "duplicate_fraction=0.02"]
 CLEAN_SAMPLE = ["users=400", "days=14", "seed=5", "bad_fraction=0", "duplicate_fraction=0"]
-NO_TEMPORAL_EFFECTS = ["process.topic_interest_logit=0", "process.weekend_logit=0"] + [
+NO_AUTHOR_RECENCY = ["process.author_recency_logit=0"]
+NO_TEMPORAL_EFFECTS = ["process.topic_interest_logit=0", "process.weekend_logit=0",
+                       *NO_AUTHOR_RECENCY] + [
     f"process.content_types.{name}.tod_logit=0" for name in ("video", "image", "text", "link")]
 DATE = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
 
@@ -67,7 +70,8 @@ def dirty(tmp_path_factory) -> tuple[Path, dict, pd.DataFrame]:
 def sample(tmp_path_factory) -> pd.DataFrame:
     root = tmp_path_factory.mktemp("sample") / "raw"
     write_synthetic_logs(synth(*CLEAN_SAMPLE), root)
-    return with_history(read_raw(root).merge(read_truth(root)[["event_id", *TRUTH_COLUMNS]]))
+    truth = read_truth(root)[["event_id", *TRUTH_COLUMNS, *MECHANISM_COLUMNS]]
+    return with_history(read_raw(root).merge(truth))
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +82,18 @@ def null_sample(tmp_path_factory) -> pd.DataFrame:
     return with_history(read_raw(root))
 
 
+@pytest.fixture(scope="module")
+def no_author_recency_sample(tmp_path_factory) -> pd.DataFrame:
+    """The same world with only the same-author recency effect switched off."""
+    root = tmp_path_factory.mktemp("no_author_recency") / "raw"
+    write_synthetic_logs(synth(*CLEAN_SAMPLE, *NO_AUTHOR_RECENCY), root)
+    return with_history(read_raw(root))
+
+
 def with_history(frame: pd.DataFrame) -> pd.DataFrame:
     """Adds labels, and per event the wall-clock hours and the number of the user's impressions
-    since the user's previous contribution on the same topic (NaN before the first)."""
+    since the user's previous contribution on the same topic (NaN before the first), and the time
+    and dwell of the user's previous engagement (click or contribution) on the same author."""
     frame = frame.sort_values(["user_id", "event_ts"], kind="stable").reset_index(drop=True)
     frame["contribution"] = frame.like | frame.comment | frame.share
     frame["position"] = frame.groupby("user_id").cumcount()
@@ -90,6 +103,11 @@ def with_history(frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = at_contribution.groupby(by_topic).shift(1).groupby(by_topic).ffill()
     frame["hours_since"] = (frame.event_ts - frame.last_ts) / 3.6e6
     frame["impressions_since"] = frame.position - frame.last_position
+    by_author = [frame.user_id, frame.author_id]
+    for column, source in (("author_last_ts", "event_ts"), ("author_last_dwell_ms", "dwell_ms")):
+        at_engagement = frame[source].where(frame.contribution | frame.click)
+        frame[column] = at_engagement.groupby(by_author).shift(1).groupby(by_author).ffill()
+    frame["author_gap_min"] = (frame.event_ts - frame.author_last_ts) / 6e4
     frame["hour"] = (frame.event_ts // 3_600_000) % 24
     frame["weekend"] = (frame.event_ts // 86_400_000 + 3) % 7 >= 5
     return frame
@@ -187,6 +205,10 @@ def test_truth_aligns_one_to_one_with_event_ids(dirty):
         assert truth[column].dtype == np.float64
         assert ((truth[column] > 0) & (truth[column] < 1)).all(), column
     assert (truth.p_like < truth.p_contribution).all()
+    for column in MECHANISM_COLUMNS:
+        assert truth[column].dtype == np.float64 and np.isfinite(truth[column]).all(), column
+    assert (truth.relational_logit >= 0).all() and (truth.relational_logit > 0).any()
+    assert (truth.absolute_time_logit != 0).all()
 
 
 # --- the generative process ----------------------------------------------------------------
@@ -236,6 +258,47 @@ def test_topic_interest_decays_with_wall_clock_time_not_impressions(sample, null
     assert planted - control > 0.7
 
 
+def observable_author_engagement(frame: pd.DataFrame) -> pd.Series:
+    """Whether the user's newest earlier engagement on the same author had been observable (its
+    time + dwell + the logging delay) by the event's time."""
+    delay_ms = 1000.0 * GenerativeProcess().author_recency_delay_s
+    return frame.event_ts - frame.author_last_ts >= frame.author_last_dwell_ms + delay_ms
+
+
+def test_truth_holds_the_same_author_recency_term_recomputed_from_the_logs(sample):
+    process = GenerativeProcess()
+    expected = np.where(observable_author_engagement(sample), process.author_recency_logit
+                        * np.exp(-sample.author_gap_min / process.author_recency_tau_min), 0.0)
+    np.testing.assert_allclose(sample.relational_logit, expected, rtol=1e-9, atol=1e-12)
+    active = sample.relational_logit > 0.1
+    assert 0.02 < active.mean() < 0.3
+    # Gaps run from a minute within a session to an hour across sessions, so the decay with
+    # wall-clock time, not only the presence of the earlier engagement, shapes the effect.
+    gap_s = sample.author_gap_min[active] * 60
+    assert gap_s.min() >= GenerativeProcess().author_recency_delay_s
+    assert gap_s.median() > 120 and (gap_s > 600).mean() > 0.2
+
+
+def author_recency_log_odds_ratio(frame: pd.DataFrame) -> float:
+    """Log odds ratio of a contribution within 20 minutes after an observable engagement on the
+    same author versus more than 6 hours after one."""
+    seen = frame[observable_author_engagement(frame)]
+    near = seen.author_gap_min < 20
+    far = seen.author_gap_min > 360
+    return log_odds(seen.contribution[near]) - log_odds(seen.contribution[far])
+
+
+def test_a_recent_same_author_engagement_lifts_engagement(sample, no_author_recency_sample):
+    """The planted effect shows in the labels: against the same world without it (where the gap
+    still carries topic interest and users' and authors' engagement levels), engagement shortly
+    after an observable same-author engagement is clearly higher."""
+    planted = author_recency_log_odds_ratio(sample)
+    control = author_recency_log_odds_ratio(no_author_recency_sample)
+    assert planted - control > 0.5
+    assert (sample.contribution[sample.relational_logit > 0.5].mean()
+            > 1.5 * sample.contribution[sample.relational_logit == 0].mean())
+
+
 def content_time_interaction(frame: pd.DataFrame) -> float:
     """How much more video gains from evening (18–24 h) over morning (6–12 h) than text does."""
     def gain(content_type: str) -> float:
@@ -279,6 +342,8 @@ def test_sessions_make_gaps_from_seconds_to_days(sample):
     ("bad_fraction=1.5", "'bad_fraction'"),
     ("process.content_types.video.p_like=2", "'process.content_types.video.p_like'"),
     ("process.topic_interest_tau_h=0", "'process.topic_interest_tau_h'"),
+    ("process.author_recency_tau_min=0", "'process.author_recency_tau_min'"),
+    ("process.author_recency_delay_s=-1", "'process.author_recency_delay_s'"),
     ("process.no_such_key=1", "process.no_such_key"),
 ])
 def test_config_errors_name_the_key(override, key):

@@ -14,8 +14,9 @@ import pytest
 from features.config import ConfigError, load_config
 from features.dataset import write_manifest
 from features.synth import SynthConfig, write_synthetic_logs
-from trainer.compare import (COMPARE_JSON, COMPARE_MD, RESULT_FILE, TRAIN_LOG, CompareConfig, bayes_floor,
-                             main, paired, run_dir, summarize)
+from trainer.compare import (COMPARE_JSON, COMPARE_MD, RESULT_FILE, TRAIN_LOG, CompareConfig, EvalPredictions,
+                             EvalTruth, bayes_floor, eval_predictions, format_slice_markdown, main, paired,
+                             relational_slice, run_dir, slice_metrics, summarize)
 from trainer.metrics import binary_metrics
 
 VARIANTS = ("ordinal", "siren")
@@ -142,3 +143,94 @@ def test_bayes_floor_scores_exactly_the_eval_events_with_the_truth(tmp_path):
                             np.array([events[i]["like"] for i in ids], dtype=float))
     assert floor["like"]["ne"] == pytest.approx(direct["ne"], rel=1e-12)
     assert floor["like"]["ne"] < 1.0  # the truth beats the base rate
+
+
+# --- the relational slice ------------------------------------------------------------------------
+
+def hand_made_truth() -> EvalTruth:
+    """Eight eval events of two users; events 1, 2 and 5 follow a recent same-author engagement."""
+    relational = np.array([0.0, 0.9, 0.4, 0.0, 0.05, 1.1, 0.0, 0.0])
+    contribution = np.array([0, 1, 1, 0, 0, 0, 1, 0], dtype=np.float64)
+    like = np.array([0, 1, 0, 0, 1, 0, 1, 0], dtype=np.float64)
+    long_dwell = np.array([1, 0, 1, 0, 0, 1, 0, 1], dtype=np.float64)
+    users = np.array([7, 7, 7, 7, 9, 9, 9, 9], dtype=np.int64)
+    keys = [(int(user), 1_000 + index, 3) for index, user in enumerate(users)]
+    return EvalTruth(
+        keys=keys, users=users,
+        labels={"contribution": contribution, "like": like, "long_dwell": long_dwell},
+        probability={task: np.clip(0.2 + 0.5 * label, 0.0, 1.0)
+                     for task, label in (("contribution", contribution), ("like", like),
+                                         ("long_dwell", long_dwell))},
+        relational_logit=relational)
+
+
+def predictions_for(truth: EvalTruth, relational_skill: float, rest_skill: float,
+                    order: list[int]) -> EvalPredictions:
+    """Tokens of the truth's events in ``order``: predictions nearer the label by a skill per slice."""
+    active = truth.relational_logit > 0.1
+    skill = np.where(active, relational_skill, rest_skill)
+    pred = {task: 0.5 + (label - 0.5) * skill for task, label in truth.labels.items()}
+    return EvalPredictions(keys=[truth.keys[i] for i in order], users=truth.users[order],
+                           labels={task: label[order] for task, label in truth.labels.items()},
+                           pred={task: value[order] for task, value in pred.items()})
+
+
+def test_slice_metrics_split_the_eval_events_by_the_relational_truth():
+    truth = hand_made_truth()
+    active = truth.relational_logit > 0.1
+    slices = slice_metrics(truth.probability, truth.labels, truth.users, active)
+    assert slices["relational"]["like"]["count"] == 3 and slices["rest"]["like"]["count"] == 5
+    for name, mask in (("relational", active), ("rest", ~active)):
+        for task in ("contribution", "like", "long_dwell"):
+            direct = binary_metrics(truth.probability[task][mask], truth.labels[task][mask], truth.users[mask])
+            assert slices[name][task]["ne"] == pytest.approx(direct["ne"], rel=1e-12)
+
+
+def test_relational_slice_pairs_variants_by_seed_on_matched_tokens():
+    truth = hand_made_truth()
+    shuffled = [5, 2, 7, 0, 1, 6, 3, 4]  # tokens come in file order, not in the truth's order
+    predictions = {
+        "ordinal": {0: predictions_for(truth, 0.2, 0.4, shuffled), 1: predictions_for(truth, 0.3, 0.5, shuffled)},
+        # siren gains on the relational events only: the contrast to the rest is the evidence.
+        "siren": {0: predictions_for(truth, 0.5, 0.4, shuffled), 1: predictions_for(truth, 0.6, 0.5, shuffled)},
+    }
+    record = relational_slice(truth, predictions, "ordinal", threshold=0.1)
+    assert record["events"] == {"relational": 3, "rest": 5}
+    assert record["bayes_floor"]["relational"]["like"]["count"] == 3
+    for seed in (0, 1):
+        runs = record["runs"]["siren"][seed]
+        order = np.argsort(shuffled)
+        active = truth.relational_logit > 0.1
+        siren = predictions["siren"][seed]
+        direct = binary_metrics(siren.pred["like"][order][active], truth.labels["like"][active])
+        assert runs["relational"]["like"]["ne"] == pytest.approx(direct["ne"], rel=1e-12)
+    relational = record["summary"]["relational"]["siren"]["like"]["vs_baseline"]["ne_relative_pct"]
+    rest = record["summary"]["rest"]["siren"]["like"]["vs_baseline"]["ne_relative_pct"]
+    assert relational["mean"] < -1.0 and rest["mean"] == pytest.approx(0.0, abs=1e-9)
+    contrast = record["contrast"]["siren"]["like"]
+    assert contrast["mean"] == pytest.approx(relational["mean"] - rest["mean"])
+    assert "ordinal" not in record["contrast"]
+    table = format_slice_markdown(record, "ordinal")
+    assert "relational_logit > 0.1" in table and "| siren |" in table and "| bayes (truth) |" in table
+
+
+def test_tokens_without_ground_truth_are_refused():
+    truth = hand_made_truth()
+    stray = predictions_for(truth, 0.5, 0.5, list(range(8)))
+    stray.keys[3] = (7, 99_999, 3)
+    with pytest.raises(ValueError, match="no ground truth"):
+        relational_slice(truth, {"ordinal": {0: stray}}, "ordinal", threshold=0.1)
+
+
+@pytest.mark.slow
+def test_predictions_reproduce_the_trainers_evaluation(comparison, tiny_features):
+    """The slice scores each run's exported model on the eval tokens again: overall, the same
+    metrics as the trainer's exact evaluation."""
+    out, _ = comparison
+    run = run_dir(out, "siren", 0)
+    predictions = eval_predictions(run, tiny_features)
+    metrics = json.loads((run / RESULT_FILE).read_text())["metrics"]
+    for task in ("contribution", "like", "long_dwell"):
+        again = binary_metrics(predictions.pred[task], predictions.labels[task], predictions.users)
+        assert again["count"] == metrics[task]["count"]
+        assert again["ne"] == pytest.approx(metrics[task]["ne"], rel=1e-5)

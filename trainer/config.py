@@ -132,8 +132,9 @@ class DistributedConfig:
     heartbeat_timeout_s: float = 60.0
     """A rank silent this long is declared dead; every other rank then exits non-zero naming it."""
     trace: bool = False
-    """Write RUN_DIR/trace/rank<R>.jsonl: per step, ids of the rows this rank trained on and a
-    digest of its parameters after the step (to audit sharding and replica agreement)."""
+    """Write RUN_DIR/trace/rank<R>.jsonl: per step, ids of the real rows this rank trained on (an
+    epoch's padding rows left out) and a digest of its parameters after the step (to audit that
+    every row is trained once per epoch, and replica agreement)."""
     fault: str = "none"
     """Fire drill: ``kill`` (SIGKILL), ``raise`` or ``hang`` rank ``fault_rank`` after step ``fault_step``."""
     fault_rank: int = 0

@@ -5,30 +5,37 @@ job's output, columns :data:`features.spec.TRAINING_COLUMNS`) and yields batches
 ``dict[column, Tensor]``: ids, ``ts``, ``user_key`` and ``length`` int64, everything else float32,
 per-token columns shaped ``[B, C]``.
 
-Logical shards. The training split is read as ``S`` logical shards (``data.shards``), each one a
-Petastorm shard: row group ``i`` belongs to shard ``i % S``. Global batch ``k`` (``data.batch_size``
-rows, one optimizer step) is the ``k``-th chunk of ``batch_size / S`` rows of every shard, in shard
-order. Rank ``r`` of ``W`` owns the block of shards ``[r·S/W, (r+1)·S/W)``, and their chunks are its
-micro batch. The sequence of global batches therefore depends on the data, ``seed``,
-``batch_size``, ``shuffle_buffer`` and ``S`` — never on ``W``: every ``W`` that divides ``S`` trains
-on the same global batches, and a checkpoint taken after ``k`` steps resumes on another ``W`` at
-global batch ``k`` exactly. With ``S = W`` (the default for a fresh run) each rank reads one
-Petastorm shard; with ``S/W`` shards per rank a rank holds ``S/W`` readers.
+Epochs and logical shards. The training split holds ``N`` rows in row groups (sizes from the
+Parquet footers). Epoch ``e`` lays the row groups end to end in an order seeded by ``(seed, e)``
+and cuts that sequence of rows into ``S`` (``data.shards``) contiguous ranges, shard ``s`` taking
+rows ``[⌊s·N/S⌋, ⌊(s+1)·N/S⌋)``: rows, not row groups, are balanced, so shards differ by at most one
+row, and a row group that straddles a cut is read by both shards, each keeping its part
+(:func:`epoch_assignment`). A shard's rows are mixed in a buffer of ``shuffle_buffer`` rows seeded
+by ``(seed, s, e)``. With ``B = data.batch_size``, an epoch is
 
-Each shard is an endless stream: epoch after epoch, its row groups in an order seeded by
-``(seed, epoch)`` (one Petastorm worker thread, order preserved), its rows mixed in a buffer of
-``shuffle_buffer`` rows seeded by ``(seed, shard, epoch)``; an epoch's last partial chunk continues
-into the next epoch. Uneven shards thus never run dry, and every rank runs the same number of
-steps, computed from the row count in the Parquet footers (:func:`training_steps`), never from how
-much one rank read. A shard whose epoch holds no row is an error, not an endless loop.
+    P = ⌈N / B⌉ steps,
 
-Fewer row groups than shards: Petastorm cannot give every shard a row group, so then every shard
-reads the whole split in the same seeded order and keeps every ``S``-th row (``row % S == shard``):
-still disjoint and covering, at the cost of reading the split once per shard (tiny splits only).
+and global batch ``k`` of the epoch (one optimizer step) is the ``k``-th chunk of ``B/S`` rows of
+every shard, in shard order. No shard holds more than ``P·B/S`` rows and none fewer than
+``(P−1)·B/S``, so only the epoch's last step can come up short: each shard fills its chunk with
+padding rows (:func:`padding_rows`: windows of no tokens, ``length`` 0 and ``loss_mask`` 0, which
+carry no loss, no token weight and count as no sample). Every row is trained exactly once per epoch,
+and the next epoch starts on a fresh step.
 
-Resume: after ``k`` steps a shard's stream starts ``k · batch_size / S`` rows in. Whole epochs are
-skipped by arithmetic (the shard's epoch length comes from the footers or from reading one small
-column), so a resumed rank re-reads at most one epoch of its shards, never the run so far.
+Rank ``r`` of ``W`` owns the block of shards ``[r·S/W, (r+1)·S/W)`` and their chunks are its micro
+batch of ``B/W`` rows, every step, on every rank: all ranks run the same number of steps, computed
+from the footers (:func:`training_steps`), never from how much one rank read. The global batches
+depend on the data, ``seed``, ``B``, ``shuffle_buffer`` and ``S`` — never on ``W``: every ``W``
+that divides ``S`` trains on the same global batches, and a checkpoint taken after ``k`` steps
+resumes on another ``W`` at global batch ``k`` exactly. A split with fewer rows than shards is an
+error (some shard would hold none), never a hang; so is a row group that holds fewer rows than its
+footer says.
+
+Resume: after ``k`` steps a shard starts in epoch ``k // P``, ``(k mod P)·B/S`` rows in; earlier
+epochs are skipped by arithmetic, so a resumed rank re-reads at most one epoch of its shards.
+
+Reading: one Petastorm reader per row group (the file's row group, selected as its Petastorm
+shard), a background thread reading a few row groups ahead of the training loop.
 
 Evaluation (:func:`eval_batches`) reads its shard of the eval split exactly once, in file order,
 with the last batch partial.
@@ -36,11 +43,15 @@ with the last batch partial.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import logging
 import math
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -65,9 +76,7 @@ Batch = dict[str, torch.Tensor]
 
 SPLITS = ("train", "eval")
 PREFETCH_ROW_GROUPS = 4
-"""Row groups the Petastorm worker threads of one rank read ahead of the training loop."""
-COUNT_COLUMN = "length"
-"""The narrowest column: read alone when only a shard's row count is needed."""
+"""Row groups one rank reads ahead of the training loop."""
 
 
 class DataError(ValueError):
@@ -97,27 +106,79 @@ def parquet_files(split_path: Path) -> list[Path]:
                   if not any(part.startswith(("_", ".")) for part in path.relative_to(split_path).parts))
 
 
-def count_rows(split_path: Path) -> tuple[int, int]:
-    """``(rows, row_groups)`` of a split, from the Parquet footers: exactly what the reader will read."""
+@dataclass(frozen=True)
+class RowGroup:
+    """One row group of a split, as its footer describes it."""
+
+    path: Path
+    index: int
+    """Its position in its file."""
+    file_row_groups: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of row group ``group`` (an index into the split's row groups)."""
+
+    group: int
+    start: int
+    stop: int
+
+
+def row_groups(split_path: Path) -> list[RowGroup]:
+    """The split's row groups in file order, from the Parquet footers: exactly what the reader reads."""
     files = parquet_files(split_path)
     if not files:
         raise DataError(f"{split_path} holds no Parquet files: run the feature job first")
-    rows = groups = 0
+    groups = []
     for path in files:
         metadata = pq.read_metadata(path)
-        rows += metadata.num_rows
-        groups += metadata.num_row_groups
-    return rows, groups
+        groups += [RowGroup(path, index, metadata.num_row_groups, metadata.row_group(index).num_rows)
+                   for index in range(metadata.num_row_groups)]
+    return groups
+
+
+def count_rows(split_path: Path) -> tuple[int, int]:
+    """``(rows, row_groups)`` of a split, from the Parquet footers."""
+    groups = row_groups(split_path)
+    return sum(group.rows for group in groups), len(groups)
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """``P = ⌈rows / batch_size⌉``: an epoch's steps, the last one padded if it comes up short."""
+    return -(-rows // batch_size)
 
 
 def training_steps(features_dir: str | Path, steps: int, epochs: float, batch_size: int) -> int:
-    """The number of optimizer steps every rank runs: ``steps`` if set, else enough global batches
-    of ``batch_size`` rows for ``epochs`` passes over the training rows. The same on every rank and
+    """The number of optimizer steps every rank runs: ``steps`` if set, else ``⌈epochs · P⌉`` (so
+    ``epochs`` whole epochs train every row exactly ``epochs`` times). The same on every rank and
     for every world size."""
     if steps > 0:
         return steps
     rows, _ = count_rows(split_dir(features_dir, "train"))
-    return max(1, math.ceil(epochs * rows / batch_size))
+    # Rounded first so that float noise (0.1 · 30 = 3.0000000000000004) cannot add a step.
+    return max(1, math.ceil(round(epochs * steps_per_epoch(rows, batch_size), 9)))
+
+
+def epoch_assignment(group_rows: Sequence[int], shards: int, seed: int, epoch: int) -> list[list[Piece]]:
+    """Per shard, the pieces of row groups it trains on in epoch ``epoch``: the row groups laid end
+    to end in an order seeded by ``(seed, epoch)``, cut into ``shards`` ranges of ``⌊N/S⌋`` or
+    ``⌈N/S⌉`` rows. Disjoint, covering every row once, and independent of the world size."""
+    total = sum(group_rows)
+    cuts = [shard * total // shards for shard in range(shards + 1)]
+    assignment: list[list[Piece]] = [[] for _ in range(shards)]
+    offset = 0
+    for group in np.random.default_rng([seed, epoch]).permutation(len(group_rows)).tolist():
+        first, last = offset, offset + group_rows[group]
+        shard = bisect.bisect_right(cuts, first) - 1
+        while shard < shards and cuts[shard] < last:
+            start, stop = max(first, cuts[shard]), min(last, cuts[shard + 1])
+            if start < stop:
+                assignment[shard].append(Piece(group, start - first, stop - first))
+            shard += 1
+        offset = last
+    return assignment
 
 
 def check_layout(batch_size: int, shards: int, world: int) -> None:
@@ -143,29 +204,27 @@ def row_fingerprints(user_key: np.ndarray, ts: np.ndarray) -> list[int]:
             for user, times in zip(user_key, ts)]
 
 
-def _strides_rows(split_path: Path, groups: int, shards: int, unit: str) -> bool:
-    """Whether ``shards`` readers must each read the whole split and keep every ``shards``-th row."""
-    if shards > 1 and groups < shards:
-        log.warning("%s: fewer row groups than the %d %s (%d): each reads all of it and keeps every "
-                    "%d-th row", split_path, shards, unit, groups, shards)
+def _strides_rows(split_path: Path, groups: int, ranks: int) -> bool:
+    """Whether ``ranks`` eval readers must each read the whole split and keep every ``ranks``-th row
+    (Petastorm cannot give every rank a row group)."""
+    if ranks > 1 and groups < ranks:
+        log.warning("%s: fewer row groups than the %d ranks (%d): each reads all of it and keeps every "
+                    "%d-th row", split_path, ranks, groups, ranks)
         return True
     return False
 
 
-def _epoch_chunks(split_path: Path, shard: int, shards: int, seed: int, shuffle_row_groups: bool,
-                  stride: bool, columns: Sequence[str] = TRAINING_COLUMNS,
-                  prefetch: int = PREFETCH_ROW_GROUPS) -> Iterator[Columns]:
-    """One pass over one shard's rows: a dict of column arrays per row group read."""
-    options = dict(schema_fields=list(columns), reader_pool_type="thread", workers_count=1,
-                   results_queue_size=prefetch, seed=seed, shuffle_row_groups=shuffle_row_groups,
-                   num_epochs=1)
+def _eval_chunks(split_path: Path, shard: int, shards: int, stride: bool) -> Iterator[Columns]:
+    """One pass over one eval shard's rows, in file order: a dict of column arrays per row group."""
+    options = dict(schema_fields=list(TRAINING_COLUMNS), reader_pool_type="thread", workers_count=1,
+                   results_queue_size=PREFETCH_ROW_GROUPS, seed=0, shuffle_row_groups=False, num_epochs=1)
     if shards > 1 and not stride:
         options.update(cur_shard=shard, shard_count=shards)
     reader = make_batch_reader(split_path.resolve().as_uri(), **options)
     try:
         seen = 0
         for chunk in reader:
-            chunk_columns = {name: getattr(chunk, name) for name in columns}
+            chunk_columns = {name: getattr(chunk, name) for name in TRAINING_COLUMNS}
             count = _rows(chunk_columns)
             if stride:
                 chunk_columns = _take(chunk_columns, (seen + np.arange(count)) % shards == shard)
@@ -174,6 +233,43 @@ def _epoch_chunks(split_path: Path, shard: int, shards: int, seed: int, shuffle_
     finally:
         reader.stop()
         reader.join()
+
+
+def _read_row_group(group: RowGroup) -> Columns:
+    """One row group through Petastorm: its file as the dataset, the row group as its shard."""
+    # A plain path in the URL: Petastorm does not undo the percent-encoding of ``date=…``.
+    reader = make_batch_reader(f"file://{group.path.resolve()}", schema_fields=list(TRAINING_COLUMNS),
+                               reader_pool_type="dummy", shuffle_row_groups=False, num_epochs=1,
+                               cur_shard=group.index, shard_count=group.file_row_groups)
+    try:
+        columns = _concat([{name: getattr(chunk, name) for name in TRAINING_COLUMNS} for chunk in reader])
+    finally:
+        reader.stop()
+        reader.join()
+    if _rows(columns) != group.rows:
+        raise DataError(f"row group {group.index} of {group.path} holds {_rows(columns)} rows; its footer "
+                        f"says {group.rows}: the file changed or is corrupt")
+    return columns
+
+
+def _read_pieces(groups: Sequence[RowGroup], pieces: Sequence[Piece], prefetch: int) -> Iterator[Columns]:
+    """The rows of ``pieces`` in order, a background thread reading ``prefetch`` row groups ahead."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups") as pool:
+        pending = deque()
+        try:
+            for piece in pieces:
+                pending.append((piece, pool.submit(_read_row_group, groups[piece.group])))
+                if len(pending) > prefetch:
+                    yield _piece_rows(*pending.popleft())
+            while pending:
+                yield _piece_rows(*pending.popleft())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _piece_rows(piece: Piece, future) -> Columns:
+    return _slice(future.result(), piece.start, piece.stop)
 
 
 def _rows(columns: Columns) -> int:
@@ -247,57 +343,39 @@ def _skip_rows(pieces: Iterable[Columns], count: int) -> Iterator[Columns]:
         count = 0
 
 
-def _counted(pieces: Iterable[Columns]) -> Iterator[Columns]:
-    """Pass pieces through; the generator's return value is how many rows went by."""
-    rows = 0
-    for piece in pieces:
-        rows += _rows(piece)
-        yield piece
-    return rows
+def padding_rows(count: int, context_len: int) -> Columns:
+    """``count`` rows that fill a short last step of an epoch: windows of no tokens (``length`` 0,
+    ``loss_mask`` 0, every column 0), so they carry no loss and no token weight, and count as no
+    sample (:func:`real_rows`)."""
+    return {name: np.zeros((count, context_len) if name in TOKEN_COLUMNS else (count,),
+                           np.float32 if name in TOKEN_FLOAT_COLUMNS else np.int64)
+            for name in TRAINING_COLUMNS}
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def real_rows(batch: Batch) -> torch.Tensor:
+    """Boolean ``[B]``: the batch's real rows. Every real window holds at least one token, so only a
+    padding row has ``length`` 0."""
+    return batch["length"] > 0
 
 
-class _Shard:
-    """One logical shard of a split: where its rows come from and how many an epoch holds."""
-
-    def __init__(self, split_path: Path, shard: int, shards: int, stride: bool, rows_in_split: int):
-        self.split_path, self.shard, self.shards, self.stride = split_path, shard, shards, stride
-        self._rows_in_split = rows_in_split
-
-    def epoch_rows(self) -> int:
-        if self.stride or self.shards == 1:
-            return len(range(self.shard, self._rows_in_split, self.shards))
-        chunks = _epoch_chunks(self.split_path, self.shard, self.shards, 0, False, False, (COUNT_COLUMN,))
-        return sum(_rows(chunk) for chunk in chunks)
-
-    def rows(self, seed: int, shuffle_buffer: int, start_row: int, prefetch: int) -> Iterator[Columns]:
-        """The endless training-order row stream, from row ``start_row`` on.
-
-        One Petastorm reader per epoch rather than its ``num_epochs=None``: the endless ventilator
-        reshuffles a timing-dependent number of times at each epoch start, so later epochs would
-        differ between runs and break resume.
-        """
-        first_epoch, skip = 0, 0
-        if start_row:
-            epoch_rows = self.epoch_rows()
-            if epoch_rows == 0:
-                raise self._empty()
-            first_epoch, skip = divmod(start_row, epoch_rows)
-        for epoch in itertools.count(first_epoch):
-            chunks = _epoch_chunks(self.split_path, self.shard, self.shards, _epoch_seed(seed, epoch),
-                                   True, self.stride, prefetch=prefetch)
-            rows = _mixed(chunks, shuffle_buffer, np.random.default_rng([seed, self.shard, epoch]))
-            if skip:
-                rows, skip = _skip_rows(rows, skip), 0
-            if (yield from _counted(rows)) == 0:
-                raise self._empty()
-
-    def _empty(self) -> DataError:
-        return DataError(f"shard {self.shard} of {self.shards} of {self.split_path} holds no rows "
-                         "(empty row groups): it would never fill a batch")
+def _shard_chunks(groups: Sequence[RowGroup], shard: int, shards: int, per_shard: int, seed: int,
+                  shuffle_buffer: int, first_step: int, prefetch: int, context_len: int) -> Iterator[Columns]:
+    """Shard ``shard``'s endless stream of chunks of ``per_shard`` rows, from global step
+    ``first_step`` on: ``P`` chunks an epoch, its rows once each, then padding up to the epoch's end."""
+    group_rows = [group.rows for group in groups]
+    epoch_steps = steps_per_epoch(sum(group_rows), per_shard * shards)
+    first_epoch, first_step_in_epoch = divmod(first_step, epoch_steps)
+    for epoch in itertools.count(first_epoch):
+        pieces = epoch_assignment(group_rows, shards, seed, epoch)[shard]
+        rows = _mixed(_read_pieces(groups, pieces, prefetch), shuffle_buffer,
+                      np.random.default_rng([seed, shard, epoch]))
+        done = first_step_in_epoch if epoch == first_epoch else 0
+        for chunk in _rechunk(_skip_rows(rows, done * per_shard), per_shard, keep_partial=True):
+            short = per_shard - _rows(chunk)
+            yield _concat([chunk, padding_rows(short, context_len)]) if short else chunk
+            done += 1
+        for _ in range(done, epoch_steps):
+            yield padding_rows(per_shard, context_len)
 
 
 def to_tensors(columns: Columns, context_len: int) -> Batch:
@@ -346,18 +424,17 @@ class TrainStream:
         shards = shards or world
         check_layout(batch_size, shards, world)
         path = split_dir(features_dir, "train")
-        rows, groups = count_rows(path)  # fails clearly on an empty split instead of waiting forever
+        groups = row_groups(path)  # fails clearly on an empty split instead of waiting forever
+        rows = sum(group.rows for group in groups)
         if rows < shards:
             raise DataError(f"{path} holds {rows} rows, fewer than the {shards} shards (data.shards): "
-                            "some shard would never fill a batch")
-        stride = _strides_rows(path, groups, shards, "shards")
+                            "some shard would hold none")
         per_shard = batch_size // shards
         owned = shards_of_rank(rank, world, shards)
         prefetch = max(1, PREFETCH_ROW_GROUPS // len(owned))
-        self._shards = [
-            _rechunk(_Shard(path, shard, shards, stride, rows).rows(
-                seed, shuffle_buffer, skip_steps * per_shard, prefetch), per_shard)
-            for shard in owned]
+        self._shards = [_shard_chunks(groups, shard, shards, per_shard, seed, shuffle_buffer, skip_steps,
+                                      prefetch, context_len)
+                        for shard in owned]
         self._context_len = context_len
         self.steps = skip_steps
 
@@ -385,8 +462,8 @@ def eval_batches(features_dir: str | Path, context_len: int, batch_size: int, ra
     """This rank's disjoint share of the eval split, each row exactly once, in file order."""
     path = split_dir(features_dir, "eval")
     _, groups = count_rows(path)
-    stride = _strides_rows(path, groups, world, "ranks")
-    chunks = _epoch_chunks(path, rank, world, seed=0, shuffle_row_groups=False, stride=stride)
+    stride = _strides_rows(path, groups, world)
+    chunks = _eval_chunks(path, rank, world, stride)
     try:
         for columns in _rechunk(chunks, batch_size, keep_partial=True):
             yield to_tensors(columns, context_len)

@@ -20,30 +20,41 @@ import torch
 from features.config import ConfigError, load_config
 from trainer.checkpoint import COMPLETE_MARKER, UNIVERSAL, checkpoint_root, plan_resume, saved_checkpoints
 from trainer.config import TrainConfig, deepspeed_config
-from trainer.data import DataError, TrainStream, check_layout, row_fingerprints
+from trainer.data import DataError, TrainStream, check_layout, real_rows, row_fingerprints
 from trainer.train import resolved_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 C = 8  # the tiny dataset's context length (conftest.TINY_SPEC)
 
 
+def trained_ids(batch) -> list[int]:
+    """The ids of a batch's real rows (padding rows, ``length`` 0, fill an epoch's short last step)."""
+    real = real_rows(batch).numpy()
+    return row_fingerprints(batch["user_key"].numpy()[real], batch["ts"].numpy()[real])
+
+
+def rank_steps(features, rank: int, world: int, steps: int, shards: int = 0, batch: int = 32,
+               skip: int = 0, shuffle_buffer: int = 24, seed: int = 5) -> list[list[int]]:
+    with TrainStream(features, C, batch, shuffle_buffer, seed, rank, world, shards,
+                     skip_steps=skip) as stream:
+        return [trained_ids(next(stream)) for _ in range(steps)]
+
+
 def global_batches(features, world: int, steps: int, shards: int = 4, batch: int = 32,
                    skip: int = 0) -> list[list[int]]:
     """Global batch ids of ``steps`` steps on ``world`` ranks: each rank's rows, in rank order."""
-    per_rank = []
-    for rank in range(world):
-        with TrainStream(features, C, batch, 24, 5, rank, world, shards, skip_steps=skip) as stream:
-            per_rank.append([row_fingerprints(b["user_key"].numpy(), b["ts"].numpy())
-                             for b in (next(stream) for _ in range(steps))])
+    per_rank = [rank_steps(features, rank, world, steps, shards, batch, skip) for rank in range(world)]
     return [sum((rows[step] for rows in per_rank), []) for step in range(steps)]
 
 
 def test_global_batches_are_the_same_on_one_two_and_four_ranks(tiny_features):
-    # 232 rows in 7 row groups, 32 rows a step: 12 steps cross an epoch boundary of every shard.
+    # 232 rows in 7 row groups, 32 rows a step: 8 steps an epoch, the 8th with 8 rows and padding.
     single = global_batches(tiny_features, 1, 12)
     assert global_batches(tiny_features, 2, 12) == single
     assert global_batches(tiny_features, 4, 12) == single
-    assert all(len(set(batch)) == 32 for batch in single)
+    assert [len(batch) for batch in single] == [32] * 7 + [8] + [32] * 4
+    assert all(len(set(batch)) == len(batch) for batch in single)
+    assert len(set(sum(single[:8], []))) == 232  # the first epoch: every row once
 
 
 def test_a_stream_resumes_on_another_world_size_at_the_same_global_batch(tiny_features):
@@ -54,18 +65,18 @@ def test_a_stream_resumes_on_another_world_size_at_the_same_global_batch(tiny_fe
 
 
 @pytest.mark.parametrize("files", [[(0, 32, 16), (1, 20, 20)], [(0, 40, 40)]], ids=["3-groups", "1-group"])
-def test_uneven_shards_feed_both_ranks_for_as_long_as_asked(files, feature_writer, tmp_path):
-    """3 row groups over 2 ranks (2 and 1), 1 over 2 (both stride it): neither rank ever runs dry,
-    their rows stay disjoint and together cover the split."""
+def test_uneven_row_groups_feed_both_ranks_every_row_once_an_epoch(files, feature_writer, tmp_path):
+    """3 row groups of 16, 16 and 20 rows over 2 ranks, or 1 row group over 2: the ranks split rows,
+    not row groups, so neither runs dry and every epoch trains each row exactly once."""
     features = feature_writer(tmp_path, train_files=files, eval_files=[(3, 16, 16)], seed=3)
-    seen = []
-    for rank in range(2):
-        with TrainStream(features, C, 16, 8, 0, rank, 2) as stream:
-            batches = [next(stream) for _ in range(20)]  # 160 rows a rank: several passes over either shard
-        seen.append({row for batch in batches
-                     for row in row_fingerprints(batch["user_key"].numpy(), batch["ts"].numpy())})
-    assert not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) == sum(count for _, count, _ in files)
+    rows = sum(count for _, count, _ in files)
+    epoch = -(-rows // 16)
+    ranks = [rank_steps(features, rank, 2, 4 * epoch, batch=16, shuffle_buffer=8, seed=0)
+             for rank in range(2)]
+    for first in range(0, 4 * epoch, epoch):  # 4 epochs
+        trained = [row for steps in ranks for step in steps[first:first + epoch] for row in step]
+        assert len(trained) == len(set(trained)) == rows, f"epoch from step {first + 1}"
+        assert [sum(map(len, steps[first:first + epoch])) for steps in ranks] == [rows // 2] * 2
 
 
 def test_world_sizes_that_cannot_split_the_order_fail_naming_the_key(tiny_features):

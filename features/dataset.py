@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,18 @@ def atomic_write_text(target: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move the complete directory ``staging`` to its sibling ``target``, replacing what is there:
+    the previous ``target`` is moved aside first and removed only after the new one is in place."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.retired-", dir=target.parent))
+    os.replace(target, retired / target.name)
+    os.replace(staging, target)
+    shutil.rmtree(retired)
 
 
 def _current_umask() -> int:

@@ -3,8 +3,11 @@
 Validates the configuration, then runs the feature job (:mod:`features.job`) through the
 ``spark-submit`` that ships with the installed pyspark, on ``spark.master`` (default ``local[*]``),
 with the ``features`` package zipped on the fly and passed with ``--py-files`` so that executors on a
-cluster can import it. The job's log streams to stderr; the exit code is the job's; on success the
-dataset summary (:func:`features.summary.describe`) goes to stdout.
+cluster can import it. The job's log streams to stderr; the exit code is the job's (5: another
+incremental run holds the dataset's lock, :mod:`features.incremental`); on success the dataset
+summary (:func:`features.summary.describe`) goes to stdout. ``spark-submit`` runs in a process group
+of its own that dies with this command, SIGKILL included, and receives its SIGINT and SIGTERM
+(:func:`features.concurrency.process_group`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pyspark
 
+from features.concurrency import EXIT_LOCKED, process_group
 from features.config import ConfigError, to_yaml
 from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import session_settings
@@ -65,8 +69,8 @@ def run_job(config: FeaturesConfig) -> int:
         environment = {**os.environ}
         environment.setdefault("PYSPARK_PYTHON", sys.executable)
         environment.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=environment) as process:
+        with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=environment) as process:
             assert process.stdout is not None
             # stdout stays free for the summary.
             for line in process.stdout:
@@ -82,6 +86,9 @@ def main(argv: list[str]) -> int:
         print(f"sirenfeed features: {error}", file=sys.stderr)
         return 2
     returncode = run_job(config)
+    if returncode == EXIT_LOCKED:
+        logger.error("another incremental feature job holds the lock of %s: nothing was done", config.out)
+        return returncode
     if returncode != 0:
         logger.error("the feature job failed (spark-submit exit code %d); %s is unchanged",
                      returncode, config.out)

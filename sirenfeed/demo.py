@@ -157,8 +157,8 @@ def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates:
     from ingest.clients import make_producer
     from ingest.config import IngestConfig
     from ingest.producer import event_messages, raw_dates, read_day, send_messages
-    from sirenfeed.retrain import (CONTINUAL_TRAIN_OVERRIDES, CycleTelemetry, RetrainConfig, describe_outcome,
-                                   run_once)
+    from sirenfeed.retrain import (CONTINUAL_TRAIN_OVERRIDES, INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED,
+                                   CycleTelemetry, RetrainConfig, describe_outcome, run_once)
     from trainer.publish import publish, read_log
     from trainer.variants import variant_overrides
 
@@ -195,7 +195,7 @@ def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates:
                 print(f"\n--- cycle {number}: {day.num_rows:,} events of {date} produced to Kafka", flush=True)
                 code = run_once(retrain)
                 telemetry.on_cycle(code)
-                if code not in (0, 3):
+                if code not in (PUBLISHED, NOT_PUBLISHED, INSUFFICIENT_EVIDENCE):
                     raise RuntimeError(f"retraining cycle {number} ended: {describe_outcome(code)} (exit code {code})")
                 print(_cycle_summary(read_log(root / "registry")[-1], produced_at))
         finally:

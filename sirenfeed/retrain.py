@@ -9,29 +9,34 @@ resumed before a new one starts):
 1. ``drain``: (optional) consume the Kafka topic into the landing zone until idle (``ingest``'s own
    exactly-once publish makes a re-run harmless);
 2. ``features``: the incremental feature job appends the unread raw files as a new batch;
-3. ``train``: warm start from the newest lineage checkpoint whose checksums verify (a corrupt one
-   falls back to the previous) on the batches after its data watermark, through the ``deepspeed``
-   launcher into ``cycles/<id>/run``; a completed run is kept, a partial one is redone;
-4. ``gate``: candidate and published model evaluated on the same freshest held-out slice;
+3. ``train``: warm start from the newest *accepted* lineage checkpoint (the initial run's, or a
+   published candidate's; a refused one never) whose checksums verify (a corrupt one falls back to
+   the previous) on the batches after its data watermark, through the ``deepspeed`` launcher into
+   ``cycles/<id>/run``; a completed run is kept, a partial one is redone. Nothing new unless a batch
+   is newer than every batch a cycle has already trained through;
+4. ``gate``: candidate and published model evaluated on the same freshest held-out slice
+   (:mod:`trainer.gate`: publish, refuse, or insufficient evidence);
 5. ``publish``: if the gate passes, ``registry/latest`` moves atomically (previous ``keep_published``
    kept); the decision, both metric sets and the event→published latency go to the publish log;
-6. ``advance``: the candidate's checkpoint (with its checksums) becomes the lineage head, so the
-   next cycle trains only on what it has not seen, whether or not it was published.
+6. ``advance``: the candidate's checkpoint (with its checksums) joins the lineage, marked accepted
+   if it was published. A refused or unproven candidate is never trained on: the next cycle starts
+   again from the last accepted checkpoint and trains on every batch since, the refused cycle's too.
 
 An exclusive lock (``RETRAIN_DIR/lock``, released by the OS if the process dies) stops a second
-invocation from running a cycle on top of this one. Exit codes: 0 published, 3 not published
-(gate), 4 nothing new, 5 another cycle holds the lock, 1 failed, 2 bad configuration.
+invocation from running a cycle on top of this one; the feature dataset's own lock stops the
+features step while another incremental feature job appends (exit 5, resumed next time), and the
+launcher and spark-submit die with this process (:mod:`features.concurrency`). Exit codes:
+0 published, 3 refused by the gate (worse, or broken), 6 insufficient evidence (not published,
+not refused), 4 nothing new, 5 another cycle or feature job holds a lock, 1 failed, 2 bad
+configuration.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
-import os
 import re
 import shutil
 import signal
@@ -40,10 +45,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import MISSING
 
+from features.concurrency import EXIT_LOCKED, Locked, exclusive_lock
 from features.config import add_config_arguments, config_from_args, load_config, require
 from features.dataset import atomic_write_text
 from features.logs import configure_logging
@@ -52,8 +58,11 @@ from trainer.gate import GateConfig
 
 log = logging.getLogger(__name__)
 
-PUBLISHED, FAILED, NOT_PUBLISHED, NOTHING_NEW, LOCKED = 0, 1, 3, 4, 5
-OUTCOMES = {"published": PUBLISHED, "not_published": NOT_PUBLISHED, "nothing_new": NOTHING_NEW}
+PUBLISHED, FAILED, NOT_PUBLISHED, NOTHING_NEW, LOCKED, INSUFFICIENT_EVIDENCE = 0, 1, 3, 4, 5, 6
+OUTCOMES = {"published": PUBLISHED, "not_published": NOT_PUBLISHED, "nothing_new": NOTHING_NEW,
+            "insufficient_evidence": INSUFFICIENT_EVIDENCE}
+GATE_OUTCOMES = {"publish": "published", "refuse": "not_published", "insufficient_evidence": "insufficient_evidence"}
+"""The cycle's outcome for each of the gate's (:mod:`trainer.gate`)."""
 STEPS = ("drain", "features", "train", "gate", "publish", "advance")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTINUAL_TRAIN_OVERRIDES = ("schedule.kind=constant", "optim.lr=0.0001", "train.checkpoint_every=0")
@@ -123,33 +132,6 @@ class RetrainConfig:
         require(self.keep_published >= 1, "keep_published", "must be >= 1")
         require(0 <= self.telemetry_port <= 65535, "telemetry_port", "must be in [0, 65535]")
         self.features.incremental.enabled = True
-
-
-class Locked(RuntimeError):
-    """Another retraining cycle is running on the same directory."""
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """``flock`` on ``path``: held until the block ends or the process dies (no stale locks)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise Locked(f"another retraining cycle is running on {path.parent} ({holder}); "
-                         "not starting one on top of it") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, record: Any) -> None:
@@ -230,9 +212,22 @@ class Retrainer:
         return {"run": str(run.resolve()), "tag": tags[-1], "cycle": cycle, "batch": int(watermark["batch"]),
                 "watermark_ms": watermark["watermark_ms"], "sha256": checkpoint_digests(run, tags[-1])}
 
+    def accepted(self, entry: dict[str, Any]) -> bool:
+        """Whether a lineage checkpoint may be trained on: the initial run's, or a published
+        candidate's (an entry written before entries recorded it: whether the publish log shows
+        its cycle published)."""
+        if "accepted" in entry:
+            return bool(entry["accepted"])
+        from trainer.publish import read_log
+
+        return entry["cycle"] is None or any(record.get("cycle") == entry["cycle"] and record.get("published")
+                                             for record in read_log(self.registry))
+
     def warm_start_source(self) -> dict[str, Any]:
-        """The newest lineage checkpoint whose files still match their checksums."""
+        """The newest accepted lineage checkpoint whose files still match their checksums."""
         for entry in reversed(self.lineage()):
+            if not self.accepted(entry):
+                continue
             try:
                 if checkpoint_digests(Path(entry["run"]), entry["tag"]) == entry["sha256"]:
                     return entry
@@ -240,7 +235,7 @@ class Retrainer:
                 pass
             log.warning("checkpoint %s/%s is corrupt or incomplete (checksums differ): falling back "
                         "to the previous one", entry["run"], entry["tag"])
-        raise RuntimeError("no lineage checkpoint passes its checksums: nothing to continue from")
+        raise RuntimeError("no accepted lineage checkpoint passes its checksums: nothing to continue from")
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -262,6 +257,9 @@ class Retrainer:
             from features.submit import run_job
 
             code = run_job(config)
+            if code == EXIT_LOCKED:
+                raise Locked(f"another incremental feature job is running on {config.out} (its lock is "
+                             "held); the cycle resumes at its features step next time")
             if code != 0:
                 raise RuntimeError(f"the incremental feature job failed (exit code {code})")
         else:
@@ -274,17 +272,21 @@ class Retrainer:
         return {"newest_batch": batches(config.out)[-1]["index"]}
 
     def step_train(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
-        from trainer.continual import CONTINUAL_SCRIPT, NothingNew, build_view, checkpoint_data_watermark
+        from trainer.continual import CONTINUAL_SCRIPT, NothingNew, batches, build_view, checkpoint_data_watermark
         from trainer.launch import run_deepspeed
 
         source = self.warm_start_source()
         view_dir, run = folder / "view", folder / "run"
+        decided = self.lineage()[-1]
         try:
+            if batches(self.config.features.out)[-1]["index"] <= decided["batch"]:
+                raise NothingNew(f"no batch after {decided['batch']}, which cycle {decided['cycle']} trained "
+                                 "through already")
             view = build_view(self.config.features.out, source["batch"], view_dir)
         except NothingNew as error:
             log.info("%s", error)
             return {"nothing_new": True}
-        facts = {"source": source["run"], "since_batch": source["batch"],
+        facts = {"source": source["run"], "source_cycle": source["cycle"], "since_batch": source["batch"],
                  "batch": view["data_watermark"]["batch"], "watermark_ms": view["watermark_ms"],
                  "max_event_ms": view["max_event_ms"], "run": str(run.resolve())}
         if self._trained(run, facts["batch"]):
@@ -332,7 +334,8 @@ class Retrainer:
             publish(Path(journal["run"]) / "export" / "latest", self.registry, journal["cycle"], trained,
                     self.config.keep_published)
         append_log(self.registry, {
-            "cycle": journal["cycle"], "published": decision["publish"], "reason": decision["reason"],
+            "cycle": journal["cycle"], "published": decision["publish"], "outcome": decision["outcome"],
+            "reason": decision["reason"], "tasks": decision["tasks"], "published_error": decision["published_error"],
             "candidate": decision["candidate"], "current": decision["current"],
             "compared_with": journal.get("compared_with"), "trained": trained,
             "decided_at": published_at,
@@ -343,14 +346,15 @@ class Retrainer:
     def step_advance(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
         lineage = self.lineage()
         if lineage[-1].get("cycle") != journal["cycle"]:
-            lineage.append(self._lineage_entry(Path(journal["run"]), journal["cycle"]))
+            entry = self._lineage_entry(Path(journal["run"]), journal["cycle"])
+            lineage.append({**entry, "accepted": bool(journal["published"])})
             _write_json(self.lineage_file, lineage)
         return {}
 
     # --- the cycle -------------------------------------------------------------------------
 
     def run_cycle(self) -> int:
-        with exclusive_lock(self.root / "lock"):
+        with exclusive_lock(self.root / "lock", "retraining cycle"):
             folder, journal = self.open_cycle()
             for step in STEPS:
                 if step in journal["done"]:
@@ -361,7 +365,7 @@ class Retrainer:
                 self.mark_done(folder, journal, step, **facts, seconds=seconds)
                 if journal.get("nothing_new"):
                     return self.finish(folder, journal, "nothing_new")
-            return self.finish(folder, journal, "published" if journal["published"] else "not_published")
+            return self.finish(folder, journal, GATE_OUTCOMES[journal["decision"]["outcome"]])
 
 
 def parse_period(text: str) -> float:
@@ -464,7 +468,7 @@ def run_continuous(config: RetrainConfig, stop: threading.Event) -> int:
                 code = run_once(cycles.config)
                 telemetry.on_cycle(code)
                 log.info("cycle ended: %s", describe_outcome(code))
-                if code in (PUBLISHED, NOT_PUBLISHED):
+                if code in (PUBLISHED, NOT_PUBLISHED, INSUFFICIENT_EVIDENCE):
                     waiting_since = None
                     continue  # look again at once: more may have landed during the cycle
                 if code == NOTHING_NEW:
@@ -515,7 +519,8 @@ def continuous_main(argv: list[str]) -> int:
 
 
 def describe_outcome(code: int) -> str:
-    return {PUBLISHED: "published", NOT_PUBLISHED: "not published (gate)", NOTHING_NEW: "nothing new",
+    return {PUBLISHED: "published", NOT_PUBLISHED: "not published (gate refused the candidate)",
+            INSUFFICIENT_EVIDENCE: "not published (insufficient evidence)", NOTHING_NEW: "nothing new",
             LOCKED: "another cycle is running", FAILED: "failed"}.get(code, "failed")
 
 

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from features.config import add_config_arguments, config_from_args, require
-from features.dataset import local_path, write_manifest
+from features.dataset import local_path, replace_directory, write_manifest
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import parquet_files, read_feature_manifest
@@ -87,13 +88,28 @@ def select(features_dir: str | Path, since_batch: int) -> dict[str, Any]:
 
 
 def build_view(features_dir: str | Path, since_batch: int, view_dir: str | Path) -> dict[str, Any]:
-    """Materialise :func:`select` as a feature dataset at ``view_dir`` (replaced); returns its manifest.
+    """Materialise :func:`select` as a feature dataset at ``view_dir``; returns its manifest. A view
+    already there is replaced whole (:func:`features.dataset.replace_directory`).
 
     Raises :class:`NothingNew` when there is nothing to train on."""
     selection = select(features_dir, since_batch)
-    manifest, spec = read_feature_manifest(features_dir)
+    manifest, _ = read_feature_manifest(features_dir)
     source, view = local_path(features_dir), Path(view_dir)
-    shutil.rmtree(view, ignore_errors=True)
+    view.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the view and swapped in complete, so a crash leaves the previous view readable.
+    staging = Path(tempfile.mkdtemp(prefix=f".{view.name}.staging-", dir=view.parent))
+    try:
+        view_manifest = _link_view(source, manifest, selection, since_batch, staging)
+        replace_directory(staging, view)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return view_manifest
+
+
+def _link_view(source: Path, manifest: dict[str, Any], selection: dict[str, Any], since_batch: int,
+               view: Path) -> dict[str, Any]:
+    """Link the selected files of ``source`` into the empty directory ``view`` and write its manifest."""
     for split in SPLITS:
         for index, relative in enumerate(selection[split]):
             # train/date=D/<file> of any batch (eval parts included) keeps its date partition.

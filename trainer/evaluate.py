@@ -61,7 +61,6 @@ class EvaluateConfig:
         require(self.bins >= 1, "bins", "must be >= 1")
 
 
-@torch.no_grad()
 def evaluate_split(model: nn.Module, features_dir: str | Path, context_len: int, batch_size: int,
                    rank: int, world: int, device: torch.device | str, bins: int = 15,
                    autocast_dtype: torch.dtype | None = None) -> Metrics | None:
@@ -69,6 +68,16 @@ def evaluate_split(model: nn.Module, features_dir: str | Path, context_len: int,
 
     Returns the metrics on rank 0 and ``None`` elsewhere.
     """
+    tokens = evaluate_tokens(model, features_dir, context_len, batch_size, rank, world, device, autocast_dtype)
+    return tokens.compute(bins=bins) if rank == 0 else None
+
+
+@torch.no_grad()
+def evaluate_tokens(model: nn.Module, features_dir: str | Path, context_len: int, batch_size: int,
+                    rank: int, world: int, device: torch.device | str,
+                    autocast_dtype: torch.dtype | None = None) -> EvalAccumulator:
+    """Every label-bearing token of the eval split with its predictions, gathered from all ranks
+    (collective; on one rank, in file order): what :func:`evaluate_split` computes the metrics of."""
     was_training = model.training
     model.eval()
     accumulator = EvalAccumulator(LABEL_COLUMNS)
@@ -83,7 +92,7 @@ def evaluate_split(model: nn.Module, features_dir: str | Path, context_len: int,
                         batch["user_key"])
     merged = accumulator.gather()
     model.train(was_training)
-    return merged.compute(bins=bins) if rank == 0 else None
+    return merged
 
 
 def write_metrics(run_dir: str | Path, metrics: Metrics, **context: Any) -> Path:

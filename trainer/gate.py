@@ -1,64 +1,122 @@
-"""The evaluation gate: a candidate replaces the published model only if it is not worse.
+"""The evaluation gate: a candidate replaces the published model only when it is shown not to be worse.
 
-Both models are evaluated exactly (:func:`trainer.evaluate.evaluate_split`, in this process) on the
-same freshest held-out slice. The candidate passes when its NE on the primary task is finite and
-at most ``(1 + tolerance)`` times the published model's (NE: lower is better); with no published
-model, a finite NE is enough. A broken candidate (NaN weights, an unreadable export) never passes.
+Both models are evaluated exactly (:func:`trainer.evaluate.evaluate_tokens`, in this process) on the
+same freshest held-out slice, so every label-bearing event i of a task has a log-loss term under
+each model, ℓᶜ_i for the candidate and ℓᵖ_i for the published one
+(:func:`trainer.metrics.event_log_loss`). For every task t, over its N events of G users:
+
+    d_i       = ℓᶜ_i − ℓᵖ_i                                  paired per-event difference
+    d̄         = Σ_i d_i / N                                   the candidate's change in log loss
+    se²       = G/(G−1) · Σ_u (Σ_{i∈u} (d_i − d̄))² / N²       clustered by user (trainer.metrics.clustered_mean)
+    [lo, hi]  = d̄ ∓ z·se,   z = Φ⁻¹((1 + confidence) / 2)     normal approximation over users
+    m_t       = tolerance_t · ℓ̄ᵖ,   ℓ̄ᵖ = Σ_i ℓᵖ_i / N         the regression task t may show
+
+Both models' NE on the slice share one denominator H(p̄) (the labels are the same), so d̄ / ℓ̄ᵖ is the
+candidate's relative NE change and ``tolerance_t`` an allowed relative NE regression. One user's
+events move together, which is why the standard error counts users, not events. A task is
+
+- *not worse* when hi ≤ m_t: the candidate is shown to be at most the tolerance worse;
+- *worse* when lo > m_t: a regression beyond the tolerance is shown;
+- *inconclusive* otherwise; *too little evidence* with fewer than ``min_events`` events, fewer than
+  ``min_positives`` positives, or a single user: nothing can be said, in particular not "broken".
+
+The decision: **publish** when every task is not worse; **refuse** when a task is worse or the
+candidate is broken (non-finite weights or predictions, an unreadable export); otherwise
+**insufficient evidence**, which neither publishes nor calls the candidate broken.
+
+With no published model, a healthy candidate (readable, finite weights and predictions) is
+published. A published model that cannot be evaluated on the slice (non-finite weights or
+predictions, built for another feature spec) must not hold publishing back forever, nor let a
+candidate through unnoticed: a healthy candidate is published on its own health, the failure is
+logged as an error and kept in the decision (``published_error``), which the publish log records
+and the ``sirenfeed_retrain_published_unevaluable`` gauge reports.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 import torch
 
 from features.config import require
 from features.spec import LABEL_COLUMNS
 from trainer.data import read_feature_manifest
-from trainer.evaluate import Metrics, evaluate_split
+from trainer.evaluate import Metrics, evaluate_tokens
 from trainer.export import ExportError, load_exported
+from trainer.metrics import EvalAccumulator, clustered_mean, event_log_loss
 
 log = logging.getLogger(__name__)
+
+PUBLISH, REFUSE, INSUFFICIENT_EVIDENCE = "publish", "refuse", "insufficient_evidence"
+"""The gate's outcomes."""
+NOT_WORSE, WORSE, INCONCLUSIVE, TOO_LITTLE_EVIDENCE = "not worse", "worse", "inconclusive", "too little evidence"
+"""A task's verdicts."""
 
 
 class BrokenModel(ValueError):
     """An export whose weights are not all finite."""
 
 
+class UnpairedEvaluations(RuntimeError):
+    """The two models' evaluations saw different events, so they cannot be compared event by event."""
+
+
 @dataclass
 class GateConfig:
-    task: str = "contribution"
-    """The primary task whose NE decides."""
-    tolerance: float = 0.002
-    """Allowed relative NE regression (0.002 = the candidate may be 0.2 % worse)."""
+    tolerance: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LABEL_COLUMNS, 0.002))
+    """Per task, the relative NE (= log-loss) regression the candidate may show (0.002: 0.2 % worse)."""
+    confidence: float = 0.95
+    """Two-sided level of the interval around the candidate's change in log loss."""
+    min_events: int = 1000
+    """A task with fewer label-bearing events on the slice has too little evidence."""
+    min_positives: int = 30
+    """A task with fewer positive labels on the slice has too little evidence."""
     batch_size: int = 1024
     bins: int = 15
 
     def __post_init__(self) -> None:
-        require(self.task in LABEL_COLUMNS, "gate.task", f"must be one of {', '.join(LABEL_COLUMNS)}")
-        require(0 <= self.tolerance < 1, "gate.tolerance", "must be in [0, 1)")
+        for task in sorted(set(self.tolerance) - set(LABEL_COLUMNS)):
+            require(False, f"gate.tolerance.{task}", f"not a task; the tasks are {', '.join(LABEL_COLUMNS)}")
+        for task in LABEL_COLUMNS:
+            require(task in self.tolerance, f"gate.tolerance.{task}", "every task needs a tolerance")
+            require(0 <= self.tolerance[task] < 1, f"gate.tolerance.{task}", "must be in [0, 1)")
+        require(0 < self.confidence < 1, "gate.confidence", "must be in (0, 1)")
+        require(self.min_events >= 1, "gate.min_events", "must be >= 1")
+        require(self.min_positives >= 0, "gate.min_positives", "must be >= 0")
         require(self.batch_size >= 1, "gate.batch_size", "must be >= 1")
         require(self.bins >= 1, "gate.bins", "must be >= 1")
 
 
 @dataclass
 class Decision:
-    publish: bool
+    outcome: str
+    """:data:`PUBLISH`, :data:`REFUSE` or :data:`INSUFFICIENT_EVIDENCE`."""
     reason: str
     candidate: Metrics | None
     current: Metrics | None
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per task: events, positives, users, tolerance, verdict and, where compared, the candidate's
+    change in log loss and its interval relative to the published model's log loss."""
+    published_error: str | None = None
+    """Why the published model could not be evaluated, if it could not."""
+
+    @property
+    def publish(self) -> bool:
+        return self.outcome == PUBLISH
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "publish": self.publish}
 
 
-def evaluate_export(export_dir: str | Path, features_dir: str | Path, config: GateConfig) -> Metrics:
-    """Exact metrics of an export on ``features_dir/eval``; raises ``ExportError`` when the export is
-    incomplete or corrupt, or was built for another feature spec."""
+def evaluate_export(export_dir: str | Path, features_dir: str | Path, config: GateConfig) -> EvalAccumulator:
+    """Every eval token of ``features_dir`` with the export's predictions; raises ``ExportError`` when
+    the export is incomplete or corrupt or was built for another feature spec, :class:`BrokenModel`
+    for non-finite weights and ``ValueError`` for non-finite predictions."""
     model, _, spec = load_exported(export_dir)
     broken = [name for name, tensor in model.state_dict().items()
               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
@@ -67,39 +125,87 @@ def evaluate_export(export_dir: str | Path, features_dir: str | Path, config: Ga
     _, data_spec = read_feature_manifest(features_dir)
     if data_spec != spec:
         raise ExportError(f"{export_dir} was trained on another feature spec than {features_dir}")
-    return evaluate_split(model, features_dir, spec.context_len, config.batch_size, rank=0, world=1,
-                          device="cpu", bins=config.bins)
+    return evaluate_tokens(model, features_dir, spec.context_len, config.batch_size, rank=0, world=1,
+                           device="cpu")
 
 
-def decide(candidate: Metrics | None, current: Metrics | None, config: GateConfig) -> Decision:
-    task = config.task
-    candidate_ne = candidate[task]["ne"] if candidate else math.nan
-    if not math.isfinite(candidate_ne):
-        return Decision(False, f"candidate {task} NE is {candidate_ne}: a broken model", candidate, current)
-    if current is None or not math.isfinite(current[task]["ne"]):
-        return Decision(True, f"no comparable published model; candidate {task} NE {candidate_ne:.5f}",
-                        candidate, current)
-    current_ne = current[task]["ne"]
-    limit = current_ne * (1 + config.tolerance)
-    verdict = "not worse" if candidate_ne <= limit else "worse"
-    text = (f"candidate {task} NE {candidate_ne:.5f} vs published {current_ne:.5f} "
-            f"(limit {limit:.5f}, tolerance {config.tolerance:.2%}): {verdict}")
-    return Decision(candidate_ne <= limit, text, candidate, current)
+def compare_task(candidate_loss: np.ndarray, published_loss: np.ndarray, label: np.ndarray,
+                 user: np.ndarray, tolerance: float, config: GateConfig) -> dict[str, Any]:
+    """One task's verdict from the per-event log losses of both models on the same events."""
+    evidence = {"events": int(label.size), "positives": int(label.sum()), "users": int(np.unique(user).size),
+                "tolerance": tolerance}
+    shortfall = [text for short, text in (
+        (evidence["events"] < config.min_events, f"{evidence['events']} events < gate.min_events {config.min_events}"),
+        (evidence["positives"] < config.min_positives,
+         f"{evidence['positives']} positives < gate.min_positives {config.min_positives}"),
+        (evidence["users"] < 2, f"{evidence['users']} user(s): no spread between users to measure")) if short]
+    if shortfall:
+        return {**evidence, "verdict": TOO_LITTLE_EVIDENCE, "shortfall": "; ".join(shortfall)}
+    change, standard_error = clustered_mean(candidate_loss - published_loss, user)
+    published_log_loss = float(published_loss.mean())
+    z = NormalDist().inv_cdf((1 + config.confidence) / 2)
+    margin = tolerance * published_log_loss
+    low, high = change - z * standard_error, change + z * standard_error
+    verdict = NOT_WORSE if high <= margin else WORSE if low > margin else INCONCLUSIVE
+    return {**evidence, "verdict": verdict, "published_log_loss": published_log_loss,
+            "change": change / published_log_loss, "low": low / published_log_loss,
+            "high": high / published_log_loss}
+
+
+def decide(candidate: EvalAccumulator, published: EvalAccumulator | None, config: GateConfig,
+           published_error: str | None = None) -> Decision:
+    """The decision for a healthy (evaluated) candidate against the published model's evaluation
+    on the same slice, ``None`` when there is no published model or it could not be evaluated
+    (``published_error`` says why)."""
+    candidate_metrics = candidate.compute(config.bins)
+    if published is None:
+        if published_error is not None:
+            return Decision(PUBLISH, f"the published model cannot be evaluated ({published_error}); "
+                            "the candidate is healthy and is published on its own health",
+                            candidate_metrics, None, published_error=published_error)
+        return Decision(PUBLISH, "no published model; the candidate is healthy (finite weights and predictions)",
+                        candidate_metrics, None)
+    tasks = {}
+    for task in LABEL_COLUMNS:
+        candidate_pred, label, user = candidate.tokens(task)
+        published_pred, published_label, published_user = published.tokens(task)
+        if not (np.array_equal(label, published_label) and np.array_equal(user, published_user)):
+            raise UnpairedEvaluations(f"{task}: the candidate and the published model were evaluated on "
+                                      "different events")
+        tasks[task] = compare_task(event_log_loss(candidate_pred, label), event_log_loss(published_pred, label),
+                                   label, user, config.tolerance[task], config)
+    verdicts = {comparison["verdict"] for comparison in tasks.values()}
+    outcome = REFUSE if WORSE in verdicts else PUBLISH if verdicts == {NOT_WORSE} else INSUFFICIENT_EVIDENCE
+    summary = {PUBLISH: "not worse on every task", REFUSE: "worse",
+               INSUFFICIENT_EVIDENCE: "insufficient evidence"}[outcome]
+    reason = "; ".join(_describe(task, comparison) for task, comparison in tasks.items()) + f": {summary}"
+    return Decision(outcome, reason, candidate_metrics, published.compute(config.bins), tasks)
+
+
+def _describe(task: str, comparison: dict[str, Any]) -> str:
+    if comparison["verdict"] == TOO_LITTLE_EVIDENCE:
+        return f"{task} too little evidence ({comparison['shortfall']})"
+    return (f"{task} log loss {comparison['change']:+.3%} [{comparison['low']:+.3%}, {comparison['high']:+.3%}] "
+            f"vs published (tolerance {comparison['tolerance']:.2%}, {comparison['events']} events, "
+            f"{comparison['users']} users) {comparison['verdict']}")
 
 
 def gate(candidate_export: str | Path, current_export: str | Path | None, features_dir: str | Path,
          config: GateConfig) -> Decision:
-    """Evaluate both on ``features_dir``'s eval split and decide."""
+    """Evaluate both exports on ``features_dir``'s eval split and decide."""
     try:
         candidate = evaluate_export(candidate_export, features_dir, config)
-    except (ExportError, ValueError) as error:  # metrics refuse non-finite predictions
-        return Decision(False, f"candidate unusable, a broken model: {error}", None, None)
-    current = None
+    except (ExportError, ValueError) as error:  # ValueError: the metrics refuse non-finite predictions
+        decision = Decision(REFUSE, f"candidate unusable, a broken model: {error}", None, None)
+        log.info("gate: %s -> refuse", decision.reason)
+        return decision
+    published, published_error = None, None
     if current_export is not None:
         try:
-            current = evaluate_export(current_export, features_dir, config)
+            published = evaluate_export(current_export, features_dir, config)
         except (ExportError, ValueError) as error:
-            log.warning("the published model cannot be evaluated on this slice: %s", error)
-    decision = decide(candidate, current, config)
-    log.info("gate: %s -> %s", decision.reason, "publish" if decision.publish else "keep the published model")
+            published_error = f"{current_export}: {error}"
+            log.error("the published model cannot be evaluated on this slice: %s", published_error)
+    decision = decide(candidate, published, config, published_error)
+    log.info("gate: %s -> %s", decision.reason, decision.outcome)
     return decision

@@ -33,7 +33,8 @@ every node, and ``run`` on a filesystem they share.
 
 The launcher's output streams through; its exit code is the command's (128 + S for a launcher
 killed by signal S). SIGINT and SIGTERM are passed to the launcher's whole process group, so
-stopping this command stops every rank it started.
+stopping this command stops every rank it started; and if this command is killed outright
+(SIGKILL), the group is stopped within seconds too (:mod:`features.concurrency`).
 """
 
 from __future__ import annotations
@@ -43,14 +44,13 @@ import contextlib
 import logging
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
+from features.concurrency import process_group
 from features.config import add_config_arguments, config_from_args
 from features.dataset import atomic_write_text
 from features.logs import DATE_FORMAT
@@ -153,26 +153,19 @@ def pdsh_command(deepspeed_args: Sequence[str], env: dict[str, str], env_file: s
 
 
 def run_launcher(command: Sequence[str], env: dict[str, str], cwd: Path | None = None,
-                 local_port: int | None = None) -> int:
-    """Run a launcher command in the foreground in its own process group, passing SIGINT and
-    SIGTERM to the whole group; returns its exit code (128 + S if a signal S ended it).
-    ``local_port``: the master port of ranks started on this machine, whose shared-memory
-    segments are swept afterwards (:func:`trainer.distributed.remove_leftover_segments`)."""
+                 local_port: int | None = None, stdout: IO[str] | None = None) -> int:
+    """Run a launcher command in the foreground in a process group of its own that dies with this
+    process, passing SIGINT and SIGTERM to the whole group (:func:`features.concurrency.process_group`);
+    returns its exit code (128 + S if a signal S ended it). ``local_port``: the master port of
+    ranks started on this machine, whose shared-memory segments are swept afterwards
+    (:func:`trainer.distributed.remove_leftover_segments`); ``stdout``: where the launcher's
+    output goes (stderr too; default: this process's streams)."""
     log.info("running: %s", shlex.join(command))
-    process = subprocess.Popen(list(command), env=env, cwd=cwd, start_new_session=True)
-
-    def forward(signum, frame) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signum)
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    streams = {} if stdout is None else {"stdout": stdout, "stderr": subprocess.STDOUT}
     try:
-        code = process.wait()
+        with process_group(command, env=env, cwd=cwd, **streams) as process:
+            code = process.wait()
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
         if local_port is not None:
             remove_leftover_segments(local_port)
     return 128 - code if code < 0 else code

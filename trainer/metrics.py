@@ -19,6 +19,11 @@ were given.
 :class:`EvalAccumulator` keeps every label-bearing token (float64, CPU) instead of running sums, so
 AUC and GAUC stay exact; :meth:`EvalAccumulator.gather` concatenates the ranks' tokens, and a 2-rank
 evaluation equals a 1-rank evaluation of the same tokens up to float summation order.
+
+Two models evaluated on the same tokens are compared event by event (the evaluation gate,
+:mod:`trainer.gate`): :func:`event_log_loss` gives each token's log-loss term, and
+:func:`clustered_mean` the mean of their differences with a standard error that counts users, not
+tokens, as the independent units.
 """
 
 from __future__ import annotations
@@ -95,9 +100,41 @@ def _check_binary(pred: np.ndarray, label: np.ndarray, pred_name: str, label_nam
         raise ValueError(f"{label_name} must be 0 or 1; found e.g. {bad.tolist()}")
 
 
+def event_log_loss(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Per-event log loss ``ℓ_i = −(y_i·log p_i + (1−y_i)·log(1−p_i))``, p clipped to
+    [1e-7, 1−1e-7]: the terms whose mean is ``log_loss`` (paired comparisons of two models use them)."""
+    p = np.clip(np.asarray(pred, dtype=np.float64), PROB_EPSILON, 1.0 - PROB_EPSILON)
+    label = np.asarray(label, dtype=np.float64)
+    return -(label * np.log(p) + (1.0 - label) * np.log1p(-p))
+
+
+def clustered_mean(values: np.ndarray, cluster: np.ndarray) -> tuple[float, float]:
+    """Mean of per-event ``values`` and its standard error when events are clustered (by user):
+
+        mean = Σ_i v_i / N,   se² = G/(G−1) · Σ_g (Σ_{i∈g} (v_i − mean))² / N²
+
+    over the G distinct clusters g (the cluster-robust variance of a mean). One user's events are
+    correlated, so the events-are-independent ``std/√N`` would understate the noise. ``se`` is nan
+    with fewer than two clusters, ``mean`` with no event.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    cluster = np.asarray(cluster)
+    if values.shape != cluster.shape or values.ndim != 1:
+        raise ValueError(f"values {values.shape} and cluster {cluster.shape} must be 1-D and of one shape")
+    if values.size == 0:
+        return math.nan, math.nan
+    mean = float(values.mean())
+    _, which = np.unique(cluster, return_inverse=True)
+    clusters = int(which.max()) + 1
+    if clusters < 2:
+        return mean, math.nan
+    residual_sums = np.bincount(which, weights=values - mean, minlength=clusters)
+    variance = clusters / (clusters - 1) * float(np.sum(residual_sums ** 2)) / values.size ** 2
+    return mean, math.sqrt(variance)
+
+
 def _log_loss(pred: np.ndarray, label: np.ndarray) -> float:
-    p = np.clip(pred, PROB_EPSILON, 1.0 - PROB_EPSILON)
-    return float(-np.mean(label * np.log(p) + (1.0 - label) * np.log1p(-p)))
+    return float(np.mean(event_log_loss(pred, label)))
 
 
 def _entropy(rate: float) -> float:
@@ -277,6 +314,11 @@ class EvalAccumulator:
             self._preds[task].append(values[:, 2 * index])
             self._labels[task].append(values[:, 2 * index + 1])
         self._users.append(users)
+
+    def tokens(self, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(pred, label, user_key)`` of every token held for ``task``, in the order added."""
+        return (_concat(self._preds[task], np.float64), _concat(self._labels[task], np.float64),
+                _concat(self._users, np.int64))
 
     def compute(self, bins: int = 15) -> dict[str, dict[str, float]]:
         """Task → :func:`binary_metrics` over every token held (call after :meth:`gather`)."""

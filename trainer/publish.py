@@ -3,7 +3,8 @@
 A *registry* directory holds the published models::
 
     REGISTRY/<name>/        a verified copy of a run's export (trainer.export) plus _TRAINED.json:
-                            the data watermark and the max event time the model was trained on
+                            the data watermark and the max event time the model was trained on,
+                            and when it was published (``published_at``)
     REGISTRY/latest         relative symlink to the served one, swapped atomically
     REGISTRY/publish.jsonl  one line per gate decision: both metric sets, the decision, freshness
 
@@ -84,7 +85,8 @@ def publish(export_dir: str | Path, registry: str | Path, name: str, trained: di
         verify_export(export_dir)
         staging = root / f".{name}.{uuid.uuid4().hex[:8]}"
         shutil.copytree(Path(export_dir).resolve(), staging)
-        atomic_write_text(staging / TRAINED_FILE, json.dumps(trained, indent=2, sort_keys=True) + "\n")
+        record = {**trained, "published_at": time.time()}
+        atomic_write_text(staging / TRAINED_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
         verify_export(staging)
         if target.exists():
             shutil.rmtree(target)
@@ -138,11 +140,18 @@ class FreshnessTelemetry:
     - ``sirenfeed_published_max_event_timestamp_seconds``: newest event time the served model saw
     - ``sirenfeed_published_freshness_seconds``: now − that (the model's staleness)
     - ``sirenfeed_published_event_to_published_seconds``: that event's age when the model went live
+    - ``sirenfeed_published_timestamp_seconds``: when the served model was published
+    - ``sirenfeed_published_age_seconds``: now − that (how long publishing has not moved)
+    - ``sirenfeed_retrain_consecutive_refusals``: gate refusals (a worse or broken candidate) since
+      the last publish; a decision of insufficient evidence neither adds to it nor resets it
+    - ``sirenfeed_retrain_published_unevaluable``: 1 if the last gate decision could not evaluate the
+      served model (the candidate was published on its own health), else 0
     - ``sirenfeed_retrain_last_cycle_timestamp_seconds`` / ``sirenfeed_retrain_last_exit_code``
 
     Served by the long-running modes; :meth:`write_textfile` leaves them for node_exporter's
     textfile collector after a one-shot cycle (a file cannot recompute ``now − …`` at scrape
-    time: dashboards use ``time() - sirenfeed_published_max_event_timestamp_seconds``).
+    time: dashboards and alerts use ``time() - sirenfeed_published_max_event_timestamp_seconds``
+    and ``time() - sirenfeed_published_timestamp_seconds``).
     """
 
     def __init__(self, registry_dir: str | Path):
@@ -156,18 +165,51 @@ class FreshnessTelemetry:
         latency = Gauge("sirenfeed_published_event_to_published_seconds",
                         "Age of the served model's newest event when the model was published.",
                         registry=self.registry)
+        published_at = Gauge("sirenfeed_published_timestamp_seconds",
+                             "Unix time the served model was published.", registry=self.registry)
+        age = Gauge("sirenfeed_published_age_seconds", "Now minus the time the served model was published.",
+                    registry=self.registry)
+        refusals = Gauge("sirenfeed_retrain_consecutive_refusals",
+                         "Gate refusals (worse or broken candidates) since the last publish.",
+                         registry=self.registry)
+        unevaluable = Gauge("sirenfeed_retrain_published_unevaluable",
+                            "1 if the last gate decision could not evaluate the served model.",
+                            registry=self.registry)
         max_event.set_function(self.max_event_seconds)
         freshness.set_function(lambda: time.time() - self.max_event_seconds())
         latency.set_function(self.event_to_published_seconds)
+        published_at.set_function(self.published_seconds)
+        age.set_function(lambda: time.time() - self.published_seconds())
+        refusals.set_function(self.consecutive_refusals)
+        unevaluable.set_function(self.published_unevaluable)
         self.last_cycle = Gauge("sirenfeed_retrain_last_cycle_timestamp_seconds",
                                 "Unix time the last retraining cycle ended.", registry=self.registry)
         self.last_exit_code = Gauge("sirenfeed_retrain_last_exit_code",
                                     "Exit code of the last retraining cycle.", registry=self.registry)
 
-    def max_event_seconds(self) -> float:
+    def _served_record(self) -> dict[str, Any]:
         link = self._dir / LATEST
-        record = trained_record(link.resolve()) if link.is_symlink() else {}
+        return trained_record(link.resolve()) if link.is_symlink() else {}
+
+    def max_event_seconds(self) -> float:
+        record = self._served_record()
         return record["max_event_ms"] / 1000 if record.get("max_event_ms") else math.nan
+
+    def published_seconds(self) -> float:
+        return float(self._served_record().get("published_at") or math.nan)
+
+    def consecutive_refusals(self) -> int:
+        count = 0
+        for record in reversed(read_log(self._dir)):
+            if record.get("published"):
+                break
+            # A record without an outcome is from a log that knew only publish and refuse.
+            count += record.get("outcome", "refuse") == "refuse"
+        return count
+
+    def published_unevaluable(self) -> int:
+        decisions = read_log(self._dir)
+        return int(bool(decisions and decisions[-1].get("published_error")))
 
     def event_to_published_seconds(self) -> float:
         for record in reversed(read_log(self._dir)):

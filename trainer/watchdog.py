@@ -19,13 +19,12 @@ interval. The remaining failure, a rank alive but stuck, is bounded by the colle
 and :meth:`Watchdog.fail` turns that into a verdict too. The launcher of each node then sees a rank
 exit non-zero, stops the node's other ranks and exits non-zero itself.
 
-:func:`die_with_parent` makes a rank die with its launcher, and :func:`inject_fault` is the fire
+:func:`die_with_parent` (:mod:`features.concurrency`) makes a rank die with its launcher, and :func:`inject_fault` is the fire
 drill (``distributed.fault``) that proves all of this on a real cluster.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -38,6 +37,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from features.concurrency import die_with_parent  # noqa: F401 - part of this module's interface for the ranks
 from trainer.config import FAULTS
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ EXIT_PEER_FAILED = 3
 """Exit code of a rank stopped because another rank failed (the failed rank's own code differs)."""
 STORE_PREFIX = "sirenfeed/watchdog/"
 REASON = "reason"
-PR_SET_PDEATHSIG = 1
 
 
 class FireDrill(RuntimeError):
@@ -211,19 +210,6 @@ class Watchdog:
                            f"step {step}: it died (killed, out of memory, node lost) or froze")
                 return self._beats.compare_set(REASON, "", message).decode()
         return None
-
-
-def die_with_parent() -> None:
-    """Have the kernel SIGTERM this process when its parent (the node's launcher) dies, so a
-    killed launcher never leaves ranks behind (Linux; elsewhere a no-op)."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent:  # the parent died before the call took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def inject_fault(kind: str, rank: int, step: int) -> None:

@@ -1,8 +1,9 @@
 """The operator files in deploy/ checked against the code they drive: every manifest parses; every
 ``sirenfeed`` command line in them is accepted by the real command (its parser and config schema;
-``sirenfeed train`` through its dry run); every metric and label the dashboard, the scrape config and
-the README name is one the code exports; the exit codes a scheduler treats as success are exactly
-the retraining's non-failures; the multi-node Job's pieces agree on the world's shape.
+``sirenfeed train`` through its dry run); every metric and label the dashboard, the scrape config,
+the alert rules and the README name is one the code exports, and the rules the scrape config loads
+alert on the serving model's age and on refusals in a row; the exit codes a scheduler treats as
+success are exactly the retraining's non-failures; the multi-node Job's pieces agree on the world's shape.
 Nothing here starts Spark, a broker or a launcher."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from features import config as config_module
 from features.settings import parse_job_arguments
 from ingest.metrics import IngestMetrics
 from sirenfeed import cli
-from sirenfeed.retrain import FAILED, LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED
+from sirenfeed.retrain import FAILED, INSUFFICIENT_EVIDENCE, LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED
 from trainer.publish import FreshnessTelemetry
 from trainer.telemetry import TrainerTelemetry
 
@@ -33,6 +34,7 @@ DEPLOY = REPO / "deploy"
 README = DEPLOY / "README.md"
 DASHBOARD = DEPLOY / "grafana" / "sirenfeed-dashboard.json"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 CRONJOB = DEPLOY / "k8s" / "retrain-cronjob.yaml"
 TRAIN_JOB = DEPLOY / "k8s" / "train-multinode-job.yaml"
 SERVICE_UNIT = DEPLOY / "systemd" / "sirenfeed-retrain.service"
@@ -41,7 +43,7 @@ CRON = DEPLOY / "cron" / "sirenfeed-retrain.cron"
 PACKAGES = ("features", "ingest", "trainer", "sirenfeed")
 
 BAD_CONFIGURATION = 2  # what `sirenfeed` returns for a ConfigError
-NON_FAILURES = {NOT_PUBLISHED, NOTHING_NEW, LOCKED}
+NON_FAILURES = {NOT_PUBLISHED, NOTHING_NEW, LOCKED, INSUFFICIENT_EVIDENCE}
 EXIT_CODES = {PUBLISHED, FAILED, BAD_CONFIGURATION} | NON_FAILURES
 INDEX_PLACEHOLDER = "$(JOB_COMPLETION_INDEX)"
 TARGET_LABELS = {"instance", "job"}
@@ -222,6 +224,32 @@ def test_dashboard_queries_use_defined_metrics_and_their_labels(title, target):
     available = set().union(*(METRICS[name] for name in names)) | TARGET_LABELS
     used = promql_labels(expr) | set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
     assert used <= available, f"{title}: labels {sorted(used - available)} are not labels of {sorted(names)}"
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_the_scrape_config_loads_the_alert_rules():
+    rule_files = yaml.safe_load(PROMETHEUS.read_text())["rule_files"]
+    assert [PROMETHEUS.parent / path for path in rule_files] == [ALERTS]
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
+def test_alert_rules_use_defined_metrics_and_their_labels(rule):
+    assert {"alert", "expr", "labels", "annotations"} <= rule.keys() and rule["labels"]["severity"]
+    names = set(METRIC_NAME.findall(rule["expr"]))
+    assert names and names <= METRICS.keys(), f"not defined: {sorted(names - METRICS.keys())}"
+    available = set().union(*(METRICS[name] for name in names)) | TARGET_LABELS
+    used = promql_labels(rule["expr"]) | set(re.findall(r"\$labels\.(\w+)", json.dumps(rule["annotations"])))
+    assert used <= available, f"labels {sorted(used - available)} are not labels of {sorted(names)}"
+
+
+def test_alerts_fire_on_an_old_serving_model_and_on_refusals_in_a_row():
+    exprs = [rule["expr"] for rule in alert_rules()]
+    age = re.compile(r"^time\(\) - sirenfeed_published_timestamp_seconds > [\d\s*]+$")
+    refusals = re.compile(r"^sirenfeed_retrain_consecutive_refusals >= \d+$")
+    assert any(age.match(expr) for expr in exprs) and any(refusals.match(expr) for expr in exprs), exprs
 
 
 def test_staleness_is_computed_at_query_time_from_the_published_timestamp():

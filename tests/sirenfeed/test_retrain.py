@@ -1,7 +1,8 @@
 """Incremental retraining end to end on tiny data: a batch run, then a cycle through the real
 ``deepspeed`` launcher that crashes after every step in turn and is completed by the next
 invocation (training exactly once), then "nothing new", the lock, the gate refusing a worse
-candidate, and the fallbacks from a corrupt checkpoint and a corrupt published export."""
+candidate, the fallbacks from a corrupt checkpoint and a corrupt published export, and a refused
+candidate that the next cycle does not train on; the registry's gauges without Spark."""
 
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ from features.schema import RAW_ARROW_SCHEMA
 from features.settings import IncrementalConfig, SparkConfig
 from features.spark import build_session
 from sirenfeed import retrain
-from sirenfeed.retrain import (LOCKED, NOTHING_NEW, PUBLISHED, STEPS, ContinuousConfig, RetrainConfig,
-                               Retrainer, exclusive_lock)
+from sirenfeed.retrain import (LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED, STEPS, ContinuousConfig,
+                               RetrainConfig, Retrainer, exclusive_lock)
 from trainer import launch as launch_module
-from trainer.export import MODEL_FILE, sha256, verify_export
+from trainer.export import EXPORT_FILES, MODEL_FILE, sha256, verify_export
 from trainer.gate import GateConfig, gate
-from trainer.publish import current, publish, read_log
+from trainer.metrics import TASKS
+from trainer.publish import FreshnessTelemetry, append_log, current, publish, read_log
 from trainer.train import HISTORY_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -172,6 +174,10 @@ def prometheus_values(path: Path) -> dict[str, float]:
             (line.split() for line in path.read_text().splitlines() if line and not line.startswith("#"))}
 
 
+DAY_SLICE = GateConfig(min_events=20, min_positives=3)
+"""Evidence minimums a test day (72 events of 12 users) meets."""
+
+
 @pytest.mark.slow
 def test_the_gate_refuses_a_worse_or_broken_candidate(completed_cycle, tmp_path):
     root = Path(completed_cycle["config"].dir)
@@ -188,10 +194,11 @@ def test_the_gate_refuses_a_worse_or_broken_candidate(completed_cycle, tmp_path)
         manifest = json.loads((candidate / "_MANIFEST.json").read_text())
         manifest["sha256"][MODEL_FILE] = sha256(candidate / MODEL_FILE)
         write_manifest(candidate, manifest)
-        decision = gate(candidate, served, view, GateConfig())
-        assert not decision.publish, decision.reason
+        decision = gate(candidate, served, view, DAY_SLICE)
+        assert decision.outcome == "refuse", decision.reason
         assert ("broken" if name == "broken" else "worse") in decision.reason
-    assert gate(served, served, view, GateConfig()).publish, "an equal model is not worse"
+    assert gate(served, served, view, DAY_SLICE).publish, "an equal model is not worse"
+    assert gate(served, served, view, GateConfig()).outcome == "insufficient_evidence", "72 events, 12 users"
 
 
 @pytest.mark.slow
@@ -262,3 +269,65 @@ def test_continuous_mode_is_reached_through_sirenfeed_train(tmp_path, capsys):
                      f"features.raw={tmp_path / 'landing'}", f"features.out={tmp_path / 'features'}",
                      "continuous.every_s=-1"])
     assert code == 2 and "continuous.every_s" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # three cycles
+def test_a_refused_candidate_is_never_the_base_of_a_later_cycle(setup, tmp_path):
+    """Three cycles on a retraining directory of their own: a healthy one publishes; one whose
+    learning rate diverges is refused; the next warm-starts from the published model (not from the
+    refused candidate), trains on the refused cycle's batch as well, and publishes. The gate is
+    lenient here (this is about the lineage): a diverged model is far beyond any tolerance."""
+    lenient = GateConfig(tolerance=dict.fromkeys(TASKS, 0.5), min_events=20, min_positives=3)
+    healthy = dataclasses.replace(setup["config"], dir=str(tmp_path / "lineage"), gate=lenient)
+    diverging = dataclasses.replace(healthy, train_overrides=[*healthy.train_overrides, "optim.lr=50"])
+    root, gauges = tmp_path / "lineage", FreshnessTelemetry(tmp_path / "lineage" / "registry")
+    codes, refusals = [], []
+    for day, config in ((4, healthy), (5, diverging), (6, healthy)):
+        write_day(Path(healthy.features.raw), day)
+        codes.append(retrain.run_once(config))
+        refusals.append(gauges.consecutive_refusals())
+    journals = [json.loads((root / "cycles" / f"c{number:06d}" / "state.json").read_text()) for number in (1, 2, 3)]
+    assert codes == [PUBLISHED, NOT_PUBLISHED, PUBLISHED], [journal["decision"]["reason"] for journal in journals]
+    assert "worse" in journals[1]["decision"]["reason"]
+    assert journals[2]["source"] == journals[0]["run"], "the healthy cycle trained on top of the refused candidate"
+    assert journals[2]["since_batch"] == journals[0]["batch"] < journals[1]["batch"] < journals[2]["batch"]
+    assert current(root / "registry").name == "c000003"
+    lineage = json.loads((root / "lineage.json").read_text())
+    assert [(entry["cycle"], entry.get("accepted")) for entry in lineage] == [
+        (None, None), ("c000001", True), ("c000002", False), ("c000003", True)]
+    assert refusals == [0, 1, 0]
+    assert 0 <= time.time() - gauges.published_seconds() < 600
+
+
+def fake_export(folder: Path) -> Path:
+    """A well-formed export as far as the registry checks (complete, checksums match)."""
+    folder.mkdir(parents=True)
+    for name in EXPORT_FILES:
+        (folder / name).write_text(f"{name} of {folder.name}\n")
+    write_manifest(folder, {"sha256": {name: sha256(folder / name) for name in EXPORT_FILES}})
+    return folder
+
+
+def test_registry_gauges_count_refusals_since_the_last_publish(tmp_path):
+    registry = tmp_path / "registry"
+    gauges = FreshnessTelemetry(registry)
+    assert gauges.consecutive_refusals() == 0 and np.isnan(gauges.published_seconds())
+    before = time.time()
+    publish(fake_export(tmp_path / "a"), registry, "c000001", {"max_event_ms": 1}, keep=3)
+    decisions = [("c000001", True, "publish", None), ("c000002", False, "refuse", None),
+                 ("c000003", False, "insufficient_evidence", None), ("c000004", False, "refuse", None)]
+    for cycle, published, outcome, error in decisions:
+        append_log(registry, {"cycle": cycle, "published": published, "outcome": outcome, "published_error": error})
+    assert gauges.consecutive_refusals() == 2, "insufficient evidence neither counts nor resets"
+    assert gauges.published_unevaluable() == 0
+    assert before <= gauges.published_seconds() <= time.time()
+    textfile = tmp_path / "gauges.prom"
+    gauges.write_textfile(textfile)
+    values = prometheus_values(textfile)
+    assert values["sirenfeed_retrain_consecutive_refusals"] == 2
+    assert values["sirenfeed_published_age_seconds"] >= 0
+    publish(fake_export(tmp_path / "b"), registry, "c000005", {"max_event_ms": 2}, keep=3)
+    append_log(registry, {"cycle": "c000005", "published": True, "outcome": "publish",
+                          "published_error": "the served model has non-finite weights"})
+    assert gauges.consecutive_refusals() == 0 and gauges.published_unevaluable() == 1

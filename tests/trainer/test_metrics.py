@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.metrics import TASKS, EvalAccumulator, binary_metrics, format_table
+from trainer.metrics import TASKS, EvalAccumulator, binary_metrics, clustered_mean, event_log_loss, format_table
 
 
 def brute_force_auc(pred, label):
@@ -266,3 +266,44 @@ def test_format_table_lists_every_run_and_task_with_relative_ne():
     assert f"{baseline['like']['auc']:.4f}" in text
     assert "n/a" in text  # GAUC without users
     assert "ΔNE%" not in format_table({"ordinal": baseline})
+
+
+def test_event_log_loss_terms_average_to_the_log_loss():
+    rng = np.random.default_rng(5)
+    pred, label = rng.random(200), (rng.random(200) < 0.3).astype(float)
+    pred[:2] = [0.0, 1.0]  # clipped like the mean
+    terms = event_log_loss(pred, label)
+    assert terms.shape == (200,) and (terms > 0).all()
+    assert terms[5] == pytest.approx(-math.log(pred[5]) if label[5] else -math.log(1 - pred[5]), rel=1e-12)
+    assert terms.mean() == binary_metrics(pred, label)["log_loss"]
+
+
+def test_clustered_mean_matches_the_formula_by_hand():
+    values = np.array([1.0, 3.0, 2.0, 6.0, 0.0])
+    cluster = np.array([7, 7, 9, 9, 4])
+    mean = 12.0 / 5
+    residual_sums = [(1 - mean) + (3 - mean), (2 - mean) + (6 - mean), 0 - mean]
+    expected = math.sqrt(3 / 2 * sum(value ** 2 for value in residual_sums) / 5 ** 2)
+    assert clustered_mean(values, cluster) == pytest.approx((mean, expected), rel=1e-12)
+
+
+def test_clustered_standard_error_counts_users_not_events():
+    """Singleton clusters give the usual standard error; one value repeated for all of a user's
+    events is as uncertain as one event per user, however many events there are."""
+    rng = np.random.default_rng(6)
+    per_user = rng.normal(size=50)
+    _, singleton_se = clustered_mean(per_user, np.arange(50))
+    assert singleton_se == pytest.approx(per_user.std(ddof=1) / math.sqrt(50), rel=1e-12)
+    repeated_mean, repeated_se = clustered_mean(np.repeat(per_user, 40), np.repeat(np.arange(50), 40))
+    assert repeated_mean == pytest.approx(per_user.mean()) and repeated_se == pytest.approx(singleton_se)
+    assert math.isnan(clustered_mean(np.ones(3), np.zeros(3))[1])
+    assert all(math.isnan(value) for value in clustered_mean(np.zeros(0), np.zeros(0)))
+
+
+def test_accumulator_tokens_are_the_kept_tokens_in_order():
+    accumulator = EvalAccumulator(("contribution",))
+    accumulator.add({"contribution": np.array([[0.2, 0.4], [0.6, 0.8]])},
+                    {"contribution": np.array([[0.0, 1.0], [1.0, 0.0]])}, np.array([[1.0, 0.0], [1.0, 1.0]]),
+                    np.array([11, 12]))
+    pred, label, user = accumulator.tokens("contribution")
+    assert pred.tolist() == [0.2, 0.6, 0.8] and label.tolist() == [0.0, 1.0, 0.0] and user.tolist() == [11, 12, 12]

@@ -1,0 +1,173 @@
+"""A ``sirenfeed retrain`` cycle SIGKILLed (as cron, systemd or the OOM killer do) takes every process
+it started with it: while its spark-submit feature step runs (the JVM and the job's Python driver),
+and while it trains (the deepspeed runner, the launcher and its ranks); the next invocation then
+completes the cycle. The cycle's processes are found by a marker in their environment, which every
+process it starts inherits, so Spark and deepspeed runs of other tests on the machine do not count."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.config import load_config
+from features.dataset import read_manifest
+from features.job import run as run_full_job
+from features.schema import RAW_ARROW_SCHEMA
+from features.settings import IncrementalConfig, SparkConfig
+from features.spark import build_session
+from sirenfeed.retrain import NOT_PUBLISHED, PUBLISHED, STEPS, RetrainConfig
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MARKER = "SIRENFEED_TEST_CYCLE"
+STOP_BOUND_S = 30.0
+MONDAY = 1_780_272_000_000
+DAY_MS = 86_400_000
+TINY = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.siren_width=8",
+        "data.batch_size=8", "data.eval_batch_size=64", "data.shuffle_buffer=16", "train.log_every=5",
+        "train.checkpoint_every=0", "schedule.warmup_steps=2", "optim.lr=0.01"]
+SPEC = ["spec.context_len=6", "spec.stride=3", "spec.buckets.item_id=31", "spec.buckets.author_id=7",
+        "spec.buckets.content_type=5", "spec.buckets.topic=5", "spec.buckets.surface=3"]
+
+
+def write_day(raw: Path, day: int, users: int = 12) -> None:
+    rows = [{"event_id": f"d{day}-u{user}-{i}", "user_id": f"u{user}", "item_id": f"i{(user + i) % 12}",
+             "author_id": f"a{(user + i) % 3}", "content_type": ["video", "text"][i % 2], "topic": "t",
+             "surface": "feed", "event_ts": MONDAY + day * DAY_MS + (user * 60 + i * 200) * 60_000,
+             "dwell_ms": 1_000 * i, "click": True, "like": (user + i) % 3 == 0, "comment": False,
+             "share": (user + i) % 4 == 0}
+            for user in range(users) for i in range(6)]
+    folder = raw / f"date={time.strftime('%Y-%m-%d', time.gmtime((MONDAY + day * DAY_MS) / 1000))}" / "hour=00"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=RAW_ARROW_SCHEMA), folder / "part-0.parquet")
+
+
+def train_overrides(steps: int) -> str:
+    return "train_overrides=[" + ",".join([*TINY, "schedule.kind=constant", f"train.steps={steps}"]) + "]"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """Days 0-1 as a full feature run and a 2-rank batch training run; day 2 lands afterwards."""
+    root = tmp_path_factory.mktemp("retrain-kill")
+    raw, features, initial = root / "landing", root / "features", root / "initial"
+    for day in (0, 1):
+        write_day(raw, day)
+    overrides = [f"dir={root / 'retrain'}", f"initial_run={initial}", f"features.raw={raw}",
+                 f"features.out={features}", "spark_submit=true", "features.train_files=2",
+                 "features.eval_files=1", "features.spark.master=local[2]",
+                 "features.spark.shuffle_partitions=2", "features.spark.driver_memory=1g",
+                 f"features.contract.now_ms={MONDAY + 30 * DAY_MS}", "nproc=2",
+                 *[f"features.{item}" for item in SPEC]]
+    config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", overrides)
+    spark = build_session(SparkConfig(master="local[2]", shuffle_partitions=2, driver_memory="1g",
+                                      conf={"spark.ui.enabled": "false"}), app_name="sirenfeed-tests")
+    run_full_job(spark, dataclasses.replace(config.features, incremental=IncrementalConfig()))
+    command = [sys.executable, "-m", "trainer.launch", "--features", str(features), "--run", str(initial),
+               "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *TINY, "train.steps=8"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    write_day(raw, 2)
+    return {"config": config, "overrides": overrides, "root": root, "features": features}
+
+
+def marked_processes(marker: str, also_set: str | None = None) -> dict[int, str]:
+    """``pid → command line`` of every live process whose environment carries ``marker`` (and sets
+    ``also_set``); a zombie's environment reads empty: it is dead already."""
+    entry, also = f"{MARKER}={marker}".encode(), f"{also_set}=".encode() if also_set else b""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environment = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if entry in environment and any(variable.startswith(also) for variable in environment):
+            found[int(proc.name)] = command.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+@pytest.fixture
+def cycle(setup, tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str]]]:
+    """Starts ``sirenfeed retrain`` with a fresh marker; whatever still carries a marker afterwards is
+    killed by its pid, so a failing test leaves nothing running."""
+    markers = []
+
+    def start(*overrides: str) -> tuple[subprocess.Popen, str]:
+        marker = uuid.uuid4().hex
+        markers.append(marker)
+        command = [sys.executable, "-m", "sirenfeed.cli", "retrain", "--config",
+                   str(REPO_ROOT / "conf" / "retrain.yaml"), *setup["overrides"], *overrides]
+        log = (tmp_path / f"retrain-{len(markers)}.log").open("w")
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, MARKER: marker})
+        log.close()
+        return process, marker
+
+    yield start
+    for marker in markers:
+        for pid in marked_processes(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str, timeout_s: float = 400) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the cycle ended (exit code {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.1)
+
+
+def assert_all_gone(marker: str) -> None:
+    deadline = time.monotonic() + STOP_BOUND_S
+    while (survivors := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not survivors, f"{STOP_BOUND_S:.0f} s after the cycle was killed these still run:\n" + \
+        "\n".join(f"{pid}: {command[:300]}" for pid, command in survivors.items())
+
+
+def test_killing_a_cycle_in_its_spark_submit_feature_step_stops_the_jvm_and_the_driver(setup, cycle):
+    process, marker = cycle(train_overrides(6))
+
+    def started() -> bool:
+        commands = marked_processes(marker).values()
+        return (any("org.apache.spark.deploy.SparkSubmit" in command for command in commands)
+                and any("python" in command.split()[0] and "features/job.py" in command for command in commands))
+
+    wait_for(started, process, "the spark-submit JVM and the job's Python driver")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_all_gone(marker)
+    assert "batches" not in read_manifest(setup["features"]), "the killed cycle's feature job kept running"
+
+
+def test_killing_a_cycle_while_it_trains_stops_every_rank_and_the_next_one_completes_it(setup, cycle):
+    process, marker = cycle(train_overrides(100_000))
+    wait_for(lambda: len(marked_processes(marker, also_set="LOCAL_RANK")) == 2, process, "two training ranks")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_all_gone(marker)
+
+    process, marker = cycle(train_overrides(6))
+    assert process.wait(timeout=600) in (PUBLISHED, NOT_PUBLISHED)
+    assert_all_gone(marker)
+    journal = json.loads((Path(setup["config"].dir) / "cycles" / "c000001" / "state.json").read_text())
+    assert journal["done"] == list(STEPS) and journal["batch"] == 1

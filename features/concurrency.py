@@ -13,19 +13,20 @@ a session and process group of its own, for two reasons:
 - SIGINT and SIGTERM sent to this process while the command runs are forwarded to the whole group,
   so stopping the parent stops every process the command started, the launcher's ranks included;
 - if the parent is killed outright (SIGKILL: cron, systemd, the OOM killer), nothing it started
-  outlives it for more than :data:`STOP_GRACE_S` seconds.
+  outlives it for more than :data:`features.keeper.STOP_GRACE_S` seconds.
 
 The second needs a process that notices the death. A parent-death signal
 (``prctl(PR_SET_PDEATHSIG)``) on the command alone does not do it: ``deepspeed``'s runner passes no
 signal on to the launcher it starts on one node (it does so only for pdsh launches), so the launcher
 and its ranks would keep running; and spark-submit's JVM does not stop the job's Python driver it
-started. So the group's leader is a small *keeper* (``python -m features.concurrency PARENT -- COMMAND``)
-that starts the command as its child, in its own group, and asks the kernel for SIGTERM when its
-parent dies (where there is no ``PR_SET_PDEATHSIG`` it polls its parent every :data:`POLL_S`
-seconds). Then it sends SIGTERM to its whole group, waits up to :data:`STOP_GRACE_S` seconds for
-the group to end, and sends SIGKILL to whatever is left. While the parent lives the keeper is
-transparent: a signal sent to it alone goes on to the command, and it exits with the command's
-status (killed by the same signal if the command was).
+started. So the group's leader is a small *keeper* (the command :mod:`features.keeper`) that
+starts the command as its child, in its own group, and stops the whole group once its parent is gone.
+
+**Locks outlive a killed holder until its children are gone.** A command started while this process
+holds an :func:`exclusive_lock` holds it too: the keeper inherits the lock's file (an ``flock``
+belongs to the open file, shared by every process that has it), so the lock is free again only
+once the parent and the whole group have ended. Without that, the next retraining cycle could take
+the lock of a SIGKILLed one and delete a run directory under ranks that are still stopping.
 
 A process that moves to a group of its own is not reached by the group's signals; the one such
 process here, pyspark's worker daemon, ends when the JVM that started it closes its stdin.
@@ -48,19 +49,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from features.logs import configure_logging
-
-KEEPER_MODULE = "features.concurrency"
-log = logging.getLogger(KEEPER_MODULE)  # the same name when this file runs as the keeper
+KEEPER_MODULE = "features.keeper"
+log = logging.getLogger(__name__)
 
 EXIT_LOCKED = 5
 """Exit code of a command that did nothing because another run holds its lock."""
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
-STOP_GRACE_S = 10.0
-"""After the parent died: how long the group has to end on SIGTERM before it gets SIGKILL."""
-POLL_S = 1.0
-"""How often the keeper checks that its parent still lives (where no parent-death signal exists)."""
 PR_SET_PDEATHSIG = 1
+_held_lock_files: set[int] = set()
+"""File descriptors of the locks this process holds: every :func:`process_group` inherits them."""
 
 
 class Locked(RuntimeError):
@@ -85,9 +82,11 @@ def exclusive_lock(path: Path, what: str = "process") -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
         handle.flush()
+        _held_lock_files.add(handle.fileno())
         try:
             yield
         finally:
+            _held_lock_files.discard(handle.fileno())
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -113,9 +112,10 @@ def process_group(command: Sequence[str], **popen: Any) -> Iterator[subprocess.P
     this process; ``popen`` goes to :class:`subprocess.Popen` (``env``, ``cwd``, ``stdout``, …).
     While the block runs, SIGINT and SIGTERM to this process (main thread only) go to the whole
     group. Leaving the block waits for the group's leader; leaving it by an exception first sends
-    the group SIGTERM."""
+    the group SIGTERM. The keeper inherits every lock this process holds (module docstring)."""
+    pass_fds = tuple(popen.pop("pass_fds", ())) + tuple(sorted(_held_lock_files))
     process = subprocess.Popen([sys.executable, "-m", KEEPER_MODULE, str(os.getpid()), "--", *command],
-                               start_new_session=True, **popen)
+                               start_new_session=True, pass_fds=pass_fds, **popen)
 
     def forward(signum: int, frame: Any) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -134,89 +134,3 @@ def process_group(command: Sequence[str], **popen: Any) -> Iterator[subprocess.P
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-
-
-class _ParentDied(Exception):
-    """Raised inside the keeper once the process that started it is gone."""
-
-
-def _keep(parent: int, command: list[str]) -> int:
-    """The keeper: run ``command`` as this group's member until it ends and return its status
-    (``Popen.returncode``), or, if ``parent`` dies first, stop the whole group."""
-    child: subprocess.Popen | None = None
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if os.getppid() != parent:
-            raise _ParentDied
-        if child is not None:
-            # One sent to this process alone must reach the command; one sent to the whole group
-            # reaches it twice, which the launcher and spark-submit take as once.
-            child.send_signal(signum)
-
-    for signum in FORWARDED:
-        signal.signal(signum, on_signal)
-    try:
-        # With the kernel's signal, waiting is interrupted by on_signal; without it, poll.
-        poll_s = None if die_with_parent(signal.SIGTERM) else POLL_S
-        if os.getppid() != parent:  # it died before this process could ask for the signal
-            raise _ParentDied
-        child = subprocess.Popen(command)
-        while True:
-            try:
-                return child.wait(timeout=poll_s)
-            except subprocess.TimeoutExpired:
-                if os.getppid() != parent:
-                    raise _ParentDied from None
-    except _ParentDied:
-        _stop_group(parent, command)
-        return 128 + signal.SIGTERM
-
-
-def _stop_group(parent: int, command: list[str]) -> None:
-    """SIGTERM to every process of this group, SIGKILL to those still there after STOP_GRACE_S."""
-    for signum in FORWARDED:
-        signal.signal(signum, signal.SIG_IGN)
-    os.killpg(0, signal.SIGTERM)
-    log.warning("pid %d, which started %s, is gone: stopping its process group", parent, command[0])
-    deadline = time.monotonic() + STOP_GRACE_S
-    while _others_in_group() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _others_in_group():
-        log.warning("process group %d still runs %.0f s after SIGTERM: SIGKILL", os.getpgrp(), STOP_GRACE_S)
-        os.killpg(0, signal.SIGKILL)
-
-
-def _others_in_group() -> bool:
-    """Whether a live process other than this one is in this process group (no ``/proc``: assume so)."""
-    if not os.path.isdir("/proc/self"):
-        return True
-    group, me = os.getpgrp(), os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-                state, _, pgrp = stat.read().rsplit(b")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(pgrp) == group and state != b"Z":
-            return True
-    return False
-
-
-def _main(argv: list[str]) -> int:
-    """``python -m features.concurrency PARENT_PID -- COMMAND...``: the keeper of :func:`process_group`."""
-    configure_logging()
-    parent, separator, *command = argv
-    if separator != "--" or not command:
-        raise SystemExit(f"usage: python -m {KEEPER_MODULE} PARENT_PID -- COMMAND...")
-    status = _keep(int(parent), command)
-    if status < 0:  # end the way the command ended, so the parent sees the same signal
-        signal.signal(-status, signal.SIG_DFL)
-        os.kill(os.getpid(), -status)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

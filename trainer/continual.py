@@ -11,8 +11,10 @@ rather than by event time is what makes late events safe: a late event lives in 
 although its time is older. A batch's ``eval`` part is its held-out slice, so a model trained
 through batch ``b`` has seen the train parts of batches ``≤ b`` and the eval parts of batches
 ``< b``. The next segment trains on the train parts of batches ``(b, n]`` and the eval parts of
-``[b, n)`` and is evaluated on the eval part of ``n``, the freshest slice: across segments every
-event is trained on exactly once.
+``[b, n)`` and is evaluated on the eval part of ``n``, the freshest slice: across the segments of
+the accepted lineage every event is trained on exactly once (a segment of ``train.epochs=1``,
+``train.steps=0`` trains each row of its view once, :mod:`trainer.data`; a refused segment's
+batches are trained again by the next one, which starts from the last accepted checkpoint).
 
 The selection is materialised as a *view*: an ordinary feature dataset directory whose files are
 hard links (symbolic links across filesystems) to the selected batch files, with a manifest that
@@ -171,6 +173,11 @@ class WarmStartTrainer(Trainer):
 def check_continual(config: TrainConfig) -> None:
     require(config.schedule.kind == "constant", "schedule.kind",
             "continual training needs 'constant' (a cosine decay would restart or sit at min_lr)")
+    if config.train.steps != 0 or config.train.epochs != int(config.train.epochs):
+        # Allowed (a fixed budget per segment can be what a user wants), but said out loud.
+        log.warning("train.steps=%d, train.epochs=%g: this segment does not train every new event "
+                    "the same whole number of times (needs train.steps=0 and whole train.epochs)",
+                    config.train.steps, config.train.epochs)
 
 
 def rank_main(argv: list[str]) -> int:

@@ -23,7 +23,10 @@ already seen (its id is in ``seen``) counts as a duplicate; one older than the w
 than ``incremental.allowed_lateness_s`` is added and counted as late; an older one is quarantined
 as ``too_late`` and counted. Windows of a user's new events take its stored events as context
 (``loss_mask`` 0, placed before the new ones, so a late event follows the history it arrived
-after). The newest ``incremental.holdout_s`` seconds of the batch (default: all of it) are its
+after). The stored events are raw contract rows, dwell included, so the availability rule of the
+previous actions (``prev_actions_known``, :func:`features.transforms.token_features`) holds across
+batches as in a full run; a late event sees no actions that were unknown at its own time, neither
+its row predecessor's nor, through the context it attends to, any earlier ones. The newest ``incremental.holdout_s`` seconds of the batch (default: all of it) are its
 ``eval`` part, the freshest held-out slice; the trainer trains on it in the next cycle.
 
 Publishing a batch: everything is written into a hidden staging directory; then the state
@@ -32,10 +35,21 @@ readers), the top-level manifest is replaced (the commit point) and the files ar
 visible names. A run first finishes or removes what a crashed run left: hidden files of a committed
 batch are made visible, those of an uncommitted one and unreferenced state are deleted. A full run
 recorded no state; the first incremental run builds it from the full run's input files.
+
+One run at a time: a run holds the dataset's lock, an ``flock`` on ``FEATURES_DIR/_LOCK``
+(:func:`features.concurrency.exclusive_lock`), from before its recovery to after its commit, so no
+run cleans up what a live one is writing. A second run fails at once with
+:class:`features.concurrency.Locked`, naming the holder (``features/job.py`` and ``sirenfeed
+features`` exit 5; ``sirenfeed retrain`` exits 5 and resumes the cycle next time). The lock lives
+where the job's *driver* runs: ``FEATURES_DIR`` must be a local or NFSv4-style filesystem that
+honours ``flock`` on that host (with ``--deploy-mode cluster``, one the driver's node shares with
+the other writers). On ``hdfs://``, ``s3a://`` and the like no lock is taken (a warning says so):
+there, run one incremental job per dataset at a time (``sirenfeed retrain``'s own lock does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -48,6 +62,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from features.concurrency import exclusive_lock
 from features.config import to_dict
 from features.dataset import MANIFEST_NAME, atomic_write_text, local_path, manifest_json
 from features.job import (
@@ -65,6 +80,7 @@ from features.validation import now_ms
 logger = logging.getLogger(__name__)
 
 STATE_DIR = "_state"
+LOCK_NAME = "_LOCK"
 STAGING_PREFIX = ".staging-"
 USERS, ITEMS, SEEN, CONSUMED = "users", "items", "seen", "consumed.json"
 REASON_TOO_LATE = "too_late"
@@ -122,7 +138,26 @@ class DatasetFiles(HadoopFiles):
 
 def run_incremental(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]:
     """Append the unread raw files of ``config.raw`` to the dataset ``config.out`` as one batch;
-    returns the manifest (unchanged when there was nothing new)."""
+    returns the manifest (unchanged when there was nothing new). Holds the dataset's lock
+    throughout (:func:`dataset_lock`; :class:`features.concurrency.Locked` if another run does)."""
+    with dataset_lock(config.out):
+        return _append_batch(spark, config)
+
+
+def dataset_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """The exclusive lock of the feature dataset at ``uri`` (``_LOCK`` inside it); none where this
+    process cannot ``flock`` it (a remote filesystem) or the dataset does not exist (the run fails)."""
+    if "://" in uri and not uri.startswith("file:"):
+        logger.warning("%s is not on a local filesystem: no lock is taken; run one incremental job on "
+                       "it at a time", uri)
+        return contextlib.nullcontext()
+    root = local_path(re.sub(r"^file:/+", "/", uri))
+    if not root.is_dir():
+        return contextlib.nullcontext()
+    return exclusive_lock(root / LOCK_NAME, "incremental feature job")
+
+
+def _append_batch(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]:
     out = DatasetFiles(spark, config.out)
     manifest_uri = f"{out.root}/{MANIFEST_NAME}"
     if not out.exists(f"{out.root}/_SUCCESS") or not out.exists(manifest_uri):
@@ -232,7 +267,8 @@ def _write_batch(spark: SparkSession, config: FeaturesConfig, manifest: dict[str
         users = accepted.select("user_id").distinct()
         history = state[USERS].join(users, "user_id", "left_semi").withColumn(HISTORY_COLUMN, F.lit(True))
         timeline = accepted.withColumn(HISTORY_COLUMN, F.lit(False)).unionByName(history)
-        tokens = token_features(timeline, config.spec, item_history=state[ITEMS], carry=[HISTORY_COLUMN])
+        tokens = token_features(timeline, config.spec, item_history=state[ITEMS], carry=[HISTORY_COLUMN],
+                                history=HISTORY_COLUMN)
         windows = cut_windows(tokens, config.spec, split_ms, history=HISTORY_COLUMN).persist()
         statistics = {row["split"]: row.asDict() for row in split_statistics(windows).collect()}
     split_events = {split: 0 for split in SPLITS}

@@ -31,6 +31,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
+from features.concurrency import EXIT_LOCKED, Locked
 from features.config import ConfigError, to_dict
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, manifest_json
 from features.logs import configure_logging
@@ -296,6 +297,9 @@ def main(argv: list[str]) -> int:
     except job_errors as error:
         logger.error("%s", error)
         return 1
+    except Locked as error:
+        logger.error("%s", error)
+        return EXIT_LOCKED
     finally:
         spark.stop()
     return 0

@@ -9,7 +9,7 @@ row the Spark feature job would have written for the window ending at that impre
 What the caller supplies that Spark derives from the whole dataset:
 
 - enough history: the events before the window (at least the one just before it), because
-  ``log_gap`` of the window's first token is the gap to its predecessor;
+  ``log_gap`` and ``prev_actions_known`` of the window's first token refer to its predecessor;
 - ``item_first_seen_s``: the first time each item was seen (epoch seconds), the serving store's
   counterpart of the job's ``min(ts)`` per item (an item missing from it counts as first seen now,
   age 0).
@@ -27,9 +27,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from features.schema import ACTION_FIELDS, FIELD_NAMES, ContractConfig
-from features.spec import (ID_COLUMNS, LOSS_MASK_COLUMN, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS,
-                           TS_COLUMN, FeatureSpec, cyclical, hash_id, log_dwell, log_gap, log_item_age,
-                           long_dwell_threshold, user_key)
+from features.spec import (ID_COLUMNS, LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TOKEN_COLUMNS,
+                           TOKEN_FLOAT_COLUMNS, TS_COLUMN, FeatureSpec, cyclical, hash_id, log_dwell,
+                           log_gap, log_item_age, long_dwell_threshold, prev_actions_known, user_key)
 from features.validation import check_record
 
 Event = Mapping[str, Any]
@@ -70,7 +70,10 @@ def token_columns(timeline: Sequence[Event], spec: FeatureSpec,
     columns.update(cyclical(ts))
     for name in ACTION_FIELDS:
         columns[name] = np.array([event[name] for event in timeline], dtype=np.float32)
-    columns["log_dwell"] = log_dwell(np.array([event["dwell_ms"] for event in timeline]))
+    dwell_ms = np.array([event["dwell_ms"] for event in timeline], dtype=np.int64)
+    columns["log_dwell"] = log_dwell(dwell_ms)
+    event_ts_ms = np.array([event["event_ts"] for event in timeline], dtype=np.int64)
+    columns[PREV_ACTIONS_KNOWN_COLUMN] = prev_actions_known(event_ts_ms, dwell_ms, spec.action_log_delay_ms)
     columns["contribution"] = np.array([event["like"] or event["comment"] or event["share"]
                                         for event in timeline], dtype=np.float32)
     columns["long_dwell"] = np.array(

@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window, WindowSpec
 from pyspark.sql import functions as F
 
 from features.schema import ACTION_FIELDS, FIELD_NAMES, FIELDS, ContractConfig
 from features.spec import (
     HASH_HEX_DIGITS, HASH_SEPARATOR, ID_COLUMNS, LABEL_COLUMNS, LOSS_MASK_COLUMN, PARTITION_COLUMN,
-    SECONDS_PER_DAY, SECONDS_PER_WEEK, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS, TS_COLUMN,
-    FeatureSpec,
+    PREV_ACTIONS_KNOWN_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS,
+    TS_COLUMN, FeatureSpec,
 )
 from features.validation import spark_reason, spark_value
 
@@ -80,20 +80,49 @@ def long_dwell_threshold(spec: FeatureSpec, content_type: Column) -> Column:
     return threshold
 
 
+def spark_action_available_ms(spec: FeatureSpec) -> Column:
+    """:func:`features.spec.action_available_ms`: ``event_ts + dwell_ms + action_log_delay_ms``."""
+    dwell = F.greatest(F.col("dwell_ms"), F.lit(0)).cast("bigint")
+    return F.col("event_ts") + dwell + F.lit(spec.action_log_delay_ms).cast("bigint")
+
+
+def spark_prev_actions_known(spec: FeatureSpec, timeline: WindowSpec,
+                             as_of_ms: Column | None = None) -> Column:
+    """:func:`features.spec.prev_actions_known` as a float column: the previous event in ``timeline``
+    had its actions known at ``as_of_ms`` (default: this event's ``event_ts``); 0 for the first."""
+    previous_available = F.lag(spark_action_available_ms(spec)).over(timeline)
+    as_of = F.col("event_ts") if as_of_ms is None else as_of_ms
+    return F.coalesce(previous_available <= as_of, F.lit(False)).cast("float")
+
+
+def user_row_order(history: str | None = None) -> WindowSpec:
+    """A user's events in the order of their training rows: context-only ``history`` events first,
+    then by (``event_ts``, ``event_id``); without history, simply time order."""
+    is_history = F.col(history) if history else F.lit(False)
+    return Window.partitionBy("user_id").orderBy(is_history.desc(), "event_ts", "event_id")
+
+
 def _cycle(ts: Column, period: int, function: Callable[[Column], Column]) -> Column:
     # Same operation order as features.spec.cyclical, in float64, rounded to float32 at the end.
     return function(F.lit(2.0 * math.pi) * F.pmod(ts, F.lit(period)) / F.lit(float(period)))
 
 
 def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame | None = None,
-                   carry: Sequence[str] = ()) -> DataFrame:
+                   carry: Sequence[str] = (), history: str | None = None) -> DataFrame:
     """Deduplicated valid events → one row per event with its token columns (hashed ids, times,
-    continuous-time and cyclical features, actions, labels), keyed by ``user_id`` and ordered within a
-    user by (``event_ts``, ``event_id``).
+    continuous-time and cyclical features, actions, whether the previous actions were known,
+    labels), keyed by ``user_id`` and ordered within a user by (``event_ts``, ``event_id``).
 
     ``item_history`` (``item_id``, ``item_first_ts``: items seen by earlier runs) lets an incremental
     run age items from their first impression ever, not in this batch; ``carry`` names extra input
-    columns passed through unchanged."""
+    columns passed through unchanged.
+
+    ``history`` names the boolean column of an incremental run's context-only events, which
+    :func:`cut_windows` places before the new ones. ``prev_actions_known`` refers to the previous
+    event in that row order (:func:`user_row_order`), the token whose actions the model shifts in,
+    so a late event placed after later context sees none of that context's actions. And a context
+    event counts actions as known only as of the earliest new event of its user: every new token
+    attends to it, and must not learn through it what was unknown at its own time."""
     ts = F.expr("event_ts div 1000")  # integral division: event_ts >= 0, so this is the floor
     user_timeline = Window.partitionBy("user_id").orderBy("event_ts", "event_id")
     with_ts = events.withColumn(TS_COLUMN, ts)
@@ -106,6 +135,10 @@ def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame
     dwell = F.greatest(F.col("dwell_ms").cast("double"), F.lit(0.0)) / F.lit(1000.0)
     contribution = F.col("like") | F.col("comment") | F.col("share")
     long_dwell = F.col("dwell_ms") >= long_dwell_threshold(spec, F.col("content_type"))
+    as_of = None
+    if history:
+        earliest_new = F.min(F.when(~F.col(history), F.col("event_ts"))).over(Window.partitionBy("user_id"))
+        as_of = F.when(F.col(history), F.least(F.col("event_ts"), earliest_new)).otherwise(F.col("event_ts"))
     columns = {
         TS_COLUMN: F.col(TS_COLUMN),
         **{name: spark_hash_id(name, F.col(name), spec.buckets[name]) for name in ID_COLUMNS},
@@ -117,6 +150,7 @@ def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame
         "dow_cos": _cycle(F.col(TS_COLUMN), SECONDS_PER_WEEK, F.cos),
         **{name: F.col(name) for name in ACTION_FIELDS},
         "log_dwell": F.log1p(dwell),
+        PREV_ACTIONS_KNOWN_COLUMN: spark_prev_actions_known(spec, user_row_order(history), as_of),
         "contribution": contribution,
         "long_dwell": long_dwell,
     }
@@ -157,7 +191,7 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     """
     stride, context = spec.stride, spec.context_len
     is_history = F.col(history) if history else F.lit(False)
-    user_timeline = Window.partitionBy("user_id").orderBy(is_history.desc(), "event_ts", "event_id")
+    user_timeline = user_row_order(history)
     whole_user = Window.partitionBy("user_id")
     is_train = (F.col("event_ts") < F.lit(split_ms)) & ~is_history
     positioned = tokens.select(

@@ -4,10 +4,21 @@ Token i is one impression. Its input embedding is the sum of
 
 - the hashed-id embeddings (item, author, content type, topic, surface),
 - a projection of its continuous features (log gap, log item age),
-- a projection of the PREVIOUS token's actions (click, like, comment, share, log dwell; zeros for
-  the first real token): the actions of past tokens enter as values, while token i's own
-  actions and labels never reach its own prediction,
+- a projection of the PREVIOUS token's actions (click, like, comment, share, log dwell) and of a
+  pending indicator: with ``m_i = prev_actions_known_i`` (features.spec: 1 iff
+  ``event_ts_{i−1} + dwell_{i−1} + delay ≤ event_ts_i``) the input is ``[m_i · a_{i−1}, 1 − m_i]``,
+  zeros for the first real token of a row. Token i's own actions and labels never reach its own
+  prediction, and an earlier token's actions reach it only if they were known at its event time,
 - optionally (``time_in_embedding``) a projection of its time features x_i.
+
+Masking at the carrying token is enough for attention as well. Everything in the input of token j
+was known at ``ts_j``: its own impression and the actions of j − 1 if known by then. Token i reads
+tokens j < i only (causal), and their hidden states are built from inputs k ≤ j, known at
+``ts_k ≤ ts_j ≤ ts_i`` since rows are in time order and what is known stays known. So token i's
+prediction depends on no action unknown at ``ts_i``. (The actions of i − 2 reach token i only through
+token i − 1, as of ``ts_{i−1}``: some that are known by ``ts_i`` go unused, the price of one mask per
+token. An incremental batch places a late event after context that is later than itself; the
+feature job judges that context as of its user's earliest new event, so the argument still holds.)
 
 Pre-LN blocks with causal attention (token i attends to real tokens j ≤ i) rotate Q and K (never V)
 by the angles of one rotary encoding (trainer.rotary), computed once per forward and shared by
@@ -31,7 +42,8 @@ from torch import Tensor, nn
 
 from features.config import require
 from features.spec import (ACTION_COLUMNS, CONTINUOUS_COLUMNS, ID_COLUMNS, LABEL_COLUMNS,
-                           LOSS_MASK_COLUMN, TS_COLUMN, FeatureSpec, cyclical, log_dwell, log_gap)
+                           LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TS_COLUMN, FeatureSpec, cyclical,
+                           log_dwell, log_gap, prev_actions_known)
 from trainer.rotary import (TIME_FEATURE_COUNT, NoRotary, OrdinalRoPE, RotaryEncoding, SirenRoPE,
                             TimeFeatures, TORoPE, rotate, unit_rotations)
 
@@ -74,6 +86,8 @@ class ModelConfig:
     repeated over d_head/2/k neighbouring pairs."""
     t_ref_seconds: int = 0
     """T_ref (epoch seconds) for t̃; 0 = the caller supplies it (the trainer: the dataset watermark)."""
+    time_horizon_years: float = 2.0
+    """t̃ is clamped to ± this many years around T_ref (trainer.rotary.TimeFeatures)."""
     task_weights: dict[str, float] = field(
         default_factory=lambda: {task: 1.0 for task in LABEL_COLUMNS})
 
@@ -94,6 +108,7 @@ class ModelConfig:
         require(self.rope_base > 1.0, "model.rope_base", "must be > 1")
         require(self.omega0 > 0.0, "model.omega0", "must be > 0")
         require(self.t_ref_seconds >= 0, "model.t_ref_seconds", "must be >= 0 (0 = from the data)")
+        require(self.time_horizon_years > 0.0, "model.time_horizon_years", "must be > 0")
         pairs = self.d_head // 2
         angles = self.angles_per_pair
         require(angles == 0 or (angles > 0 and pairs % angles == 0), "model.angles_per_pair",
@@ -121,10 +136,10 @@ def build_rotary(config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float) -
     if config.rotary == "to_rope":
         return TORoPE(config.d_head, config.rope_base)
     return SirenRoPE(
-        d_head=config.d_head, rope_base=config.rope_base, context_len=spec.context_len,
-        t_ref_seconds=t_ref_seconds, width=config.siren_width, siren_layers=config.siren_layers,
-        dnn_layers=config.dnn_layers, omega0=config.omega0, siren_branch=config.siren_branch,
-        dnn_branch=config.dnn_branch, ordinal_term=config.ordinal_term,
+        d_head=config.d_head, rope_base=config.rope_base, t_ref_seconds=t_ref_seconds,
+        time_horizon_years=config.time_horizon_years, width=config.siren_width,
+        siren_layers=config.siren_layers, dnn_layers=config.dnn_layers, omega0=config.omega0,
+        siren_branch=config.siren_branch, dnn_branch=config.dnn_branch, ordinal_term=config.ordinal_term,
         angle_count=config.angles_per_pair or config.d_head // 2,
         metadata_buckets=spec.buckets if config.categorical_input else None)
 
@@ -198,8 +213,9 @@ class GenerativeRanker(nn.Module):
     """Per-token logits for every task from a batch of left-padded rows.
 
     ``t_ref_seconds`` anchors t̃ unless ``config.t_ref_seconds`` is set, which wins. It is kept in a
-    persistent buffer, so loading a checkpoint restores the anchor the weights were trained with;
-    :meth:`set_time_reference` re-anchors.
+    persistent buffer, so loading a checkpoint restores the anchor the weights were trained with
+    (:meth:`time_reference` reads it, the one source the export records); :meth:`set_time_reference`
+    re-anchors.
     """
 
     def __init__(self, config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float):
@@ -210,8 +226,10 @@ class GenerativeRanker(nn.Module):
         self.id_embeddings = nn.ModuleDict({
             column: nn.Embedding(spec.buckets[column], d_model, padding_idx=0) for column in ID_COLUMNS})
         self.continuous_projection = nn.Linear(len(CONTINUOUS_COLUMNS), d_model)
-        self.previous_action_projection = nn.Linear(len(ACTION_COLUMNS), d_model)
-        self.time_features = TimeFeatures(spec.context_len, t_ref) if config.time_in_embedding else None
+        # The previous token's actions and the pending indicator (embed).
+        self.previous_action_projection = nn.Linear(len(ACTION_COLUMNS) + 1, d_model)
+        self.time_features = (TimeFeatures(t_ref, config.time_horizon_years)
+                              if config.time_in_embedding else None)
         self.time_projection = nn.Linear(TIME_FEATURE_COUNT, d_model) if config.time_in_embedding else None
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -249,16 +267,30 @@ class GenerativeRanker(nn.Module):
             if isinstance(module, TimeFeatures):
                 module.set_time_reference(t_ref_seconds)
 
+    def time_reference(self) -> int | None:
+        """The T_ref (epoch seconds) the weights use, read from the time-feature buffers (after a
+        checkpoint load, the checkpoint's); None for a model without time features."""
+        anchors = {int(module.t_ref_seconds.item()) for module in self.modules()
+                   if isinstance(module, TimeFeatures)}
+        if len(anchors) > 1:
+            raise ValueError(f"the model's time features disagree about T_ref: {sorted(anchors)}")
+        return anchors.pop() if anchors else None
+
     def embed(self, batch: dict[str, Tensor], real: Tensor) -> Tensor:
         x = sum(self.id_embeddings[column](batch[column]) for column in ID_COLUMNS)
         dtype = x.dtype
         continuous = torch.stack([batch[column] for column in CONTINUOUS_COLUMNS], dim=-1).to(dtype)
         x = x + self.continuous_projection(continuous)
         actions = torch.stack([batch[column] for column in ACTION_COLUMNS], dim=-1).to(dtype)
-        actions = actions * real.unsqueeze(-1)
+        real_column = real.unsqueeze(-1).to(dtype)
         # Shift right by one token: token i sees the actions of token i − 1, never its own.
-        previous_actions = F.pad(actions, (0, 0, 1, -1))
-        x = x + self.previous_action_projection(previous_actions)
+        previous_actions = F.pad(actions * real_column, (0, 0, 1, -1))
+        # Rows are left-padded, so a real previous token implies a real token i.
+        has_previous = F.pad(real_column, (0, 0, 1, -1))
+        known = batch[PREV_ACTIONS_KNOWN_COLUMN].to(dtype).unsqueeze(-1) * has_previous
+        # Pending is an input of its own: "not known yet" is not "no action".
+        pending = has_previous - known
+        x = x + self.previous_action_projection(torch.cat([previous_actions * known, pending], dim=-1))
         if self.time_projection is not None:
             x = x + self.time_projection(self.time_features(batch).to(dtype))
         return x
@@ -336,6 +368,10 @@ def synthetic_batch(spec: FeatureSpec, batch_size: int, *, seed: int = 0,
     columns["log_item_age"] = np.log1p(rng.exponential(86_400.0, size=(batch_size, width)))
     columns.update(cyclical(ts))
     dwell_ms = rng.exponential(8_000.0, size=(batch_size, width))
+    columns[PREV_ACTIONS_KNOWN_COLUMN] = np.zeros((batch_size, width), dtype=np.float32)
+    for row in range(batch_size):
+        columns[PREV_ACTIONS_KNOWN_COLUMN][row, real[row]] = prev_actions_known(
+            ts[row, real[row]] * 1000, dwell_ms[row, real[row]].astype(np.int64), spec.action_log_delay_ms)
     for column, rate in (("click", 0.3), ("like", 0.1), ("comment", 0.03), ("share", 0.02)):
         columns[column] = rng.random(size=(batch_size, width)) < rate
     columns["log_dwell"] = log_dwell(dwell_ms)

@@ -48,7 +48,7 @@ from features.spec import FEATURE_SPEC_VERSION, LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer import checkpoint
 from trainer.config import TrainConfig, deepspeed_config, lr_factor
 from trainer.data import (DataError, TrainStream, check_layout, count_rows, read_feature_manifest,
-                          row_fingerprints, split_dir, training_steps)
+                          real_rows, row_fingerprints, split_dir, training_steps)
 from trainer.distributed import init_distributed
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model
@@ -135,13 +135,14 @@ def _make_scheduler(config: TrainConfig, total_steps: int, optimizer) -> LambdaL
 
 
 class LogWindow:
-    """Sums since the last log line, reduced across ranks when it is written. Loss and token
+    """Sums since the last log line, reduced across ranks when it is written. Loss, token and row
     counts stay on the device until then, so logging does not synchronise every step."""
 
     def __init__(self, device: torch.device):
         self.started = time.perf_counter()
         self.steps = 0
-        self.rows = 0
+        self.rows = torch.zeros((), dtype=torch.float64, device=device)
+        """Real rows trained on: an epoch's padding rows are no samples."""
         self.data_wait = 0.0
         # loss, label-bearing tokens, then each task's loss
         self.sums = torch.zeros(2 + len(LABEL_COLUMNS), dtype=torch.float64, device=device)
@@ -151,7 +152,7 @@ class LogWindow:
         """``loss`` and ``task_losses`` are means over this rank's label-bearing tokens; they are
         summed weighted by those tokens, so the reduced values are token means over all ranks."""
         self.steps += 1
-        self.rows += batch[LOSS_MASK_COLUMN].shape[0]
+        self.rows += real_rows(batch).sum()
         self.data_wait += waited
         tokens = batch[LOSS_MASK_COLUMN].sum().double()
         self.sums += torch.stack([loss.detach().double() * tokens, tokens]
@@ -160,7 +161,7 @@ class LogWindow:
     def reduce(self) -> dict[str, float]:
         """Collective: loss mean over all ranks' tokens, throughput over all ranks, mean wait share."""
         world = dist.get_world_size()
-        totals = torch.cat([self.sums, self.sums.new_tensor([self.rows, self.data_wait])])
+        totals = torch.cat([self.sums, self.rows.view(1), self.sums.new_tensor([self.data_wait])])
         dist.all_reduce(totals)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         loss, tokens, *task_sums, rows, waited = totals.tolist()
@@ -183,9 +184,10 @@ def _reports_failure(method):
 
 
 class Trace:
-    """``distributed.trace``: per step, one JSON line per rank with the ids of the rows the rank
-    trained on (:func:`trainer.data.row_fingerprints`) and the digest of its parameters after the
-    update, so sharding (disjoint, covering) and replica agreement can be checked after the fact."""
+    """``distributed.trace``: per step, one JSON line per rank with the ids of the real rows the rank
+    trained on (:func:`trainer.data.row_fingerprints`; padding rows are left out) and the digest of
+    its parameters after the update, so sharding (each row once per epoch) and replica agreement can
+    be checked after the fact."""
 
     def __init__(self, run_dir: str | Path, rank: int):
         path = Path(run_dir) / TRACE_DIR / f"rank{rank:05d}.jsonl"
@@ -193,7 +195,8 @@ class Trace:
         self._stream: TextIO = path.open("a", buffering=1)
 
     def write(self, step: int, batch: dict[str, torch.Tensor], model: nn.Module) -> None:
-        rows = row_fingerprints(batch["user_key"].numpy(), batch["ts"].numpy())
+        real = real_rows(batch).numpy()
+        rows = row_fingerprints(batch["user_key"].numpy()[real], batch["ts"].numpy()[real])
         self._stream.write(json.dumps({"step": step, "rows": rows, "params": parameter_digest(model)}) + "\n")
 
     def close(self) -> None:
@@ -223,6 +226,8 @@ class Trainer:
         self.autocast = torch.bfloat16 if config.deepspeed.precision == "bf16" else None
 
         manifest, self.spec = read_feature_manifest(config.features)
+        # T_ref of fresh weights only: a resumed or warm-started model keeps its checkpoint's
+        # anchor (a buffer), and the export records the anchor the model holds.
         self.t_ref = config.model.t_ref_seconds or manifest["watermark_ms"] // 1000
         # What this run trains on, kept in every checkpoint: continual training starts after it.
         self.data_watermark = manifest.get("data_watermark") or {
@@ -308,7 +313,7 @@ class Trainer:
             if self.checkpointed_step != self.step:
                 self.save(stream.steps)
         if self.rank == 0:
-            export_model(self.engine.module, config, self.spec, self.t_ref, config.run,
+            export_model(self.engine.module, config, self.spec, config.run,
                          checkpoint.tag_for(self.step), self.step)
             log.info("final metrics at step %d:\n%s", self.step, format_table({"eval": self.metrics}))
         dist.barrier()  # the export is complete before any rank reports success
@@ -358,7 +363,9 @@ class Trainer:
 
         The loss is a mean over this rank's tokens and DeepSpeed averages gradients over ranks; with
         this weight the update is the gradient of the mean over the global batch's tokens, so it
-        does not depend on how the global batch is split (W → W' resumes continue exactly)."""
+        does not depend on how the global batch is split (W → W' resumes continue exactly). Padding
+        rows hold no label-bearing token, so they weigh nothing, even where a rank's whole micro
+        batch is padding (its share is 0)."""
         tokens = batch[LOSS_MASK_COLUMN].sum()
         total = tokens.detach().clone()
         dist.all_reduce(total)

@@ -95,7 +95,7 @@ def test_manifest_counts_every_input_event(first_run, raw):
         assert splits[split]["rows"] == len(first_run[split])
         assert splits[split]["positives"]["contribution"] == sum(
             sum(y * m for y, m in zip(row["contribution"], row["loss_mask"])) for row in first_run[split])
-    assert manifest["spec"]["context_len"] == C and manifest["feature_spec_version"] == "1"
+    assert manifest["spec"]["context_len"] == C and manifest["feature_spec_version"] == "2"
     assert manifest["config"]["contract"]["now_ms"] == NOW_MS
     assert [name for name, _ in manifest["columns"]] == [*TRAINING_COLUMNS, "date"]
     assert dict(manifest["columns"])["ts"] == "array<bigint>" and dict(manifest["columns"])["length"] == "int"

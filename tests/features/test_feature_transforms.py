@@ -8,10 +8,14 @@ import random
 import numpy as np
 import pytest
 
+from pyspark.sql import Window
+from pyspark.sql import functions as F
+
 from features import spec as S
+from features.config import ConfigError
 from features.schema import FIELD_NAMES
 from features.spec import FeatureSpec
-from features.transforms import deduplicate, split_ts_ms, token_features
+from features.transforms import deduplicate, spark_prev_actions_known, split_ts_ms, token_features
 
 SPEC = FeatureSpec()
 MONDAY = 1_780_272_000_000  # 2026-06-01T00:00:00Z
@@ -109,6 +113,9 @@ def test_spark_features_equal_the_python_definitions(events_frame, new_event):
             "long_dwell": np.array([e["dwell_ms"] >= S.long_dwell_threshold(SPEC, e["content_type"])
                                     for e in timeline], dtype=np.float32),
             "contribution": np.array([e["like"] or e["comment"] or e["share"] for e in timeline], np.float32),
+            S.PREV_ACTIONS_KNOWN_COLUMN: S.prev_actions_known(
+                np.array([e["event_ts"] for e in timeline]), np.array([e["dwell_ms"] for e in timeline]),
+                SPEC.action_log_delay_ms),
             **{name: np.array([e[name] for e in timeline], np.float32) for name in ("click", "like", "comment", "share")},
             **{name: np.array([S.hash_id(name, e[name], SPEC.buckets[name]) for e in timeline])
                for name in S.ID_COLUMNS},
@@ -122,6 +129,59 @@ def test_spark_features_equal_the_python_definitions(events_frame, new_event):
             else:
                 np.testing.assert_array_equal(got, values, err_msg=name)
     assert rows["same-time"]["log_gap"] == 0.0 or rows[events[0]["event_id"]]["log_gap"] == 0.0
+    assert {row[S.PREV_ACTIONS_KNOWN_COLUMN] for row in rows.values()} == {0.0, 1.0}
+
+
+DELAY_MS = 30_000
+AVAILABILITY = [  # (event, offset ms, dwell ms, whether the previous event's actions are known at it)
+    ("first", 0, 10_000, 0.0),                            # a user's first event has no previous one
+    ("exactly-then", 10_000 + DELAY_MS, 5_000, 1.0),      # prev ts + dwell + delay == ts: known
+    ("one-ms-early", 45_000 + DELAY_MS - 1, 0, 0.0),      # one millisecond before that: pending
+    ("by-the-delay", 74_999 + DELAY_MS - 1, 0, 0.0),      # no dwell: the delay alone keeps it pending
+    ("much-later", 3_600_000, 2**31 - 1, 1.0),
+    ("after-a-long-dwell", 3_600_000 + 2**31 - 2 + DELAY_MS, 0, 0.0),
+]
+
+
+def test_prev_actions_known_at_the_boundaries(events_frame, new_event):
+    spec = FeatureSpec(action_log_delay_ms=DELAY_MS)
+    events = [new_event(event_id=name, event_ts=MONDAY + offset, dwell_ms=dwell)
+              for name, offset, dwell, _ in AVAILABILITY]
+    events.append(new_event(event_id="other-user", user_id="u2", event_ts=MONDAY + 20_000 + DELAY_MS))
+    rows = features_of(events_frame, events, spec)
+    expected = {name: known for name, _, _, known in AVAILABILITY} | {"other-user": 0.0}
+    assert {name: row[S.PREV_ACTIONS_KNOWN_COLUMN] for name, row in rows.items()} == expected
+    python = S.prev_actions_known(np.array([MONDAY + offset for _, offset, _, _ in AVAILABILITY]),
+                                  np.array([dwell for _, _, dwell, _ in AVAILABILITY]), DELAY_MS)
+    assert python.dtype == np.float32
+    assert python.tolist() == [known for _, _, _, known in AVAILABILITY]
+    instantly = features_of(events_frame, events, FeatureSpec(action_log_delay_ms=0))
+    assert instantly["by-the-delay"][S.PREV_ACTIONS_KNOWN_COLUMN] == 1.0
+
+
+def test_prev_actions_known_as_of_an_earlier_time(events_frame, new_event):
+    """The Spark expression and the Python rule agree when the time that counts is not the event's
+    own (the incremental job's context events)."""
+    offsets, dwells = [0, 40_000, 90_000, 125_000], [0, 5_000, 0, 0]
+    as_of = [0, 35_000, 60_000, 125_000]  # e2 is judged at 60 s, before e1's actions (75 s)
+    events = [new_event(event_id=f"e{i}", event_ts=MONDAY + offset, dwell_ms=dwell)
+              for i, (offset, dwell) in enumerate(zip(offsets, dwells))]
+    as_of_by_event = F.create_map(*[F.lit(value) for i, ms in enumerate(as_of)
+                                    for value in (f"e{i}", MONDAY + ms)])
+    timeline = Window.partitionBy("user_id").orderBy("event_ts", "event_id")
+    known = spark_prev_actions_known(FeatureSpec(action_log_delay_ms=DELAY_MS), timeline,
+                                     as_of_by_event[F.col("event_id")])
+    spark = [row["known"] for row in
+             events_frame(events).select("event_id", known.alias("known")).orderBy("event_id").collect()]
+    python = S.prev_actions_known(np.array(offsets) + MONDAY, np.array(dwells), DELAY_MS,
+                                  as_of_ms=np.array(as_of) + MONDAY)
+    assert spark == python.tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("value", [-1, -30_000])
+def test_action_log_delay_must_not_be_negative(value):
+    with pytest.raises(ConfigError, match="spec.action_log_delay_ms"):
+        FeatureSpec(action_log_delay_ms=value)
 
 
 def test_split_time_is_midnight_utc_of_the_first_eval_day():

@@ -19,25 +19,38 @@ from features.incremental import REASON_TOO_LATE, pending_raw_files, run_increme
 from features.job import run
 from features.schema import RAW_ARROW_SCHEMA, ContractConfig
 from features.settings import FeaturesConfig, IncrementalConfig
-from features.spec import FeatureSpec
+from features.spec import FeatureSpec, user_key
 from trainer.continual import NothingNew, select
 
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 SPEC = FeatureSpec(context_len=4, stride=2,
                    buckets={"item_id": 97, "author_id": 11, "content_type": 5, "topic": 7, "surface": 3})
-LABEL_FIELDS = ("user_key", "ts", "item_id", "contribution", "like", "long_dwell")
+LABEL_FIELDS = ("user_key", "ts", "item_id", "contribution", "like", "long_dwell", "prev_actions_known")
 
 
 def events_of_day(day: int, users: int = 5, per_user: int = 4) -> list[dict]:
+    """Events hours apart, and for user u1 also some seconds apart: one 20 s after its first of the
+    day, one just after midnight and two just before the next, so some previous actions are still
+    pending at the next event, within a day and across days (batches)."""
     rows = []
+
+    def add(user: int, name: str, offset_ms: int, dwell_ms: int, i: int) -> None:
+        rows.append({"event_id": f"d{day}-u{user}-{name}", "user_id": f"u{user}",
+                     "item_id": f"i{(i * 7 + user) % 9}",
+                     "author_id": "a", "content_type": ["video", "text"][i % 2], "topic": "t",
+                     "surface": "feed", "event_ts": MONDAY + day * DAY_MS + offset_ms,
+                     "dwell_ms": dwell_ms, "click": True, "like": (i + user) % 3 == 0,
+                     "comment": False, "share": i == 2})
+
     for user in range(users):
         for i in range(per_user + user % 2):
-            rows.append({"event_id": f"d{day}-u{user}-{i}", "user_id": f"u{user}", "item_id": f"i{(i * 7 + user) % 9}",
-                         "author_id": "a", "content_type": ["video", "text"][i % 2], "topic": "t",
-                         "surface": "feed", "event_ts": MONDAY + day * DAY_MS + (user * 5 + i * 3) * HOUR_MS // 2,
-                         "dwell_ms": 2_000 * i, "click": True, "like": (i + user) % 3 == 0,
-                         "comment": False, "share": i == 2})
+            add(user, str(i), (user * 5 + i * 3) * HOUR_MS // 2, 2_000 * i, i)
+        if user == 1:
+            add(user, "early", 5_000, 0, 0)
+            add(user, "burst", 5 * HOUR_MS // 2 + 20_000, 3_000, 1)
+            add(user, "night", DAY_MS - 60_000, 0, 2)
+            add(user, "midnight", DAY_MS - 10_000, 25_000, 3)
     return rows
 
 
@@ -65,13 +78,24 @@ def label_tokens(out: Path, files: list[str] | None = None) -> Counter:
          if not path.name.startswith(".")]
     tokens: Counter = Counter()
     for path in paths:
-        table = pq.read_table(path, columns=["user_key", "ts", "item_id", "contribution", "like",
-                                             "long_dwell", "loss_mask"]).to_pylist()
+        table = pq.read_table(path, columns=[*LABEL_FIELDS, "loss_mask"]).to_pylist()
         for row in table:
             for position, mask in enumerate(row["loss_mask"]):
                 if mask == 1.0:
                     tokens[(row["user_key"], *(row[name][position] for name in LABEL_FIELDS[1:]))] += 1
     return tokens
+
+
+def newest_files(out: Path) -> list[str]:
+    entry = read_manifest(out)["batches"][-1]
+    return entry["files"]["train"] + entry["files"]["eval"]
+
+
+def rows_holding(out: Path, files: list[str], user: int, ts: int) -> list[dict]:
+    """The rows of ``files`` in which the event of ``user`` at ``ts`` (seconds) bears its label."""
+    rows = [row for name in files for row in pq.read_table(out / name).to_pylist()]
+    return [row for row in rows if row["user_key"] == user and any(
+        t == ts and mask == 1.0 for t, mask in zip(row["ts"], row["loss_mask"]))]
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +125,14 @@ def test_full_run_equals_full_run_plus_incremental_day(spark, appended):
     full, incremental = label_tokens(full_dir), label_tokens(appended["out"])
     assert sum(full.values()) == sum(len(events) for events in days.values())
     assert incremental == full
+    # The first event of day 2 came 15 s after u1's last of day 1 (dwell 25 s): pending across the
+    # batch boundary, and known or pending inside the new batch.
+    first_of_day_2 = (user_key("u1"), (MONDAY + 2 * DAY_MS + 5_000) // 1000)
+    assert [key[-1] for key in incremental if key[:2] == first_of_day_2] == [0.0]
+    assert {key[-1] for key in label_tokens(appended["out"], newest_files(appended["out"]))} == {0.0, 1.0}
     assert max(incremental.values()) == 1
     newest = read_manifest(appended["out"])["batches"][-1]
+    assert newest_files(appended["out"]) == newest["files"]["eval"]
     assert (newest["index"], newest["events"]) == (1, len(days[2]))
     assert not newest["files"]["train"]  # holdout 0: the whole batch is the freshest held-out slice
     full_eval = [str(path.relative_to(full_dir)) for path in (full_dir / "eval").rglob("*.parquet")]
@@ -114,9 +144,13 @@ def test_late_too_late_redelivered_events_and_a_crashed_append(spark, appended, 
     raw, out, days = appended["raw"], appended["out"], appended["days"]
     settings = config(raw, out, allowed_lateness_s=6 * 3600)
     watermark = read_manifest(out)["watermark_ms"]
-    late = {**days[2][0], "event_id": "late-1", "event_ts": watermark - 2 * HOUR_MS}
+    # u1's last events of day 2 (its context in the next batch) are at watermark − 50 s (dwell 0)
+    # and at the watermark (dwell 25 s); this late event falls between them.
+    late = {**days[2][0], "user_id": "u1", "event_id": "late-1", "event_ts": watermark - 30_000}
+    assert watermark == MONDAY + 3 * DAY_MS - 10_000
     too_late = {**days[2][0], "event_id": "too-late-1", "event_ts": watermark - 30 * HOUR_MS}
-    redelivered = days[2][-1]  # its id is remembered: inside the lateness window
+    # Its id is remembered: inside the lateness window.
+    redelivered = {event["event_id"]: event for event in days[2]}["d2-u1-night"]
     third = events_of_day(3, users=3)
     assert pending_raw_files(settings) == {}
     write_raw(raw, "part-late", [late, too_late, redelivered], date_of(2))  # an older partition
@@ -151,6 +185,15 @@ def test_late_too_late_redelivered_events_and_a_crashed_append(spark, appended, 
     assert batch["quarantined_by_reason"] == {REASON_TOO_LATE: 1}
     quarantined = pq.read_table(next((out / "quarantine").glob("b000002-*.parquet"))).to_pylist()
     assert [(row["event_id"], row["reason"]) for row in quarantined] == [("too-late-1", REASON_TOO_LATE)]
+
+    # The late event follows its user's stored events in the row, two of them later than itself:
+    # the actions of its row predecessor, and those that predecessor carries, were not yet known.
+    (late_row,) = rows_holding(out, batch["files"]["train"] + batch["files"]["eval"], user_key("u1"),
+                               late["event_ts"] // 1000)
+    at = late_row["ts"].index(late["event_ts"] // 1000)
+    assert late_row["ts"][at - 2:at] == [(watermark - 50_000) // 1000, watermark // 1000]
+    assert late_row["prev_actions_known"][at - 1:at + 1] == [0.0, 0.0]
+    assert late_row["loss_mask"][at - 1:at + 1] == [0.0, 1.0]
 
     tokens = label_tokens(out)
     everything = sum(len(events) for events in days.values()) + len(third) + 1

@@ -7,22 +7,23 @@ import pytest
 
 from features.schema import ContractConfig
 from features.serving import ServingInputError, latest_row, stack_rows
-from features.spec import LOSS_MASK_COLUMN, TRAINING_COLUMNS, FeatureSpec, user_key
+from features.spec import LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TRAINING_COLUMNS, FeatureSpec, user_key
 from features.transforms import EVAL, SPLIT_COLUMN, WINDOW_COLUMN, cut_windows, deduplicate, token_features
 
 pytestmark = pytest.mark.slow
 
 MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
-SPEC = FeatureSpec(context_len=4, stride=2, buckets={"item_id": 101, "author_id": 31, "content_type": 7,
-                                                     "topic": 11, "surface": 5})
+SPEC = FeatureSpec(context_len=4, stride=2, action_log_delay_ms=30_000,
+                   buckets={"item_id": 101, "author_id": 31, "content_type": 7, "topic": 11, "surface": 5})
 CONTRACT = ContractConfig()
 BASE_MS = 1_780_272_000_000  # 2026-06-01T00:00:00Z
 
 
 @pytest.fixture(scope="module")
 def events():
-    """Three users: one with more than C events (overlapping windows), one with fewer, one whose
-    newest event is duplicated with a later copy; items shared across users."""
+    """Four users: one with more than C events (overlapping windows), one with fewer, one whose
+    newest event is duplicated with a later copy, one whose events come seconds apart (so some
+    previous actions are still pending at the next event); items shared across users."""
     made = []
 
     def event(user, index, offset_ms, **fields):
@@ -39,6 +40,9 @@ def events():
     for index in range(3):
         event("dup", index, 2 * DAY_MS + index * 11 * MINUTE_MS)
     made.append(dict(made[-1], event_ts=made[-1]["event_ts"] + 5_000, dwell_ms=1))  # a later copy: dropped
+    # Dwell 1.7 s · index², logging delay 30 s: available at 30 s, 51.7 s, 96.8 s.
+    for index, offset_s in enumerate((0, 20, 60, 70)):
+        event("burst", index, 3 * DAY_MS + offset_s * 1_000)
     return made
 
 
@@ -54,7 +58,7 @@ def test_serving_rows_equal_the_spark_rows(events_frame, events):
                   for item in {e["item_id"] for e in events}}
 
     rows = []
-    for user in ("long", "short", "dup"):
+    for user in ("long", "short", "dup", "burst"):
         spark_row = newest[user_key(user)]
         scored = int(sum(spark_row[LOSS_MASK_COLUMN]))
         row = latest_row([e for e in events if e["user_id"] == user], SPEC, first_seen, scored=scored,
@@ -64,8 +68,11 @@ def test_serving_rows_equal_the_spark_rows(events_frame, events):
             assert np.array_equal(expected, row[name]), f"{user} {name}: spark {expected} vs serving {row[name]}"
         rows.append(row)
     assert newest[user_key("long")]["length"] == SPEC.context_len and newest[user_key("short")]["length"] == 2
+    # Both outcomes of the availability rule are compared: known and still pending.
+    assert rows[3][PREV_ACTIONS_KNOWN_COLUMN].tolist() == [0, 0, 1, 0]
+    assert rows[0][PREV_ACTIONS_KNOWN_COLUMN].tolist() == [1, 1, 1, 1]
     batch = stack_rows(rows)
-    assert batch["ts"].shape == (3, SPEC.context_len) and batch["user_key"].shape == (3,)
+    assert batch["ts"].shape == (4, SPEC.context_len) and batch["user_key"].shape == (4,)
 
 
 def test_invalid_or_mixed_events_are_refused_with_the_reason(events):

@@ -59,6 +59,7 @@ class Root:
     ("model.task_weights.ctr=1.0", "model.task_weights"),
     ("model.task_weights.like=-1", "model.task_weights.like"),
     ("model.rope_base=1", "model.rope_base"),
+    ("model.time_horizon_years=0", "model.time_horizon_years"),
     ("model.n_layer=3", "model.n_layer"),
 ])
 def test_bad_config_fails_naming_the_key(override, key):
@@ -190,6 +191,58 @@ def test_later_timestamps_do_not_move_earlier_predictions(spec, batch, rotary):
     assert (changed["like"][:, 9:][real] - base["like"][:, 9:][real]).abs().max() > 1e-3
 
 
+def randomised(model, seed, gain=3.0):
+    """Large random weights: every weight matrix and embedding redrawn N(0, gain²/fan_in), every
+    vector (biases, norm gains, ω, λ, β) N(0, 1), padding embeddings kept zero. The trained-looking
+    small init hides how much an angle can move the logits; this makes any non-causal input visible."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            std = gain / parameter.shape[-1] ** 0.5 if parameter.ndim >= 2 else 1.0
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight[module.padding_idx].zero_()
+    return sharpened(model, scale=4.0)
+
+
+def dropping_newest(batch, count):
+    """The rows without their ``count`` newest tokens: every per-token column shifted right by
+    ``count`` inside the same width and left-padded with zeros, ``length`` reduced by ``count``.
+    Column k of the result holds the token of column k − count of ``batch``."""
+    width = batch["ts"].shape[1]
+    shorter = {}
+    for column, values in batch.items():
+        if values.ndim == 2 and values.shape[1] == width:
+            shorter[column] = F.pad(values[:, :width - count], (count, 0))
+        else:
+            shorter[column] = values
+    shorter["length"] = batch["length"] - count
+    return shorter
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("appended", [1, 3])
+def test_appending_later_tokens_never_changes_an_earlier_prediction(spec, name, appended):
+    """Token i is predicted from tokens < i only: the same row with ``appended`` later tokens gives
+    every earlier token the same logits (aligned by token, not by column: rows are left-padded, so
+    appending shifts the earlier tokens left), for every rotary variant and the time-in-embedding
+    controls, with large random weights."""
+    model = randomised(small_model(spec, **VARIANTS[name]), seed=11)
+    rows = synthetic_batch(spec, 24, seed=23, start_seconds=T_REF - 86_400)
+    keep = rows["length"] > appended
+    longer = {column: values[keep] for column, values in rows.items()}
+    shorter = dropping_newest(longer, appended)
+    earlier = real_tokens(shorter["length"], spec.context_len)[:, appended:]
+    assert earlier.sum() > 50
+    with torch.no_grad():
+        before, after = model(shorter), model(longer)
+    for task in LABEL_COLUMNS:
+        expected, actual = before[task][:, appended:][earlier], after[task][:, :-appended][earlier]
+        change = (actual - expected).abs().max() / expected.abs().max()
+        assert change < 1e-4, f"{name}: an appended token moved an earlier {task} logit by {change:.2e}"
+
+
 def test_a_tokens_item_features_change_its_own_prediction(spec, batch):
     model = small_model(spec)
     changed = {**batch, "item_id": batch["item_id"].clone()}
@@ -302,6 +355,6 @@ def test_time_reference_comes_from_config_or_caller_and_travels_with_the_weights
 def test_rotary_parameter_share_of_the_default_model():
     model = GenerativeRanker(ModelConfig(), FeatureSpec(), T_REF)
     rotary, total = model.parameter_counts()
-    assert rotary == sum(p.numel() for p in model.rotary.parameters()) == 11_313
+    assert rotary == sum(p.numel() for p in model.rotary.parameters()) == 11_185
     assert total == sum(p.numel() for p in model.parameters())
     assert rotary / total < 0.003

@@ -15,6 +15,7 @@ import torch
 
 from features.serving import latest_row, stack_rows
 from features.spec import LABEL_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN, FeatureSpec
+from model_support import randomised
 from trainer.data import to_tensors
 from trainer.model import GenerativeRanker, ModelConfig
 
@@ -36,20 +37,6 @@ def event(index: int, offset_ms: int, dwell_ms: int, **actions: bool) -> dict:
 TIMELINE = [event(0, 0, 4_000, click=True), event(1, 600_000, 40_000, like=True),
             event(2, 650_000, 2_000), event(3, 700_000, 1_000, share=True)]
 E2, E3 = 4, 5  # columns of e2 and e3 in the left-padded row of C = 6
-
-
-def randomised(model: GenerativeRanker, seed: int, gain: float = 3.0) -> GenerativeRanker:
-    """Large random weights (matrices N(0, gain²/fan_in), vectors N(0, 1), padding rows kept 0):
-    the small init would hide a weak path from an input to a logit."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            std = gain / parameter.shape[-1] ** 0.5 if parameter.ndim >= 2 else 1.0
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding):
-                module.weight[module.padding_idx].zero_()
-    return model
 
 
 def logits(model: GenerativeRanker, events: list[dict], spec: FeatureSpec = SPEC) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_support import randomised as large_random_weights
 from features.config import ConfigError, load_config
 from features.spec import ACTION_COLUMNS, ID_COLUMNS, LABEL_COLUMNS, FeatureSpec
 from trainer.model import (CausalSelfAttention, GenerativeRanker, ModelConfig, attention_mask,
@@ -192,18 +193,10 @@ def test_later_timestamps_do_not_move_earlier_predictions(spec, batch, rotary):
 
 
 def randomised(model, seed, gain=3.0):
-    """Large random weights: every weight matrix and embedding redrawn N(0, gain²/fan_in), every
-    vector (biases, norm gains, ω, λ, β) N(0, 1), padding embeddings kept zero. The trained-looking
-    small init hides how much an angle can move the logits; this makes any non-causal input visible."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            std = gain / parameter.shape[-1] ** 0.5 if parameter.ndim >= 2 else 1.0
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding):
-                module.weight[module.padding_idx].zero_()
-    return sharpened(model, scale=4.0)
+    """Large random weights (:func:`model_support.randomised`) with sharpened queries and keys: the
+    trained-looking small init hides how much an angle can move the logits; this makes any
+    non-causal input visible."""
+    return sharpened(large_random_weights(model, seed, gain), scale=4.0)
 
 
 def dropping_newest(batch, count):

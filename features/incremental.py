@@ -26,8 +26,9 @@ as ``too_late`` and counted. Windows of a user's new events take its stored even
 after). The stored events are raw contract rows, dwell included, so the availability rule of the
 previous actions (``prev_actions_known``, :func:`features.transforms.token_features`) holds across
 batches as in a full run; a late event sees no actions that were unknown at its own time, neither
-its row predecessor's nor, through the context it attends to, any earlier ones. The newest ``incremental.holdout_s`` seconds of the batch (default: all of it) are its
-``eval`` part, the freshest held-out slice; the trainer trains on it in the next cycle.
+its row predecessor's nor, through the context it attends to, any earlier ones. The newest
+``incremental.holdout_s`` seconds of the batch (default: all of it) are its ``eval`` part, the
+freshest held-out slice; the trainer trains on it in the next cycle.
 
 Publishing a batch: everything is written into a hidden staging directory; then the state
 directory and the data files move into place under hidden names (``.b<k>-…``, invisible to

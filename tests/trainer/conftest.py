@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from features.dataset import write_manifest
-from features.spec import (FEATURE_SPEC_VERSION, ID_COLUMNS, TOKEN_FLOAT_COLUMNS, FeatureSpec,
-                           cyclical, log_dwell, log_gap, user_key)
+from features.spec import (FEATURE_SPEC_VERSION, ID_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN,
+                           TOKEN_FLOAT_COLUMNS, FeatureSpec, cyclical, log_dwell, log_gap,
+                           prev_actions_known, user_key)
 from trainer.data import write_training_rows
 from trainer.distributed import SHM_PREFIX, SHM_ROOT
 
@@ -76,6 +77,8 @@ def _rows(rng: np.random.Generator, spec: FeatureSpec, count: int, day: int) -> 
         columns["comment"][row, real] = contribution & (rng.random(length) < 0.3)
         columns["share"][row, real] = contribution & ~like
         columns["log_dwell"][row, real] = log_dwell(dwell_ms)
+        columns[PREV_ACTIONS_KNOWN_COLUMN][row, real] = prev_actions_known(
+            ts * 1000, dwell_ms, spec.action_log_delay_ms)
         columns["contribution"][row, real] = contribution
         columns["long_dwell"][row, real] = long_dwell
         columns["loss_mask"][row, real] = 1.0

@@ -139,7 +139,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from features.config import ConfigError, add_config_arguments, config_from_args, require, to_dict
-from features.dataset import MANIFEST_NAME, write_manifest
+from features.dataset import MANIFEST_NAME, replace_directory, write_manifest
 from features.schema import (
     INT32_MAX, RAW_ARROW_SCHEMA, REASON_EMPTY, REASON_MISSING, REASON_OUT_OF_RANGE,
     REASON_TOO_LONG, REASON_TS_BEFORE_EPOCH, REASON_TS_IN_FUTURE, SCHEMA_VERSION, ContractConfig,
@@ -924,7 +924,7 @@ def write_synthetic_logs(config: SynthConfig, out: str | Path) -> dict[str, Any]
             "config": to_dict(config),
         }
         write_manifest(staging, manifest)
-        _replace_directory(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -949,17 +949,6 @@ def _check_replaceable(target: Path) -> None:
     if kind != DATASET_KIND:
         raise FileExistsError(f"{target} is not empty and not synthetic logs written by this "
                               "command; refusing to replace it")
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move the complete ``staging`` to ``target``: readers see the old or the new data, never a mix."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.retired-", dir=target.parent))
-    os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import html
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from features.config import add_config_arguments, config_from_args, require
+from features.dataset import replace_directory
 from features.logs import configure_logging
 from features.spec import (LABEL_COLUMNS, LOSS_MASK_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK,
                            TS_COLUMN, cyclical)
@@ -356,13 +356,7 @@ def build_report(config: ReportConfig) -> Path:
         (staging / "index.html").write_text(render_html(run, metrics, raw_config,
                                                         [name for name in figures if name], notes))
         staging.chmod(0o755)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.retired-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -106,7 +106,7 @@ def marked_processes(marker: str, also_set: str | None = None) -> dict[int, str]
 def cycle(setup, tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str]]]:
     """Starts ``sirenfeed retrain`` with a fresh marker; whatever still carries a marker afterwards is
     killed by its pid, so a failing test leaves nothing running."""
-    markers = []
+    markers, processes = [], []
 
     def start(*overrides: str) -> tuple[subprocess.Popen, str]:
         marker = uuid.uuid4().hex
@@ -117,6 +117,7 @@ def cycle(setup, tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, MARKER: marker})
         log.close()
+        processes.append(process)
         return process, marker
 
     yield start
@@ -126,9 +127,11 @@ def cycle(setup, tmp_path) -> Iterator[Callable[..., tuple[subprocess.Popen, str
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    for process in processes:
+        process.wait(timeout=60)
 
 
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str, timeout_s: float = 400) -> None:
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str, timeout_s: float = 900) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert process.poll() is None, f"the cycle ended (exit code {process.returncode}) before {what}"
@@ -159,6 +162,7 @@ def test_killing_a_cycle_in_its_spark_submit_feature_step_stops_the_jvm_and_the_
     assert "batches" not in read_manifest(setup["features"]), "the killed cycle's feature job kept running"
 
 
+@pytest.mark.timeout(1600)
 def test_killing_a_cycle_while_it_trains_stops_every_rank_and_the_next_one_completes_it(setup, cycle):
     process, marker = cycle(train_overrides(100_000))
     wait_for(lambda: len(marked_processes(marker, also_set="LOCAL_RANK")) == 2, process, "two training ranks")

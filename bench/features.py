@@ -23,9 +23,9 @@ from pathlib import Path
 # import path: drop it so that `features` is the package.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
+from common.logs import configure_logging  # noqa: E402
 from features.dataset import atomic_write_text  # noqa: E402
 from features.job import run  # noqa: E402
-from features.logs import configure_logging  # noqa: E402
 from features.settings import FeaturesConfig, SparkConfig  # noqa: E402
 from features.spark import build_session  # noqa: E402
 from features.synth import SynthConfig, write_synthetic_logs  # noqa: E402

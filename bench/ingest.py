@@ -33,7 +33,7 @@ import uuid
 import pyarrow.parquet as pq
 from prometheus_client.parser import text_string_to_metric_families
 
-from features.config import load_config
+from common.config import load_config
 from features.dataset import atomic_write_text
 from features.synth import SynthConfig, write_synthetic_logs
 from features.validation import check_message

@@ -33,12 +33,17 @@ import torch
 # would shadow the features package.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from features.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.logs import configure_logging  # noqa: E402
 from features.dataset import atomic_write_text  # noqa: E402
-from features.logs import configure_logging  # noqa: E402
 from features.spec import FeatureSpec  # noqa: E402
-from trainer.model import (GenerativeRanker, ModelConfig, masked_multitask_loss,  # noqa: E402
-                           parameter_groups, synthetic_batch)
+from trainer.model import (  # noqa: E402
+    GenerativeRanker,
+    ModelConfig,
+    masked_multitask_loss,
+    parameter_groups,
+    synthetic_batch,
+)
 from trainer.rotary import unit_rotations  # noqa: E402
 from trainer.variants import VARIANTS  # noqa: E402
 

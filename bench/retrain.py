@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 
-from features.config import load_config
+from common.config import load_config
 from features.dataset import atomic_write_text, read_manifest
 from features.settings import FeaturesConfig
 from features.submit import run_job
@@ -44,10 +44,10 @@ from ingest.broker import embedded_broker
 from ingest.clients import make_producer
 from ingest.config import IngestConfig
 from ingest.producer import event_messages, raw_dates, read_day, send_messages
+from lifecycle.cycle import CONTINUAL_TRAIN_OVERRIDES, RetrainConfig, run_continuous, run_once
+from lifecycle.registry import read_log
 from sirenfeed.demo import split_history
-from sirenfeed.retrain import CONTINUAL_TRAIN_OVERRIDES, RetrainConfig, run_continuous, run_once
 from trainer.launch import TRAIN_SCRIPT, run_deepspeed
-from trainer.publish import read_log
 from trainer.variants import variant_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ from pathlib import Path
 # would shadow the `features` package: drop it.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from features.config import add_config_arguments, config_from_args, require, to_dict  # noqa: E402
+from common.config import add_config_arguments, config_from_args, require, to_dict  # noqa: E402
 from features.dataset import atomic_write_text, write_manifest  # noqa: E402
 from features.spec import FEATURE_SPEC_VERSION, LOSS_MASK_COLUMN, FeatureSpec  # noqa: E402
 
@@ -102,7 +102,7 @@ def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_fi
     import torch
     import torch.distributed as dist
 
-    from features.config import load_config
+    from common.config import load_config
     from trainer.config import TrainConfig, deepspeed_config
     from trainer.data import TrainStream, read_feature_manifest
     from trainer.distributed import init_distributed

@@ -29,12 +29,17 @@ import torch
 # would shadow the `features` package: drop it.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from features.config import add_config_arguments, config_from_args, require, to_dict  # noqa: E402
+from common.config import add_config_arguments, config_from_args, require, to_dict  # noqa: E402
 from features.dataset import atomic_write_text  # noqa: E402
 from features.spec import FeatureSpec  # noqa: E402
 from trainer.data import TrainStream, write_training_rows  # noqa: E402
-from trainer.model import (GenerativeRanker, ModelConfig, masked_multitask_loss,  # noqa: E402
-                           parameter_groups, synthetic_batch)
+from trainer.model import (  # noqa: E402
+    GenerativeRanker,
+    ModelConfig,
+    masked_multitask_loss,
+    parameter_groups,
+    synthetic_batch,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 VARIANTS = ("siren", "ordinal")

@@ -2,7 +2,7 @@
 # Submit the feature job to a Spark cluster.
 #   deploy/spark-submit.sh --master yarn --deploy-mode cluster -- --raw hdfs:///feed/raw --out hdfs:///feed/features
 # Options before `--` go to spark-submit, options after it to the job (e.g. --config, key=value overrides).
-# The features package travels to the executors as a zip (--py-files); the job needs nothing else of ours.
+# The features package and the common helpers it imports travel to the executors as a zip (--py-files).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 submit_args=()
@@ -10,7 +10,7 @@ while (($#)) && [[ "$1" != "--" ]]; do submit_args+=("$1"); shift; done
 [[ "${1:-}" == "--" ]] && shift
 zip_dir="$(mktemp -d)"
 trap 'rm -rf "$zip_dir"' EXIT
-(cd "$repo" && python3 -m zipfile -c "$zip_dir/features.zip" features)
+(cd "$repo" && python3 -m zipfile -c "$zip_dir/features.zip" common features)
 # In cluster deploy mode the driver runs on the cluster and finds the shipped config (--files) in its
 # working directory; in client mode it reads the local file.
 config="$repo/conf/features.yaml"

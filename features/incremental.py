@@ -38,9 +38,9 @@ batch are made visible, those of an uncommitted one and unreferenced state are d
 recorded no state; the first incremental run builds it from the full run's input files.
 
 One run at a time: a run holds the dataset's lock, an ``flock`` on ``FEATURES_DIR/_LOCK``
-(:func:`features.concurrency.exclusive_lock`), from before its recovery to after its commit, so no
+(:func:`common.concurrency.exclusive_lock`), from before its recovery to after its commit, so no
 run cleans up what a live one is writing. A second run fails at once with
-:class:`features.concurrency.Locked`, naming the holder (``features/job.py`` and ``sirenfeed
+:class:`common.concurrency.Locked`, naming the holder (``features/job.py`` and ``sirenfeed
 features`` exit 5; ``sirenfeed retrain`` exits 5 and resumes the cycle next time). The lock lives
 where the job's *driver* runs: ``FEATURES_DIR`` must be a local or NFSv4-style filesystem that
 honours ``flock`` on that host (with ``--deploy-mode cluster``, one the driver's node shares with
@@ -63,8 +63,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from features.concurrency import exclusive_lock
-from features.config import to_dict
+from common.concurrency import exclusive_lock
+from common.config import to_dict
 from features.dataset import MANIFEST_NAME, atomic_write_text, local_path, manifest_json
 from features.job import (
     DATASET_KIND, QUARANTINE_DIR, FeatureJobError, HadoopFiles, _split_entry, _split_rows, stage,
@@ -140,7 +140,7 @@ class DatasetFiles(HadoopFiles):
 def run_incremental(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]:
     """Append the unread raw files of ``config.raw`` to the dataset ``config.out`` as one batch;
     returns the manifest (unchanged when there was nothing new). Holds the dataset's lock
-    throughout (:func:`dataset_lock`; :class:`features.concurrency.Locked` if another run does)."""
+    throughout (:func:`dataset_lock`; :class:`common.concurrency.Locked` if another run does)."""
     with dataset_lock(config.out):
         return _append_batch(spark, config)
 

@@ -31,10 +31,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
-from features.concurrency import EXIT_LOCKED, Locked
-from features.config import ConfigError, to_dict
+from common.concurrency import EXIT_LOCKED, Locked
+from common.config import ConfigError, to_dict
+from common.logs import configure_logging
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, manifest_json
-from features.logs import configure_logging
 from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import build_session
 from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, TRAINING_COLUMNS

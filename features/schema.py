@@ -15,7 +15,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from features.config import require
+from common.config import require
 
 SCHEMA_VERSION = 1
 """Version of the JSON event format; a message may carry ``schema_version`` (absent means 1)."""

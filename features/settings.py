@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from features.config import add_config_arguments, config_from_args, require
+from common.config import add_config_arguments, config_from_args, require
 from features.schema import ContractConfig
 from features.spec import FeatureSpec
 
@@ -95,7 +95,7 @@ class FeaturesConfig:
 def parse_job_arguments(prog: str, description: str, argv: list[str]) -> FeaturesConfig:
     """The command line shared by the job file (any master) and ``sirenfeed features`` (its local
     wrapper): ``--raw``, ``--out``, ``--incremental``, ``--config FILE`` and ``key=value`` overrides.
-    Raises :class:`features.config.ConfigError` naming the key."""
+    Raises :class:`common.config.ConfigError` naming the key."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--raw", help="raw events directory (config key raw)")
     parser.add_argument("--out", help="feature dataset directory (config key out)")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features.config import require
+from common.config import require
 
 FEATURE_SPEC_VERSION = "2"
 """Readers refuse other versions. 2: ``prev_actions_known`` and ``spec.action_log_delay_ms``."""

@@ -7,7 +7,7 @@ cluster can import it. The job's log streams to stderr; the exit code is the job
 incremental run holds the dataset's lock, :mod:`features.incremental`); on success the dataset
 summary (:func:`features.summary.describe`) goes to stdout. ``spark-submit`` runs in a process group
 of its own that dies with this command, SIGKILL included, and receives its SIGINT and SIGTERM
-(:func:`features.concurrency.process_group`).
+(:func:`common.concurrency.process_group`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pyspark
 
-from features.concurrency import EXIT_LOCKED, process_group
-from features.config import ConfigError, to_yaml
+from common.concurrency import EXIT_LOCKED, process_group
+from common.config import ConfigError, to_yaml
 from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import session_settings
 from features.summary import describe
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 JOB_SCRIPT = PACKAGE_DIR / "job.py"
+JOB_PACKAGES = ("common", "features")
+"""The packages the job imports, shipped to the driver and executors as one zip (``--py-files``)."""
 
 
 def spark_submit_executable() -> Path:
@@ -39,10 +41,11 @@ def spark_submit_executable() -> Path:
 
 
 def build_package_zip(target: Path) -> Path:
-    """Zip the ``features`` package (its ``.py`` files) for ``--py-files``."""
+    """Zip the packages of :data:`JOB_PACKAGES` (their ``.py`` files) for ``--py-files``."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for source in sorted(PACKAGE_DIR.glob("*.py")):
-            archive.write(source, f"{PACKAGE_DIR.name}/{source.name}")
+        for package in JOB_PACKAGES:
+            for source in sorted((PACKAGE_DIR.parent / package).glob("*.py")):
+                archive.write(source, f"{package}/{source.name}")
     return target
 
 

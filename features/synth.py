@@ -124,7 +124,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -138,7 +137,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from features.config import ConfigError, add_config_arguments, config_from_args, require, to_dict
+from common.config import ConfigError, add_config_arguments, config_from_args, require, to_dict
 from features.dataset import MANIFEST_NAME, replace_directory, write_manifest
 from features.schema import (
     INT32_MAX, RAW_ARROW_SCHEMA, REASON_EMPTY, REASON_MISSING, REASON_OUT_OF_RANGE,

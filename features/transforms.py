@@ -18,8 +18,8 @@ from pyspark.sql import functions as F
 from features.schema import ACTION_FIELDS, FIELD_NAMES, FIELDS, ContractConfig
 from features.spec import (
     HASH_HEX_DIGITS, HASH_SEPARATOR, ID_COLUMNS, LABEL_COLUMNS, LOSS_MASK_COLUMN, PARTITION_COLUMN,
-    PREV_ACTIONS_KNOWN_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS,
-    TS_COLUMN, FeatureSpec,
+    PREV_ACTIONS_KNOWN_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK, TOKEN_COLUMNS,
+    TOKEN_FLOAT_COLUMNS, TS_COLUMN, FeatureSpec,
 )
 from features.validation import spark_reason, spark_value
 

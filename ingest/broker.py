@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from features.config import add_config_arguments, config_from_args
+from common.config import add_config_arguments, config_from_args
+from common.logs import configure_logging
 from features.dataset import atomic_write_text
-from features.logs import configure_logging
 from ingest.config import IngestConfig
 
 log = logging.getLogger(__name__)

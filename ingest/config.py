@@ -1,6 +1,6 @@
 """``IngestConfig``: the typed configuration of every ingest command (broker, produce, ingest).
 
-Loaded through :func:`features.config.load_config`, so unknown keys fail and range errors name their
+Loaded through :func:`common.config.load_config`, so unknown keys fail and range errors name their
 key. ``conf/ingest.yaml`` mirrors these defaults.
 """
 
@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from features.config import require
+from common.config import require
 from features.schema import ContractConfig
 
 # kafka-python client options a real cluster needs for authentication and encryption; nothing else

@@ -31,8 +31,8 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 from tqdm import tqdm
 
-from features.config import add_config_arguments, config_from_args
-from features.logs import configure_logging
+from common.config import add_config_arguments, config_from_args
+from common.logs import configure_logging
 from features.validation import check_message
 from ingest.broker import BrokerError
 from ingest.clients import bootstrap_servers, make_admin, make_consumer, make_producer

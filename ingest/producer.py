@@ -24,9 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from features.config import add_config_arguments, config_from_args
+from common.config import add_config_arguments, config_from_args
+from common.logs import configure_logging
 from features.dataset import MANIFEST_NAME, is_complete
-from features.logs import configure_logging
 from features.schema import RAW_ARROW_SCHEMA, SCHEMA_VERSION
 from ingest.broker import BrokerError
 from ingest.clients import make_producer

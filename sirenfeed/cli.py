@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from features.config import ConfigError
-from features.logs import configure_logging
+from common.config import ConfigError
+from common.logs import configure_logging
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("features.synth", "write synthetic feed logs in the raw event contract"),
@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("ingest.broker", "run the embedded Kafka-protocol broker on 127.0.0.1"),
     "produce": ("ingest.producer", "replay raw events into a Kafka topic as JSON"),
     "ingest": ("ingest.consumer", "consume events into the raw Parquet landing zone, exactly once"),
-    "retrain": ("sirenfeed.retrain", "one incremental retraining cycle (features, warm start, gate, publish)"),
+    "retrain": ("lifecycle.cycle", "one incremental retraining cycle (features, warm start, gate, publish)"),
     "demo": ("sirenfeed.demo", "run the whole pipeline end to end on the embedded defaults"),
 }
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     module, entry = importlib.import_module(COMMANDS[name][0]), "main"
     if name == "train" and "--continuous" in rest:  # continuous training is driven by retraining cycles
-        module, entry = importlib.import_module("sirenfeed.retrain"), "continuous_main"
+        module, entry = importlib.import_module("lifecycle.cycle"), "continuous_main"
     try:
         return int(getattr(module, entry)(rest) or 0)
     except ConfigError as error:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from features.config import add_config_arguments, config_from_args, load_config, require
+from common.config import add_config_arguments, config_from_args, load_config, require
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,11 @@ def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates:
     from ingest.clients import make_producer
     from ingest.config import IngestConfig
     from ingest.producer import event_messages, raw_dates, read_day, send_messages
-    from sirenfeed.retrain import (CONTINUAL_TRAIN_OVERRIDES, INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED,
-                                   CycleTelemetry, RetrainConfig, describe_outcome, run_once)
-    from trainer.publish import publish, read_log
+    from lifecycle.cycle import (
+        CONTINUAL_TRAIN_OVERRIDES, INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, CycleTelemetry,
+        RetrainConfig, describe_outcome, run_once,
+    )
+    from lifecycle.registry import publish, read_log
     from trainer.variants import variant_overrides
 
     root = work / "retrain"

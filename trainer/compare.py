@@ -46,18 +46,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 import pyarrow.parquet as pq
+import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from features.config import (ConfigError, add_config_arguments, config_from_args, load_config, require,
-                             to_dict)
+from common.config import (
+    ConfigError, add_config_arguments, config_from_args, load_config, require, to_dict,
+)
+from common.logs import configure_logging
 from features.dataset import atomic_write_text, json_safe, read_manifest
-from features.logs import configure_logging
 from features.schema import ContractConfig
-from features.spec import (LABEL_COLUMNS, LOSS_MASK_COLUMN, TS_COLUMN, FeatureSpec, hash_id,
-                           long_dwell_threshold, user_key)
+from features.spec import (
+    LABEL_COLUMNS, LOSS_MASK_COLUMN, TS_COLUMN, FeatureSpec, hash_id, long_dwell_threshold,
+    user_key,
+)
 from features.synth import TRUTH_COLUMNS, TRUTH_DIR
 from features.validation import check_record
 from trainer.checkpoint import complete_tags
@@ -65,7 +68,9 @@ from trainer.config import TrainConfig
 from trainer.data import eval_batches
 from trainer.evaluate import METRICS_FILE
 from trainer.export import export_root, load_exported, verify_export
-from trainer.launch import REPO_ROOT, TRAIN_SCRIPT, deepspeed_command, free_port, launch_env, run_launcher
+from trainer.launch import (
+    REPO_ROOT, TRAIN_SCRIPT, deepspeed_command, free_port, launch_env, run_launcher,
+)
 from trainer.metrics import binary_metrics
 from trainer.variants import VARIANTS, variant_overrides
 

@@ -1,6 +1,6 @@
 """``TrainConfig``: the typed configuration of a training run, and the DeepSpeed config made from it.
 
-Loaded like every command's config (``features.config.load_config``): defaults here, then
+Loaded like every command's config (``common.config.load_config``): defaults here, then
 ``conf/train.yaml`` (or ``--config FILE``), then ``key=value`` overrides. :func:`deepspeed_config`
 is the one place that turns it into DeepSpeed's JSON dict, so DeepSpeed never sees a setting that
 is not in this schema.
@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from features.config import require
+from common.config import require
 from trainer.model import ModelConfig
 
 SCHEDULES = ("cosine", "constant")

@@ -61,10 +61,11 @@ import pyarrow.parquet as pq
 import torch
 from petastorm import make_batch_reader
 
-from features.config import require
+from common.config import require
 from features.dataset import local_path, read_manifest
-from features.spec import (FEATURE_SPEC_VERSION, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS, TRAINING_COLUMNS,
-                           FeatureSpec)
+from features.spec import (
+    FEATURE_SPEC_VERSION, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS, TRAINING_COLUMNS, FeatureSpec,
+)
 
 log = logging.getLogger(__name__)
 # Petastorm warns on every reader it opens that pyarrow's legacy API it uses is deprecated; the pin

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from features.config import add_config_arguments, config_from_args, require
+from common.config import add_config_arguments, config_from_args, require
 from features.dataset import atomic_write_text, json_safe
 from features.spec import LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer.data import DataError, eval_batches, read_feature_manifest

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from features.config import load_config, to_dict, to_yaml
+from common.config import load_config, to_dict, to_yaml
 from features.dataset import IncompleteDatasetError, read_manifest, write_manifest
 from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 from trainer.config import TrainConfig

@@ -34,7 +34,7 @@ every node, and ``run`` on a filesystem they share.
 The launcher's output streams through; its exit code is the command's (128 + S for a launcher
 killed by signal S). SIGINT and SIGTERM are passed to the launcher's whole process group, so
 stopping this command stops every rank it started; and if this command is killed outright
-(SIGKILL), the group is stopped within seconds too (:mod:`features.concurrency`).
+(SIGKILL), the group is stopped within seconds too (:mod:`common.concurrency`).
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ import sys
 from pathlib import Path
 from typing import IO, Sequence
 
-from features.concurrency import process_group
-from features.config import add_config_arguments, config_from_args
+from common.concurrency import process_group
+from common.config import add_config_arguments, config_from_args
+from common.logs import DATE_FORMAT
 from features.dataset import atomic_write_text
-from features.logs import DATE_FORMAT
 from trainer.config import TrainConfig
 from trainer.distributed import remove_leftover_segments
 
@@ -155,7 +155,7 @@ def pdsh_command(deepspeed_args: Sequence[str], env: dict[str, str], env_file: s
 def run_launcher(command: Sequence[str], env: dict[str, str], cwd: Path | None = None,
                  local_port: int | None = None, stdout: IO[str] | None = None) -> int:
     """Run a launcher command in the foreground in a process group of its own that dies with this
-    process, passing SIGINT and SIGTERM to the whole group (:func:`features.concurrency.process_group`);
+    process, passing SIGINT and SIGTERM to the whole group (:func:`common.concurrency.process_group`);
     returns its exit code (128 + S if a signal S ended it). ``local_port``: the master port of
     ranks started on this machine, whose shared-memory segments are swept afterwards
     (:func:`trainer.distributed.remove_leftover_segments`); ``stdout``: where the launcher's
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print what would run; start nothing")
     parser.add_argument("--resume-from", metavar="latest|RUN_DIR",
                         help="warm start: continue this checkpoint on the newer feature batches only "
-                             "(trainer.continual; 'latest' = RUN_DIR's own)")
+                             "(trainer.warm_start; 'latest' = RUN_DIR's own)")
     parser.add_argument("--since-watermark", default="auto", metavar="auto|BATCH",
                         help="with --resume-from: the feature batch the checkpoint was trained "
                              "through (auto: from its client state)")

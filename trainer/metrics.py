@@ -21,7 +21,7 @@ AUC and GAUC stay exact; :meth:`EvalAccumulator.gather` concatenates the ranks' 
 evaluation equals a 1-rank evaluation of the same tokens up to float summation order.
 
 Two models evaluated on the same tokens are compared event by event (the evaluation gate,
-:mod:`trainer.gate`): :func:`event_log_loss` gives each token's log-loss term, and
+:mod:`lifecycle.gate`): :func:`event_log_loss` gives each token's log-loss term, and
 :func:`clustered_mean` the mean of their differences with a standard error that counts users, not
 tokens, as the independent units.
 """

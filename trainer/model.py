@@ -40,12 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from features.config import require
-from features.spec import (ACTION_COLUMNS, CONTINUOUS_COLUMNS, ID_COLUMNS, LABEL_COLUMNS,
-                           LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TS_COLUMN, FeatureSpec, cyclical,
-                           log_dwell, log_gap, prev_actions_known)
-from trainer.rotary import (TIME_FEATURE_COUNT, NoRotary, OrdinalRoPE, RotaryEncoding, SirenRoPE,
-                            TimeFeatures, TORoPE, rotate, unit_rotations)
+from common.config import require
+from features.spec import (
+    ACTION_COLUMNS, CONTINUOUS_COLUMNS, ID_COLUMNS, LABEL_COLUMNS, LOSS_MASK_COLUMN,
+    PREV_ACTIONS_KNOWN_COLUMN, TS_COLUMN, FeatureSpec, cyclical, log_dwell, log_gap,
+    prev_actions_known,
+)
+from trainer.rotary import (
+    TIME_FEATURE_COUNT, NoRotary, OrdinalRoPE, RotaryEncoding, SirenRoPE, TimeFeatures, TORoPE,
+    rotate, unit_rotations,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -38,11 +38,12 @@ import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from features.config import add_config_arguments, config_from_args, require
+from common.config import add_config_arguments, config_from_args, require
+from common.logs import configure_logging
 from features.dataset import replace_directory
-from features.logs import configure_logging
-from features.spec import (LABEL_COLUMNS, LOSS_MASK_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK,
-                           TS_COLUMN, cyclical)
+from features.spec import (
+    LABEL_COLUMNS, LOSS_MASK_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK, TS_COLUMN, cyclical,
+)
 from trainer.data import DataError, eval_batches, read_feature_manifest
 from trainer.evaluate import METRICS_FILE
 from trainer.export import export_root, load_exported

@@ -43,12 +43,14 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from features.config import add_config_arguments, config_from_args, require, to_dict
+from common.config import add_config_arguments, config_from_args, require, to_dict
 from features.spec import FEATURE_SPEC_VERSION, LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer import checkpoint
 from trainer.config import TrainConfig, deepspeed_config, lr_factor
-from trainer.data import (DataError, TrainStream, check_layout, count_rows, read_feature_manifest,
-                          real_rows, row_fingerprints, split_dir, training_steps)
+from trainer.data import (
+    DataError, TrainStream, check_layout, count_rows, read_feature_manifest, real_rows,
+    row_fingerprints, split_dir, training_steps,
+)
 from trainer.distributed import init_distributed
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model

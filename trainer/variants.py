@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from features.config import ConfigError
+from common.config import ConfigError
 
 _FULL_SIREN: dict[str, Any] = {
     "rotary": "siren", "siren_branch": True, "dnn_branch": True, "ordinal_term": True,

@@ -19,7 +19,7 @@ interval. The remaining failure, a rank alive but stuck, is bounded by the colle
 and :meth:`Watchdog.fail` turns that into a verdict too. The launcher of each node then sees a rank
 exit non-zero, stops the node's other ranks and exits non-zero itself.
 
-:func:`die_with_parent` (:mod:`features.concurrency`) makes a rank die with its launcher, and :func:`inject_fault` is the fire
+:func:`die_with_parent` (:mod:`common.concurrency`) makes a rank die with its launcher, and :func:`inject_fault` is the fire
 drill (``distributed.fault``) that proves all of this on a real cluster.
 """
 
@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from features.concurrency import die_with_parent  # noqa: F401 - part of this module's interface for the ranks
+from common.concurrency import die_with_parent  # noqa: F401 - part of this module's interface for the ranks
 from trainer.config import FAULTS
 
 log = logging.getLogger(__name__)

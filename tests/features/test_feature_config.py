@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from features.config import ConfigError, load_config, to_dict
+from common.config import ConfigError, load_config, to_dict
 from features.settings import FeaturesConfig
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "features.yaml"

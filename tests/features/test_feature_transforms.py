@@ -7,12 +7,11 @@ import random
 
 import numpy as np
 import pytest
-
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
+from common.config import ConfigError
 from features import spec as S
-from features.config import ConfigError
 from features.schema import FIELD_NAMES
 from features.spec import FeatureSpec
 from features.transforms import deduplicate, spark_prev_actions_known, split_ts_ms, token_features

@@ -20,7 +20,7 @@ from features.job import run
 from features.schema import RAW_ARROW_SCHEMA, ContractConfig
 from features.settings import FeaturesConfig, IncrementalConfig
 from features.spec import FeatureSpec, user_key
-from trainer.continual import NothingNew, select
+from trainer.warm_start import NothingNew, select
 
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000

@@ -20,13 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.config import load_config
+from common.config import load_config
 from features.dataset import MANIFEST_NAME, read_manifest
 from features.incremental import run_incremental
 from features.job import run
 from features.schema import RAW_ARROW_SCHEMA
 from features.settings import FeaturesConfig
-from sirenfeed import retrain
+from lifecycle import cycle as retrain
 
 pytestmark = pytest.mark.slow
 

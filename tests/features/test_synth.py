@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from features.config import ConfigError, load_config, to_dict
+from common.config import ConfigError, load_config, to_dict
 from features.dataset import SUCCESS_NAME, read_manifest
 from features.schema import RAW_ARROW_SCHEMA, ContractConfig
 from features.spec import FeatureSpec, long_dwell_threshold

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Iterable
 
 import pytest
-
 from ingest_support import Message, Stream
 
-from features.config import load_config
+from common.config import load_config
 from features.synth import SynthConfig, write_synthetic_logs
 from ingest.broker import EmbeddedBroker
 from ingest.config import IngestConfig

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from features.config import load_config
+from common.config import load_config
 from features.validation import check_message
 from ingest.broker import EmbeddedBroker, ensure_topics, free_port
 from ingest.clients import make_producer

@@ -16,7 +16,7 @@ from ingest_support import (
 )
 from kafka import KafkaAdminClient
 
-from features.config import load_config
+from common.config import load_config
 from ingest.broker import BrokerError, EmbeddedBroker, ensure_topics
 from ingest.clients import bootstrap_servers
 from ingest.config import IngestConfig

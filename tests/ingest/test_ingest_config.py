@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ingest_support import REPO
 
-from features.config import ConfigError, load_config, to_dict
+from common.config import ConfigError, load_config, to_dict
 from ingest.config import IngestConfig
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from features.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from features.settings import FeaturesConfig
 from features.synth import SynthConfig
 from ingest.config import IngestConfig
+from lifecycle.cycle import RetrainConfig
 from sirenfeed.cli import COMMANDS, main
 from sirenfeed.demo import DemoConfig
-from sirenfeed.retrain import RetrainConfig
 from trainer.compare import CompareConfig
 from trainer.config import TrainConfig
 from trainer.evaluate import EvaluateConfig

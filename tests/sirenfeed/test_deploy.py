@@ -21,12 +21,14 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from features import config as config_module
+from common import config as config_module
 from features.settings import parse_job_arguments
 from ingest.metrics import IngestMetrics
+from lifecycle.cycle import (
+    FAILED, INSUFFICIENT_EVIDENCE, LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED,
+)
+from lifecycle.registry import FreshnessTelemetry
 from sirenfeed import cli
-from sirenfeed.retrain import FAILED, INSUFFICIENT_EVIDENCE, LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED
-from trainer.publish import FreshnessTelemetry
 from trainer.telemetry import TrainerTelemetry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +42,7 @@ TRAIN_JOB = DEPLOY / "k8s" / "train-multinode-job.yaml"
 SERVICE_UNIT = DEPLOY / "systemd" / "sirenfeed-retrain.service"
 TIMER_UNIT = DEPLOY / "systemd" / "sirenfeed-retrain.timer"
 CRON = DEPLOY / "cron" / "sirenfeed-retrain.cron"
-PACKAGES = ("features", "ingest", "trainer", "sirenfeed")
+PACKAGES = ("common", "features", "ingest", "trainer", "lifecycle", "sirenfeed")
 
 BAD_CONFIGURATION = 2  # what `sirenfeed` returns for a ConfigError
 NON_FAILURES = {NOT_PUBLISHED, NOTHING_NEW, LOCKED, INSUFFICIENT_EVIDENCE}

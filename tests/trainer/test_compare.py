@@ -11,12 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from features.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from features.dataset import write_manifest
 from features.synth import SynthConfig, write_synthetic_logs
-from trainer.compare import (COMPARE_JSON, COMPARE_MD, RESULT_FILE, TRAIN_LOG, CompareConfig, EvalPredictions,
-                             EvalTruth, bayes_floor, eval_predictions, format_slice_markdown, main, paired,
-                             relational_slice, run_dir, slice_metrics, summarize)
+from trainer.compare import (
+    COMPARE_JSON, COMPARE_MD, RESULT_FILE, TRAIN_LOG, CompareConfig, EvalPredictions, EvalTruth,
+    bayes_floor, eval_predictions, format_slice_markdown, main, paired, relational_slice, run_dir,
+    slice_metrics, summarize,
+)
 from trainer.metrics import binary_metrics
 
 VARIANTS = ("ordinal", "siren")

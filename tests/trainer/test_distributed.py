@@ -69,7 +69,7 @@ def test_a_run_killed_outright_leaves_no_shared_memory(tiny_features, tiny_model
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
-        # The launcher's own group (features.concurrency) holds the pipe until its keeper has
+        # The launcher's own group (common.concurrency) holds the pipe until its keeper has
         # stopped it, up to the keeper's grace period after the wrapper died.
         reader.join(timeout=60)
         process.stdout.close()

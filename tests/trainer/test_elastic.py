@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from features.config import ConfigError, load_config
-from trainer.checkpoint import COMPLETE_MARKER, UNIVERSAL, checkpoint_root, plan_resume, saved_checkpoints
+from common.config import ConfigError, load_config
+from trainer.checkpoint import (
+    COMPLETE_MARKER, UNIVERSAL, checkpoint_root, plan_resume, saved_checkpoints,
+)
 from trainer.config import TrainConfig, deepspeed_config
 from trainer.data import DataError, TrainStream, check_layout, real_rows, row_fingerprints
 from trainer.train import resolved_shards

@@ -10,14 +10,14 @@ import shutil
 import pytest
 import torch
 
-from features.config import load_config
+from common.config import load_config
 from features.dataset import read_manifest, write_manifest
 from features.spec import FEATURE_SPEC_VERSION
+from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DataError, eval_batches, parquet_files
 from trainer.evaluate import main as evaluate_main
 from trainer.export import EXPORT_FILES, ExportError, export_model, load_exported
-from trainer import checkpoint
 from trainer.model import GenerativeRanker, synthetic_batch
 
 

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from model_support import randomised as large_random_weights
-from features.config import ConfigError, load_config
+
+from common.config import ConfigError, load_config
 from features.spec import ACTION_COLUMNS, ID_COLUMNS, LABEL_COLUMNS, FeatureSpec
-from trainer.model import (CausalSelfAttention, GenerativeRanker, ModelConfig, attention_mask,
-                           masked_multitask_loss, parameter_groups, real_tokens, synthetic_batch)
+from trainer.model import (
+    CausalSelfAttention, GenerativeRanker, ModelConfig, attention_mask, masked_multitask_loss,
+    parameter_groups, real_tokens, synthetic_batch,
+)
 from trainer.rotary import TimeFeatures, rotate, unit_rotations
 from trainer.variants import VARIANTS, variant_overrides
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from features.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 from trainer.checkpoint import COMPLETE_MARKER, CheckpointError, complete_tags, weights_only_loads
 from trainer.config import ScheduleConfig, TrainConfig, deepspeed_config, lr_factor
 from trainer.launch import deepspeed_command, launch_env

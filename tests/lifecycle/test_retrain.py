@@ -20,21 +20,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from features.config import load_config
+from common.config import load_config
 from features.dataset import read_manifest, write_manifest
 from features.incremental import pending_raw_files
 from features.job import run as run_full_job
 from features.schema import RAW_ARROW_SCHEMA
 from features.settings import IncrementalConfig, SparkConfig
 from features.spark import build_session
-from sirenfeed import retrain
-from sirenfeed.retrain import (LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED, STEPS, ContinuousConfig,
-                               RetrainConfig, Retrainer, exclusive_lock)
+from lifecycle import cycle as retrain
+from lifecycle.cycle import (
+    LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED, STEPS, ContinuousConfig, RetrainConfig,
+    Retrainer, exclusive_lock,
+)
+from lifecycle.gate import GateConfig, gate
+from lifecycle.registry import FreshnessTelemetry, append_log, current, publish, read_log
 from trainer import launch as launch_module
 from trainer.export import EXPORT_FILES, MODEL_FILE, sha256, verify_export
-from trainer.gate import GateConfig, gate
 from trainer.metrics import TASKS
-from trainer.publish import FreshnessTelemetry, append_log, current, publish, read_log
 from trainer.train import HISTORY_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

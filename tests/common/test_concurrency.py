@@ -9,13 +9,13 @@ import textwrap
 import time
 import uuid
 
-from features.concurrency import Locked, exclusive_lock
-from features.keeper import STOP_GRACE_S
+from common.concurrency import Locked, exclusive_lock
+from common.keeper import STOP_GRACE_S
 
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from features.concurrency import exclusive_lock, process_group
+    from common.concurrency import exclusive_lock, process_group
     with exclusive_lock(Path(sys.argv[1]), "test run"):
         # A child that ignores SIGTERM: the keeper needs its whole grace period to stop it.
         with process_group(["bash", "-c", "trap '' TERM; echo started; sleep 120 & wait"],

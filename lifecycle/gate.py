@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from features.config import require
+from common.config import require
 from features.spec import LABEL_COLUMNS
 from trainer.data import read_feature_manifest
 from trainer.evaluate import Metrics, evaluate_tokens

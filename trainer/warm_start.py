@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from features.config import add_config_arguments, config_from_args, require
+from common.config import add_config_arguments, config_from_args, require
 from features.dataset import local_path, replace_directory, write_manifest
 from trainer import checkpoint
 from trainer.config import TrainConfig
@@ -45,7 +45,7 @@ from trainer.train import Trainer
 
 log = logging.getLogger(__name__)
 
-CONTINUAL_SCRIPT = REPO_ROOT / "trainer" / "continual.py"
+CONTINUAL_SCRIPT = REPO_ROOT / "trainer" / "warm_start.py"
 SPLITS = ("train", "eval")
 
 
@@ -182,7 +182,7 @@ def check_continual(config: TrainConfig) -> None:
 
 def rank_main(argv: list[str]) -> int:
     """One rank of a warm-start segment (started by the ``deepspeed`` launcher)."""
-    parser = argparse.ArgumentParser(prog="trainer/continual.py")
+    parser = argparse.ArgumentParser(prog="trainer/warm_start.py")
     parser.add_argument("--resume-from", required=True, help="run directory to continue from")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     add_config_arguments(parser)

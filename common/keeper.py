@@ -1,4 +1,4 @@
-"""The keeper of :func:`features.concurrency.process_group`: ``python -m features.keeper PARENT_PID --
+"""The keeper of :func:`common.concurrency.process_group`: ``python -m common.keeper PARENT_PID --
 COMMAND...``.
 
 It leads the process group of one command (the ``deepspeed`` launcher, ``spark-submit``), starts
@@ -20,8 +20,8 @@ import sys
 import time
 from typing import Any
 
-from features.concurrency import FORWARDED, KEEPER_MODULE, die_with_parent
-from features.logs import configure_logging
+from common.concurrency import FORWARDED, KEEPER_MODULE, die_with_parent
+from common.logs import configure_logging
 
 log = logging.getLogger(KEEPER_MODULE)
 
@@ -101,7 +101,7 @@ def _others_in_group() -> bool:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m features.concurrency PARENT_PID -- COMMAND...``: the keeper of :func:`process_group`."""
+    """``python -m common.keeper PARENT_PID -- COMMAND...``: the keeper of :func:`process_group`."""
     configure_logging()
     parent, separator, *command = argv
     if separator != "--" or not command:

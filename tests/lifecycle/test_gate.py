@@ -1,4 +1,4 @@
-"""The statistical evaluation gate (trainer/gate.py) without Spark: decisions from real
+"""The statistical evaluation gate (lifecycle/gate.py) without Spark: decisions from real
 accumulators of simulated slices (pass, regression, a noise-level difference, a task without
 positives, a tiny slice), then the gate on real exports evaluated on a tiny feature dataset (a
 slice without positives, a published model that cannot be evaluated, a broken candidate)."""
@@ -14,13 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from features.config import ConfigError, load_config
-from sirenfeed.retrain import RetrainConfig
+from common.config import ConfigError, load_config
+from lifecycle.cycle import RetrainConfig
+from lifecycle.gate import (
+    INCONCLUSIVE, INSUFFICIENT_EVIDENCE, NOT_WORSE, PUBLISH, REFUSE, TOO_LITTLE_EVIDENCE, WORSE,
+    GateConfig, decide, gate,
+)
 from trainer.config import TrainConfig
 from trainer.data import parquet_files
 from trainer.export import MODEL_FILE, export_model
-from trainer.gate import (INCONCLUSIVE, INSUFFICIENT_EVIDENCE, NOT_WORSE, PUBLISH, REFUSE,
-                          TOO_LITTLE_EVIDENCE, WORSE, GateConfig, decide, gate)
 from trainer.metrics import TASKS, EvalAccumulator, event_log_loss
 from trainer.model import GenerativeRanker
 
@@ -198,7 +200,7 @@ def test_a_published_model_that_cannot_be_evaluated_does_not_pass_the_candidate_
     candidate, published = exports
     with (published / MODEL_FILE).open("ab") as stream:
         stream.write(b"corruption")
-    with caplog.at_level("ERROR", logger="trainer.gate"):
+    with caplog.at_level("ERROR", logger="lifecycle.gate"):
         decision = gate(candidate, published, tiny_features, SMALL_SLICE)
     assert decision.outcome == PUBLISH, decision.reason
     assert decision.published_error and "corrupt" in decision.published_error

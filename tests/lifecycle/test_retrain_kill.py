@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.config import load_config
+from common.config import load_config
 from features.dataset import read_manifest
 from features.job import run as run_full_job
 from features.schema import RAW_ARROW_SCHEMA
 from features.settings import IncrementalConfig, SparkConfig
 from features.spark import build_session
-from sirenfeed.retrain import INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, STEPS, RetrainConfig
+from lifecycle.cycle import INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, STEPS, RetrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -1,17 +1,14 @@
-"""Warm-start views (trainer/continual.py) without Spark: a view is replaced atomically, so a crash
+"""Warm-start views (trainer/warm_start.py) without Spark: a view is replaced atomically, so a crash
 while one is rebuilt leaves the previous complete view in place."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from features.dataset import read_manifest, write_manifest
-from trainer import continual
-from trainer.continual import build_view
+from trainer import warm_start as continual
 from trainer.data import parquet_files
-
-
+from trainer.warm_start import build_view
 
 DAY_MS = 86_400_000
 

@@ -1,4 +1,4 @@
-"""Shared fixtures for trainer tests: a tiny feature dataset written (pyarrow) in exactly the
+"""Shared fixtures for the trainer and lifecycle tests: a tiny feature dataset written (pyarrow) in exactly the
 Spark job's layout (``{train,eval}/date=YYYY-MM-DD/part-*.parquet`` + ``_MANIFEST.json`` +
 ``_SUCCESS``), and one real 2-rank ``deepspeed`` training run that several test modules inspect.
 
@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from features.dataset import write_manifest
-from features.spec import (FEATURE_SPEC_VERSION, ID_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN,
-                           TOKEN_FLOAT_COLUMNS, FeatureSpec, cyclical, log_dwell, log_gap,
-                           prev_actions_known, user_key)
+from features.spec import (
+    FEATURE_SPEC_VERSION, ID_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN, TOKEN_FLOAT_COLUMNS, FeatureSpec,
+    cyclical, log_dwell, log_gap, prev_actions_known, user_key,
+)
 from trainer.data import write_training_rows
 from trainer.distributed import SHM_PREFIX, SHM_ROOT
 

@@ -15,7 +15,7 @@ resumed before a new one starts):
    ``cycles/<id>/run``; a completed run is kept, a partial one is redone. Nothing new unless a batch
    is newer than every batch a cycle has already trained through;
 4. ``gate``: candidate and published model evaluated on the same freshest held-out slice
-   (:mod:`trainer.gate`: publish, refuse, or insufficient evidence);
+   (:mod:`lifecycle.gate`: publish, refuse, or insufficient evidence);
 5. ``publish``: if the gate passes, ``registry/latest`` moves atomically (previous ``keep_published``
    kept); the decision, both metric sets and the event→published latency go to the publish log;
 6. ``advance``: the candidate's checkpoint (with its checksums) joins the lineage, marked accepted
@@ -25,7 +25,7 @@ resumed before a new one starts):
 An exclusive lock (``RETRAIN_DIR/lock``, released by the OS if the process dies) stops a second
 invocation from running a cycle on top of this one; the feature dataset's own lock stops the
 features step while another incremental feature job appends (exit 5, resumed next time), and the
-launcher and spark-submit die with this process (:mod:`features.concurrency`). Exit codes:
+launcher and spark-submit die with this process (:mod:`common.concurrency`). Exit codes:
 0 published, 3 refused by the gate (worse, or broken), 6 insufficient evidence (not published,
 not refused), 4 nothing new, 5 another cycle or feature job holds a lock, 1 failed, 2 bad
 configuration.
@@ -49,12 +49,12 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from features.concurrency import EXIT_LOCKED, Locked, exclusive_lock
-from features.config import add_config_arguments, config_from_args, load_config, require
+from common.concurrency import EXIT_LOCKED, Locked, exclusive_lock
+from common.config import add_config_arguments, config_from_args, load_config, require
+from common.logs import configure_logging
 from features.dataset import atomic_write_text
-from features.logs import configure_logging
 from features.settings import FeaturesConfig
-from trainer.gate import GateConfig
+from lifecycle.gate import GateConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ PUBLISHED, FAILED, NOT_PUBLISHED, NOTHING_NEW, LOCKED, INSUFFICIENT_EVIDENCE = 0
 OUTCOMES = {"published": PUBLISHED, "not_published": NOT_PUBLISHED, "nothing_new": NOTHING_NEW,
             "insufficient_evidence": INSUFFICIENT_EVIDENCE}
 GATE_OUTCOMES = {"publish": "published", "refuse": "not_published", "insufficient_evidence": "insufficient_evidence"}
-"""The cycle's outcome for each of the gate's (:mod:`trainer.gate`)."""
+"""The cycle's outcome for each of the gate's (:mod:`lifecycle.gate`)."""
 STEPS = ("drain", "features", "train", "gate", "publish", "advance")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTINUAL_TRAIN_OVERRIDES = ("schedule.kind=constant", "optim.lr=0.0001", "train.checkpoint_every=0")
@@ -203,7 +203,7 @@ class Retrainer:
 
     def _lineage_entry(self, run: Path, cycle: str | None) -> dict[str, Any]:
         from trainer.checkpoint import complete_tags
-        from trainer.continual import checkpoint_data_watermark
+        from trainer.warm_start import checkpoint_data_watermark
 
         tags = complete_tags(run)
         if not tags:
@@ -218,7 +218,7 @@ class Retrainer:
         its cycle published)."""
         if "accepted" in entry:
             return bool(entry["accepted"])
-        from trainer.publish import read_log
+        from lifecycle.registry import read_log
 
         return entry["cycle"] is None or any(record.get("cycle") == entry["cycle"] and record.get("published")
                                              for record in read_log(self.registry))
@@ -267,13 +267,15 @@ class Retrainer:
             from features.spark import build_session
 
             run_incremental(build_session(config.spark), config)
-        from trainer.continual import batches
+        from trainer.warm_start import batches
 
         return {"newest_batch": batches(config.out)[-1]["index"]}
 
     def step_train(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
-        from trainer.continual import CONTINUAL_SCRIPT, NothingNew, batches, build_view, checkpoint_data_watermark
         from trainer.launch import run_deepspeed
+        from trainer.warm_start import (
+            CONTINUAL_SCRIPT, NothingNew, batches, build_view, checkpoint_data_watermark,
+        )
 
         source = self.warm_start_source()
         view_dir, run = folder / "view", folder / "run"
@@ -306,8 +308,8 @@ class Retrainer:
 
     @staticmethod
     def _trained(run: Path, batch: int) -> bool:
-        from trainer.continual import checkpoint_data_watermark
         from trainer.export import ExportError, verify_export
+        from trainer.warm_start import checkpoint_data_watermark
 
         try:
             verify_export(run / "export" / "latest")
@@ -316,15 +318,15 @@ class Retrainer:
             return False
 
     def step_gate(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
-        from trainer.gate import gate
-        from trainer.publish import current
+        from lifecycle.gate import gate
+        from lifecycle.registry import current
 
         served = current(self.registry)
         decision = gate(Path(journal["run"]) / "export" / "latest", served, folder / "view", self.config.gate)
         return {"decision": decision.as_dict(), "compared_with": str(served) if served else None}
 
     def step_publish(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
-        from trainer.publish import append_log, publish
+        from lifecycle.registry import append_log, publish
 
         decision = journal["decision"]
         published_at = time.time()
@@ -392,7 +394,7 @@ class CycleTelemetry:
     long-running modes, and written to ``metrics_textfile`` after every cycle."""
 
     def __init__(self, config: RetrainConfig, serve: bool):
-        from trainer.publish import FreshnessTelemetry
+        from lifecycle.registry import FreshnessTelemetry
         from trainer.telemetry import start_metrics_server
 
         self.gauges = FreshnessTelemetry(Path(config.dir) / "registry")

@@ -13,13 +13,13 @@ a session and process group of its own, for two reasons:
 - SIGINT and SIGTERM sent to this process while the command runs are forwarded to the whole group,
   so stopping the parent stops every process the command started, the launcher's ranks included;
 - if the parent is killed outright (SIGKILL: cron, systemd, the OOM killer), nothing it started
-  outlives it for more than :data:`features.keeper.STOP_GRACE_S` seconds.
+  outlives it for more than :data:`common.keeper.STOP_GRACE_S` seconds.
 
 The second needs a process that notices the death. A parent-death signal
 (``prctl(PR_SET_PDEATHSIG)``) on the command alone does not do it: ``deepspeed``'s runner passes no
 signal on to the launcher it starts on one node (it does so only for pdsh launches), so the launcher
 and its ranks would keep running; and spark-submit's JVM does not stop the job's Python driver it
-started. So the group's leader is a small *keeper* (the command :mod:`features.keeper`) that
+started. So the group's leader is a small *keeper* (the command :mod:`common.keeper`) that
 starts the command as its child, in its own group, and stops the whole group once its parent is gone.
 
 **Locks outlive a killed holder until its children are gone.** A command started while this process
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-KEEPER_MODULE = "features.keeper"
+KEEPER_MODULE = "common.keeper"
 log = logging.getLogger(__name__)
 
 EXIT_LOCKED = 5

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,10 +25,13 @@ class ConfigError(ValueError):
 
 
 def load_config(schema: type[T], config_file: str | Path | None = None,
-                overrides: Sequence[str] = ()) -> T:
-    """Return ``schema`` filled from its defaults, then ``config_file``, then ``overrides``.
+                overrides: Sequence[str] = (), values: Mapping[str, Any] | None = None) -> T:
+    """Return ``schema`` filled from its defaults, then ``config_file``, then ``overrides``, then
+    ``values``.
 
-    ``overrides`` are ``dotted.key=value`` strings, as typed on a command line.
+    ``overrides`` are ``dotted.key=value`` strings, as typed on a command line; ``values`` are typed
+    values a program sets (nested mappings for nested keys, e.g. ``{"data": {"seed": 3}}``), checked
+    against the schema like everything else.
     """
     try:
         # Dataclass nodes are closed (unknown keys fail); dict-typed fields stay open.
@@ -42,12 +46,27 @@ def load_config(schema: type[T], config_file: str | Path | None = None,
             raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        if values:
+            merged = OmegaConf.merge(merged, OmegaConf.create(_plain(values)))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error, config_file)) from None
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` as nested plain dicts: a dotted key (``"landing.dir"``) becomes nested mappings,
+    paths become strings (OmegaConf holds primitive values only)."""
+    plain: dict[str, Any] = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = plain
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = _plain(value) if isinstance(value, Mapping) else str(value) if isinstance(value, Path) else value
+    return plain
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -79,14 +98,23 @@ def field_names(schema: type) -> list[str]:
 
 
 def add_config_arguments(parser: "argparse.ArgumentParser") -> None:
-    """The options every command shares: ``--config FILE`` and trailing ``key=value`` overrides."""
+    """The options every command shares: ``--config FILE``, ``--print-config`` and trailing
+    ``key=value`` overrides."""
     parser.add_argument("--config", metavar="FILE", help="YAML config file (defaults are built in)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override any config key, e.g. spec.context_len=64")
 
 
 def config_from_args(schema: type[T], args: "argparse.Namespace", **cli_values: Any) -> T:
     """Load ``schema`` from ``--config`` and overrides; explicit options (``cli_values`` that are not
-    ``None``) win over both, as ``key=value`` overrides appended last."""
-    extra = [f"{key}={value}" for key, value in cli_values.items() if value is not None]
-    return load_config(schema, args.config, [*args.overrides, *extra])
+    ``None``) win over both. With ``--print-config``, write the loaded configuration to stdout as
+    YAML and exit 0 (:class:`SystemExit`), before the command does any work; a bad configuration
+    still raises :class:`ConfigError`."""
+    values = {key: value for key, value in cli_values.items() if value is not None}
+    config = load_config(schema, args.config, args.overrides, values)
+    if args.print_config:
+        sys.stdout.write(to_yaml(config))
+        raise SystemExit(0)
+    return config

@@ -65,10 +65,12 @@ from pyspark.sql import functions as F
 
 from common.concurrency import exclusive_lock
 from common.config import to_dict
-from features.dataset import MANIFEST_NAME, atomic_write_text, local_path, manifest_json
-from features.job import (
-    DATASET_KIND, QUARANTINE_DIR, FeatureJobError, HadoopFiles, _split_entry, _split_rows, stage,
-)
+from common.files import atomic_write_text, local_path, visible_files
+from common.logs import utc_text
+from features.batches import BATCH_NAME, batch_name, first_batch
+from features.dataset import MANIFEST_NAME, manifest_json
+from features.full import split_entry, split_rows
+from features.hadoop import DATASET_KIND, QUARANTINE_DIR, FeatureJobError, HadoopFiles, stage
 from features.schema import FIELD_NAMES, spark_ddl
 from features.settings import FeaturesConfig
 from features.spec import PARTITION_COLUMN
@@ -86,14 +88,9 @@ STAGING_PREFIX = ".staging-"
 USERS, ITEMS, SEEN, CONSUMED = "users", "items", "seen", "consumed.json"
 REASON_TOO_LATE = "too_late"
 HISTORY_COLUMN = "_history"
-BATCH_NAME = re.compile(r"b(\d{6})")
 ITEMS_DDL = "item_id STRING, item_first_ts BIGINT"
 SEEN_DDL = "event_id STRING, event_ts BIGINT"
 SPLITS = (TRAIN, EVAL)
-
-
-def batch_name(index: int) -> str:
-    return f"b{index:06d}"
 
 
 class DatasetFiles(HadoopFiles):
@@ -195,7 +192,7 @@ def _append_batch(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]
         raise
     logger.info("batch %s: %d events (%d late, %d too late, %d duplicates), watermark %s",
                 name, entry["events"], entry["late"], entry["too_late"], entry["duplicates"],
-                _utc(manifest["watermark_ms"]))
+                utc_text(manifest["watermark_ms"]))
     return manifest
 
 
@@ -218,9 +215,8 @@ def pending_raw_files(config: FeaturesConfig) -> dict[str, int] | None:
         return None
     seen = {str(local_path(re.sub(r"^file:/*", "/", uri))) for uri in consumed}
     found = {}
-    for path in sorted(raw.rglob("*.parquet")) if raw.is_dir() else []:
-        if (path.is_file() and str(path) not in seen
-                and not any(part.startswith(("_", ".")) for part in path.relative_to(raw).parts)):
+    for path in visible_files(raw):
+        if path.is_file() and str(path) not in seen:
             try:
                 found[str(path)] = pq.ParquetFile(path).metadata.num_rows
             except (OSError, pa.ArrowInvalid):  # still being written by a non-atomic writer
@@ -277,8 +273,8 @@ def _write_batch(spark: SparkSession, config: FeaturesConfig, manifest: dict[str
         split_events[TRAIN if row["train"] else EVAL] += row["count"]
     for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
         with stage(f"write {split}"):
-            _split_rows(windows, split, files).write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
-    splits = {split: _split_entry(statistics.get(split, {}), split_events[split]) for split in SPLITS}
+            split_rows(windows, split, files).write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
+    splits = {split: split_entry(statistics.get(split, {}), split_events[split]) for split in SPLITS}
     for split, entry in splits.items():
         if entry["label_tokens"] != entry["events"]:
             raise FeatureJobError(f"{split}: {entry['label_tokens']} label tokens for {entry['events']} "
@@ -361,14 +357,9 @@ def _write_state(spark: SparkSession, out: DatasetFiles, state: dict[str, Any], 
 # --- publishing --------------------------------------------------------------------------------
 
 def _bootstrap_entry(out: DatasetFiles, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Batch 0: the full run's output, every data file the dataset holds before its first append."""
     files = {split: [path[len(out.root) + 1:] for path in out.list_parquet(f"{out.root}/{split}")]
              for split in SPLITS}
-    return {"index": 0, "name": batch_name(0), "created_at": manifest.get("created_at"),
-            "input_files": manifest.get("input_files", []), "events": manifest.get("events"),
-            "late": 0, "too_late": 0, "duplicates": manifest.get("duplicates"),
-            "watermark_ms": manifest["watermark_ms"], "max_event_ms": manifest["watermark_ms"],
-            "split_ts_ms": manifest.get("split_ts_ms"), "splits": manifest["splits"], "files": files}
+    return first_batch(manifest, files)
 
 
 def _commit(out: DatasetFiles, manifest: dict[str, Any], batches: list[dict[str, Any]],
@@ -446,9 +437,3 @@ def _recover(out: DatasetFiles, manifest: dict[str, Any]) -> None:
     for path in out.children(out.root):
         if path.rsplit("/", 1)[1].startswith(STAGING_PREFIX):
             out.delete(path)
-
-
-def _utc(ms: int | None) -> str:
-    if ms is None:
-        return "none"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")

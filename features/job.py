@@ -1,279 +1,29 @@
 """The Spark feature job: raw events → training windows, quarantine and manifest.
 
 ``spark-submit features/job.py --config conf/features.yaml [--raw RAW] [--out OUT] [key=value ...]``
-on any master (``sirenfeed features`` is the local wrapper). I/O lives here, at the edges; the
-transformations are :mod:`features.transforms`.
+on any master (``sirenfeed features`` is the local wrapper). This module is the entry point only:
+the full job is :mod:`features.full`, the incremental one :mod:`features.incremental`, their shared
+Hadoop I/O :mod:`features.hadoop`, and the transformations :mod:`features.transforms`.
 
-Output (``OUT``)::
-
-    train/date=YYYY-MM-DD/part-*.parquet   eval/date=YYYY-MM-DD/part-*.parquet
-    quarantine/part-*.parquet              (invalid rows: their original columns plus ``reason``)
-    _MANIFEST.json                         _SUCCESS (last)
-
-Everything is written into a hidden sibling directory through Hadoop's FileSystem (so any filesystem
-Spark understands works), which replaces ``OUT`` only once complete: a failed run leaves the previous
-output as it was and never a directory with ``_SUCCESS`` and partial data.
+What it writes, and how a failed run leaves the previous output intact: :mod:`features.full`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import json
 import logging
 import sys
-import time
-import uuid
-from typing import Any, Iterator
-
-from py4j.protocol import Py4JJavaError
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
-from pyspark.sql.utils import AnalysisException
 
 from common.concurrency import EXIT_LOCKED, Locked
-from common.config import ConfigError, to_dict
+from common.config import ConfigError
 from common.logs import configure_logging
-from features.dataset import MANIFEST_NAME, SUCCESS_NAME, manifest_json
-from features.settings import FeaturesConfig, parse_job_arguments
+from features.full import run
+from features.hadoop import FeatureJobError
+from features.incremental import run_incremental
+from features.settings import parse_job_arguments
 from features.spark import build_session
-from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, TRAINING_COLUMNS
-from features.transforms import (
-    EVAL, MILLIS_PER_DAY, REASON_COLUMN, SPLIT_COLUMN, TRAIN, WINDOW_COLUMN, cut_windows,
-    deduplicate, split_statistics, split_ts_ms, token_features, valid_events, validate,
-)
-from features.validation import now_ms
 
 # Named rather than __name__: spark-submit runs this file as __main__.
 logger = logging.getLogger("features.job")
-
-DATASET_KIND = "training_windows"
-QUARANTINE_DIR = "quarantine"
-
-
-class FeatureJobError(RuntimeError):
-    """The job cannot run on this input (nothing to read, an output it must not replace)."""
-
-
-@contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    logger.info("%s ...", name)
-    started = time.monotonic()
-    yield
-    logger.info("%s done in %.1fs", name, time.monotonic() - started)
-
-
-class HadoopFiles:
-    """The few filesystem operations the job needs, on whatever filesystem a URI names."""
-
-    def __init__(self, spark: SparkSession, uri: str) -> None:
-        self._jvm = spark.sparkContext._jvm
-        path = self._jvm.org.apache.hadoop.fs.Path(uri)
-        self._fs = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-        self.root = str(self._fs.makeQualified(path))
-
-    def _path(self, uri: str) -> Any:
-        return self._jvm.org.apache.hadoop.fs.Path(uri)
-
-    def exists(self, uri: str) -> bool:
-        return bool(self._fs.exists(self._path(uri)))
-
-    def sibling(self, uri: str, label: str) -> str:
-        """A hidden name next to ``uri`` (readers skip ``.``-prefixed paths)."""
-        path = self._path(uri)
-        return str(self._jvm.org.apache.hadoop.fs.Path(path.getParent(),
-                                                       f".{path.getName()}.{label}-{uuid.uuid4().hex[:12]}"))
-
-    def is_empty(self, uri: str) -> bool:
-        return len(self._fs.listStatus(self._path(uri))) == 0
-
-    def mkdirs(self, uri: str) -> None:
-        self._fs.mkdirs(self._path(uri))
-
-    def rename(self, source: str, target: str) -> None:
-        # Hadoop's rename reports failure by returning False, not by raising.
-        if not self._fs.rename(self._path(source), self._path(target)):
-            raise OSError(f"could not rename {source} to {target}")
-
-    def delete(self, uri: str) -> None:
-        self._fs.delete(self._path(uri), True)
-
-    def write_text(self, uri: str, text: str) -> None:
-        stream = self._fs.create(self._path(uri), True)
-        try:
-            stream.write(bytearray(text.encode("utf-8")))
-        finally:
-            stream.close()
-
-    def read_text(self, uri: str) -> str:
-        stream = self._fs.open(self._path(uri))
-        try:
-            return self._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-        finally:
-            stream.close()
-
-
-def read_raw(spark: SparkSession, raw: str) -> DataFrame:
-    """Raw events from a synthetic log or the ingest landing zone: every Parquet file below ``raw``,
-    with Hive partition columns (``date``, ``hour``) as extra columns; ``_``/``.``-prefixed paths are
-    skipped by Spark (markers, ground truth, files still being written)."""
-    files = HadoopFiles(spark, raw)
-    if not files.exists(files.root):
-        raise FeatureJobError(f"raw input not found: {raw}")
-    try:
-        return spark.read.option("pathGlobFilter", "*.parquet").parquet(files.root)
-    except (AnalysisException, Py4JJavaError) as error:
-        cause = error.java_exception.toString() if isinstance(error, Py4JJavaError) else str(error)
-        raise FeatureJobError(f"cannot read raw events from {raw}: {cause}") from None
-
-
-def run(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]:
-    """Run the job; returns the manifest it wrote."""
-    started = time.monotonic()
-    processing_ms = now_ms(config.contract)
-    out = HadoopFiles(spark, config.out)
-    _refuse_foreign_output(out)
-    staging = out.sibling(out.root, "staging")
-    out.mkdirs(staging)
-    try:
-        raw = read_raw(spark, config.raw)
-        manifest = _write_dataset(spark, config, raw, staging, processing_ms)
-        _publish(out, staging)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            out.delete(staging)
-        raise
-    logger.info("wrote %s in %.1fs: train %d rows, eval %d rows, %d quarantined, %d duplicates",
-                out.root, time.monotonic() - started, manifest["splits"][TRAIN]["rows"],
-                manifest["splits"][EVAL]["rows"], manifest["quarantined"], manifest["duplicates"])
-    return manifest
-
-
-def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, staging: str,
-                   processing_ms: int) -> dict[str, Any]:
-    """Write quarantine, splits, manifest and (last) ``_SUCCESS`` into ``staging``; returns the manifest.
-
-    Each DataFrame that feeds more than one action is persisted and materialised by the first one, so
-    no stage is computed twice; its parent is released once it is.
-    """
-    with stage("validate"):
-        validated = validate(raw, config.contract, processing_ms).persist()
-        counts = {row[REASON_COLUMN]: row["count"] for row in validated.groupBy(REASON_COLUMN).count().collect()}
-        valid = counts.pop(None, 0)
-        quarantined = dict(sorted(counts.items()))
-        logger.info("%d input events: %d valid, %d quarantined %s", valid + sum(quarantined.values()),
-                    valid, sum(quarantined.values()), quarantined)
-    with stage("write quarantine"):
-        # Invalid rows are a small minority: one file keeps them easy to inspect.
-        (validated.where(F.col(REASON_COLUMN).isNotNull()).coalesce(1)
-         .write.parquet(f"{staging}/{QUARANTINE_DIR}"))
-    with stage("deduplicate and compute token features"):
-        tokens = token_features(deduplicate(valid_events(validated)), config.spec).persist()
-        events_per_day, watermark = _events_per_day(tokens)
-        validated.unpersist()
-        events = sum(events_per_day.values())
-        logger.info("%d events after removing %d duplicates; watermark %s", events, valid - events,
-                    _utc(watermark))
-    # With no valid event there is no split time, and both splits are empty.
-    split_ms = split_ts_ms(watermark, config.eval_days) if watermark is not None else 0
-    split_events = {TRAIN: sum(n for day, n in events_per_day.items() if day * MILLIS_PER_DAY < split_ms),
-                    EVAL: sum(n for day, n in events_per_day.items() if day * MILLIS_PER_DAY >= split_ms)}
-    with stage("cut windows"):
-        windows = cut_windows(tokens, config.spec, split_ms).persist()
-        statistics = {row[SPLIT_COLUMN]: row.asDict() for row in split_statistics(windows).collect()}
-        tokens.unpersist()
-    for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
-        with stage(f"write {split}"):
-            rows = _split_rows(windows, split, files)
-            rows.write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
-    windows.unpersist()
-    splits = {split: _split_entry(statistics.get(split, {}), split_events[split]) for split in (TRAIN, EVAL)}
-    for split, entry in splits.items():
-        logger.info("%s: %d rows, %d events, %d label tokens", split, entry["rows"], entry["events"],
-                    entry["label_tokens"])
-        if entry["label_tokens"] != entry["events"]:
-            raise FeatureJobError(f"{split}: {entry['label_tokens']} label tokens for {entry['events']} "
-                                  "events; every event must bear its label exactly once (a bug)")
-    manifest = {
-        "dataset": DATASET_KIND,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "feature_spec_version": FEATURE_SPEC_VERSION,
-        "spec": to_dict(config.spec),
-        "config": to_dict(config),
-        "input_events": valid + sum(quarantined.values()),
-        "valid_events": valid,
-        "duplicates": valid - events,
-        "events": events,
-        "quarantined": sum(quarantined.values()),
-        "quarantined_by_reason": quarantined,
-        "processing_ms": processing_ms,
-        "watermark_ms": watermark,
-        "split_ts_ms": split_ms if watermark is not None else None,
-        # What this run read: an incremental run (features.incremental) reads only files not listed.
-        "input_files": sorted(raw.inputFiles()),
-        "columns": [[field.name, field.dataType.simpleString()] for field in rows.schema],
-        "splits": splits,
-    }
-    staging_files = HadoopFiles(spark, staging)
-    staging_files.write_text(f"{staging}/{MANIFEST_NAME}", manifest_json(manifest))
-    staging_files.write_text(f"{staging}/{SUCCESS_NAME}", "")
-    return manifest
-
-
-def _events_per_day(tokens: DataFrame) -> tuple[dict[int, int], int | None]:
-    """Events per UTC day number, and the watermark (the latest ``event_ts``), in one small action."""
-    rows = (tokens.groupBy(F.floor(F.col("event_ts") / F.lit(MILLIS_PER_DAY)).alias("day"))
-            .agg(F.count(F.lit(1)).alias("events"), F.max("event_ts").alias("watermark")).collect())
-    return {row["day"]: row["events"] for row in rows}, max((row["watermark"] for row in rows), default=None)
-
-
-def _split_rows(windows: DataFrame, split: str, files: int) -> DataFrame:
-    """One split's rows, range-partitioned into about ``files`` files (plus one per date boundary a
-    file would span), each sorted so that re-runs write the same rows in the same order."""
-    order = (PARTITION_COLUMN, "user_key", WINDOW_COLUMN)
-    return (windows.where(F.col(SPLIT_COLUMN) == F.lit(split))
-            .repartitionByRange(files, *order).sortWithinPartitions(*order)
-            .select(*TRAINING_COLUMNS, PARTITION_COLUMN))
-
-
-def _split_entry(statistics: dict[str, Any], events: int) -> dict[str, Any]:
-    return {
-        "rows": int(statistics.get("rows", 0)),
-        "events": events,
-        "tokens": int(statistics.get("tokens") or 0),
-        "label_tokens": int(statistics.get("label_tokens") or 0),
-        "positives": {name[len("positive_"):]: int(value or 0) for name, value in statistics.items()
-                      if name.startswith("positive_")},
-    }
-
-
-def _refuse_foreign_output(out: HadoopFiles) -> None:
-    """Replace ``out`` only when it is a previous output of this job (or absent or empty)."""
-    if not out.exists(out.root) or out.is_empty(out.root):
-        return
-    if not out.exists(f"{out.root}/{MANIFEST_NAME}"):
-        raise FeatureJobError(f"{out.root} exists and is not a feature dataset; refusing to replace it")
-    manifest = json.loads(out.read_text(f"{out.root}/{MANIFEST_NAME}"))
-    if manifest.get("dataset") != DATASET_KIND:
-        raise FeatureJobError(f"{out.root} holds a '{manifest.get('dataset')}' dataset, not feature "
-                              "windows; refusing to replace it")
-
-
-def _publish(out: HadoopFiles, staging: str) -> None:
-    """Swap the complete staging directory into place; the previous output is removed only after."""
-    if out.exists(out.root):
-        previous = out.sibling(out.root, "previous")
-        out.rename(out.root, previous)
-        out.rename(staging, out.root)
-        out.delete(previous)
-    else:
-        out.rename(staging, out.root)
-
-
-def _utc(ms: int | None) -> str:
-    if ms is None:
-        return "none"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def main(argv: list[str]) -> int:
@@ -284,17 +34,12 @@ def main(argv: list[str]) -> int:
         print(f"features.job: {error}", file=sys.stderr)
         return 2
     spark = build_session(config.spark)
-    job_errors: tuple[type[Exception], ...] = (FeatureJobError,)
     try:
         if config.incremental.enabled:
-            # features.incremental builds on this module, so it is imported only where it is used;
-            # its FeatureJobError is another class object when spark-submit runs this file as __main__.
-            from features import incremental
-            job_errors += (incremental.FeatureJobError,)
-            incremental.run_incremental(spark, config)
+            run_incremental(spark, config)
         else:
             run(spark, config)
-    except job_errors as error:
+    except FeatureJobError as error:
         logger.error("%s", error)
         return 1
     except Locked as error:

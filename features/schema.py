@@ -1,4 +1,4 @@
-"""The raw event contract (DESIGN.md §2): one impression of one item to one user.
+"""The raw event contract (docs/design.md, "Data contract"): one impression of one item to one user.
 
 This module is the one home of the event schema and of the rules an event must pass. The rules are
 data (:data:`FIELDS` and :class:`ContractConfig`); two interpreters apply them, one per record for the

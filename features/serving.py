@@ -27,9 +27,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from features.schema import ACTION_FIELDS, FIELD_NAMES, ContractConfig
-from features.spec import (ID_COLUMNS, LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TOKEN_COLUMNS,
-                           TOKEN_FLOAT_COLUMNS, TS_COLUMN, FeatureSpec, cyclical, hash_id, log_dwell,
-                           log_gap, log_item_age, long_dwell_threshold, prev_actions_known, user_key)
+from features.spec import (
+    ID_COLUMNS, LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS,
+    TS_COLUMN, FeatureSpec, cyclical, hash_id, log_dwell, log_gap, log_item_age,
+    long_dwell_threshold, prev_actions_known, user_key,
+)
 from features.validation import check_record
 
 Event = Mapping[str, Any]

@@ -1,4 +1,4 @@
-"""Typed configuration of the Spark feature job (``conf/features.yaml`` mirrors these defaults).
+"""Typed configuration of the Spark feature job (``conf/features.yaml`` is generated from it).
 
 Loaded by both ``sirenfeed features`` (before it calls ``spark-submit``) and the job itself (before it
 starts Spark), so an unknown key or a nonsensical value fails before any JVM starts, naming the key.
@@ -72,6 +72,8 @@ class FeaturesConfig:
     """The feature dataset directory, replaced as a whole when the job succeeds."""
     spec: FeatureSpec = field(default_factory=FeatureSpec)
     contract: ContractConfig = field(default_factory=ContractConfig)
+    """Limits every event must respect (:class:`features.schema.ContractConfig`); events breaking
+    them are quarantined."""
     eval_days: int = 1
     """The last ``eval_days`` UTC days of the data are the held-out evaluation window."""
     train_files: int = 8
@@ -94,8 +96,9 @@ class FeaturesConfig:
 
 def parse_job_arguments(prog: str, description: str, argv: list[str]) -> FeaturesConfig:
     """The command line shared by the job file (any master) and ``sirenfeed features`` (its local
-    wrapper): ``--raw``, ``--out``, ``--incremental``, ``--config FILE`` and ``key=value`` overrides.
-    Raises :class:`common.config.ConfigError` naming the key."""
+    wrapper): ``--raw``, ``--out``, ``--incremental``, ``--config FILE``, ``--print-config`` and
+    ``key=value`` overrides. Raises :class:`common.config.ConfigError` naming the key, and
+    ``SystemExit(0)`` once ``--print-config`` has printed the configuration."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--raw", help="raw events directory (config key raw)")
     parser.add_argument("--out", help="feature dataset directory (config key out)")
@@ -104,4 +107,4 @@ def parse_job_arguments(prog: str, description: str, argv: list[str]) -> Feature
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     return config_from_args(FeaturesConfig, args, raw=args.raw, out=args.out,
-                            **{"incremental.enabled": args.incremental})
+                            incremental=None if args.incremental is None else {"enabled": args.incremental})

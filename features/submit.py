@@ -2,8 +2,8 @@
 
 Validates the configuration, then runs the feature job (:mod:`features.job`) through the
 ``spark-submit`` that ships with the installed pyspark, on ``spark.master`` (default ``local[*]``),
-with the ``features`` package zipped on the fly and passed with ``--py-files`` so that executors on a
-cluster can import it. The job's log streams to stderr; the exit code is the job's (5: another
+with the packages the job imports (:data:`JOB_PACKAGES`) zipped on the fly and passed with
+``--py-files`` so that executors on a cluster can import them. The job's log streams to stderr; the exit code is the job's (5: another
 incremental run holds the dataset's lock, :mod:`features.incremental`); on success the dataset
 summary (:func:`features.summary.describe`) goes to stdout. ``spark-submit`` runs in a process group
 of its own that dies with this command, SIGKILL included, and receives its SIGINT and SIGTERM

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 from typing import Any
 
+from common.logs import utc_text
 from features.dataset import read_manifest
 from features.spec import LABEL_COLUMNS
 from features.transforms import EVAL, TRAIN
@@ -18,10 +18,10 @@ def describe(path: str | os.PathLike[str]) -> str:
     spec = manifest["spec"]
     lines = [f"feature dataset {path}",
              f"  spec v{manifest['feature_spec_version']}: C={spec['context_len']} "
-             f"stride={spec['stride']}, eval window from {_utc(manifest['split_ts_ms'])}",
+             f"stride={spec['stride']}, eval window from {utc_text(manifest['split_ts_ms'])}",
              f"  input events {manifest['input_events']:,}: {manifest['events']:,} kept, "
              f"{manifest['duplicates']:,} duplicates, {manifest['quarantined']:,} quarantined",
-             f"  watermark {_utc(manifest['watermark_ms'])}", ""]
+             f"  watermark {utc_text(manifest['watermark_ms'])}", ""]
     header = ["split", "rows", "events", "label tokens", *[f"{name} rate" for name in LABEL_COLUMNS]]
     table = [header] + [_split_row(name, manifest["splits"][name]) for name in (TRAIN, EVAL)]
     widths = [max(len(row[index]) for row in table) for index in range(len(header))]
@@ -40,9 +40,3 @@ def _split_row(name: str, entry: dict[str, Any]) -> list[str]:
     rates = [f"{entry['positives'][label] / label_tokens:.4f}" if label_tokens else "-"
              for label in LABEL_COLUMNS]
     return [name, f"{entry['rows']:,}", f"{entry['events']:,}", f"{label_tokens:,}", *rates]
-
-
-def _utc(ms: int | None) -> str:
-    if ms is None:
-        return "none (no valid event)"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -124,9 +124,7 @@ import datetime as dt
 import json
 import logging
 import math
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +136,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common.config import ConfigError, add_config_arguments, config_from_args, require, to_dict
-from features.dataset import MANIFEST_NAME, replace_directory, write_manifest
+from common.files import staged_directory
+from features.dataset import MANIFEST_NAME, write_manifest
 from features.schema import (
     INT32_MAX, RAW_ARROW_SCHEMA, REASON_EMPTY, REASON_MISSING, REASON_OUT_OF_RANGE,
     REASON_TOO_LONG, REASON_TS_BEFORE_EPOCH, REASON_TS_IN_FUTURE, SCHEMA_VERSION, ContractConfig,
@@ -300,14 +299,19 @@ class SynthConfig:
 
     users: int = 1_000
     days: int = 14
+    """Logged days from ``start_date`` on."""
     seed: int = 0
+    """Seeds every random stream: the same config gives byte-identical files."""
     start_date: str = "2026-06-01"
     """First logged day (UTC, ISO ``YYYY-MM-DD``); the period must end before now."""
     users_per_chunk: int = 2_000
     """Users simulated and written together; bounds memory (one file per date per chunk)."""
     bad_fraction: float = 0.0005
+    """Probability that an event is corrupted into one of the kinds of ``BAD_EVENT_REASONS``."""
     duplicate_fraction: float = 0.0005
+    """Probability that a clean event is emitted twice (same ``event_id``, identical row)."""
     process: GenerativeProcess = field(default_factory=GenerativeProcess)
+    """The generative process; the module docstring of features/synth.py gives the role of each key."""
 
     def __post_init__(self) -> None:
         require(self.users >= 1, "users", "must be >= 1")
@@ -906,10 +910,7 @@ def write_synthetic_logs(config: SynthConfig, out: str | Path) -> dict[str, Any]
     """Generate the logs of ``config`` into ``out``, replacing it atomically; returns the manifest."""
     target = Path(out)
     _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.synth-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp's private 0700 would outlive the rename
-    try:
+    with staged_directory(target) as staging:
         counts = _generate_into(staging, config)
         manifest = {
             "dataset": DATASET_KIND,
@@ -923,10 +924,6 @@ def write_synthetic_logs(config: SynthConfig, out: str | Path) -> dict[str, Any]
             "config": to_dict(config),
         }
         write_manifest(staging, manifest)
-        replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("wrote %d events (%d bad, %d duplicates) of %d users over %d days to %s",
              manifest["events"], manifest["bad_events_total"], manifest["duplicates"],
              config.users, config.days, target)

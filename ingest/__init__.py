@@ -1,2 +1,3 @@
 """Kafka ingest: the embedded broker for local use, the replay producer, and the consumer that lands
-events exactly once in the raw Parquet landing zone (docs/ingest.md). Imports only ``features``."""
+events exactly once in the raw Parquet landing zone (docs/ingest.md). Imports ``common`` and
+``features`` (the event contract)."""

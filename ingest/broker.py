@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator
 
 from common.config import add_config_arguments, config_from_args
+from common.files import write_json
 from common.logs import configure_logging
-from features.dataset import atomic_write_text
 from ingest.config import IngestConfig
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def write_state(run_dir: Path, broker: EmbeddedBroker) -> Path:
     state = {"address": broker.address, "pid": broker.pid, "topics": broker.config.broker_topics,
              "partitions": broker.config.kafka.partitions, "started_at_ms": int(time.time() * 1000)}
     path = Path(run_dir) / STATE_FILE
-    atomic_write_text(path, json.dumps(state, indent=2) + "\n")
+    write_json(path, state)
     return path
 
 

@@ -1,7 +1,7 @@
 """``IngestConfig``: the typed configuration of every ingest command (broker, produce, ingest).
 
 Loaded through :func:`common.config.load_config`, so unknown keys fail and range errors name their
-key. ``conf/ingest.yaml`` mirrors these defaults.
+key. ``conf/ingest.yaml`` is generated from these defaults (``sirenfeed conf``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ ACKS = ("0", "1", "all")
 @dataclass
 class KafkaConfig:
     bootstrap_servers: str = ""
-    """``host:port[,host:port]``; empty means the embedded broker, found through its state file."""
+    """``host:port[,host:port]``; empty means the embedded broker, found through its state file
+    ``<broker.run_dir>/broker.json``."""
     topic: str = "feed-events"
     dead_letter_topic: str = "feed-events-dead-letter"
     group_id: str = "sirenfeed-ingest"
@@ -38,7 +39,13 @@ class KafkaConfig:
     heartbeat_interval_ms: int = 500
     request_timeout_ms: int = 30000
     security: dict[str, Any] = field(default_factory=dict)
-    """kafka-python options passed through verbatim, e.g. ``security_protocol: SASL_SSL``."""
+    """kafka-python security options, passed through verbatim to every client. A real cluster,
+    e.g.:
+
+        security: {security_protocol: SASL_SSL, sasl_mechanism: SCRAM-SHA-512,
+                   sasl_plain_username: ingest, sasl_plain_password: '...',
+                   ssl_cafile: /etc/kafka/ca.pem}
+    """
 
     def __post_init__(self) -> None:
         require(bool(self.topic), "kafka.topic", "must not be empty")
@@ -63,7 +70,9 @@ class ProducerConfig:
     linger_ms: int = 5
     batch_size: int = 65536
     compression_type: str = "none"
+    """none | gzip | snappy | lz4 | zstd."""
     acks: str = "all"
+    """0 | 1 | all."""
     from_date: str = ""
     """First ``date=`` directory to replay (``YYYY-MM-DD``, inclusive); empty means the first."""
     to_date: str = ""
@@ -157,6 +166,7 @@ class IngestConfig:
     contract: ContractConfig = field(default_factory=ContractConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    """The embedded broker (``sirenfeed broker``)."""
 
     @property
     def uses_embedded_broker(self) -> bool:

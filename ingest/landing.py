@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.dataset import atomic_write_text
+from common.files import write_json
 from features.schema import RAW_ARROW_SCHEMA
 from ingest.deadletter import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
 
@@ -212,7 +212,7 @@ class LandingZone:
             "files": entries, "writer": self.writer, "published_at_ms": now_ms,
         }
         _fsync_dir(staging)
-        atomic_write_text(staging / BATCH_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        write_json(staging / BATCH_MANIFEST, manifest, indent=1)
         _fsync_dir(staging)
         return staging
 
@@ -237,7 +237,7 @@ class LandingZone:
             _fsync_dir(directory.parent)
         landed = self.landed_dir(manifest["partition"], manifest["topic_id"])
         name = f"{manifest['start_offset']:012d}-{manifest['end_offset']:012d}.json"
-        atomic_write_text(landed / name, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        write_json(landed / name, manifest, indent=1)
         _fsync_dir(landed)
         shutil.rmtree(staging)
         return manifest

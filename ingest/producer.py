@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common.config import add_config_arguments, config_from_args
+from common.files import visible_files
 from common.logs import configure_logging
 from features.dataset import MANIFEST_NAME, is_complete
 from features.schema import RAW_ARROW_SCHEMA, SCHEMA_VERSION
@@ -68,8 +69,7 @@ def raw_dates(raw_dir: str | Path, from_date: str = "", to_date: str = "") -> di
         date = match.group(1)
         if (from_date and date < from_date) or (to_date and date > to_date):
             continue
-        files = sorted(path for path in directory.rglob("*.parquet")
-                       if not any(part.startswith(("_", ".")) for part in path.relative_to(directory).parts))
+        files = visible_files(directory)
         if files:
             dates[date] = files
     return dates

@@ -1,1 +1,2 @@
-"""The ``sirenfeed`` command line: the one place that wires features, ingest and trainer together."""
+"""The ``sirenfeed`` command line and the end-to-end demo: the only package that may import every
+other (docs/design.md, "Layout")."""

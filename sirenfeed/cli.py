@@ -1,11 +1,16 @@
 """``sirenfeed <command> [--config FILE] [options] [key=value ...]``.
 
 Each command lives in the package that owns it and exposes ``main(argv) -> int``; this module only
-dispatches, importing the chosen command alone so ``sirenfeed --help`` stays fast.
+dispatches, importing the chosen command alone so ``sirenfeed --help`` stays fast. ``sirenfeed
+train`` has three modes, each owned by its own package: a batch run (:mod:`trainer.launch`), a warm
+start (``--resume-from``, :mod:`lifecycle.segment`) and continuous training (``--continuous``,
+:mod:`lifecycle.continuous`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
 import sys
 
@@ -23,9 +28,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("ingest.broker", "run the embedded Kafka-protocol broker on 127.0.0.1"),
     "produce": ("ingest.producer", "replay raw events into a Kafka topic as JSON"),
     "ingest": ("ingest.consumer", "consume events into the raw Parquet landing zone, exactly once"),
-    "retrain": ("lifecycle.cycle", "one incremental retraining cycle (features, warm start, gate, publish)"),
+    "retrain": ("lifecycle.retrain", "one incremental retraining cycle (features, warm start, gate, publish)"),
     "demo": ("sirenfeed.demo", "run the whole pipeline end to end on the embedded defaults"),
+    "conf": ("sirenfeed.conf", "regenerate conf/*.yaml from the config schemas (--check: only compare)"),
 }
+
+
+TRAIN_MODES = {"continuous": "lifecycle.continuous", "resume_from": "lifecycle.segment"}
+"""The modules of ``sirenfeed train``'s modes, by the option that selects them."""
+
+
+def _train_module(argv: list[str]) -> str:
+    """The module of the ``sirenfeed train`` mode ``argv`` selects (options parsed, not matched)."""
+    modes = argparse.ArgumentParser(add_help=False)
+    group = modes.add_mutually_exclusive_group()
+    group.add_argument("--continuous", action="store_true")
+    group.add_argument("--resume-from")
+    selected, _ = modes.parse_known_args(argv)
+    chosen = [TRAIN_MODES[name] for name in TRAIN_MODES if getattr(selected, name)]
+    return chosen[0] if chosen else COMMANDS["train"][0]
 
 
 def _usage() -> str:
@@ -46,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sirenfeed: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
     configure_logging()
-    module, entry = importlib.import_module(COMMANDS[name][0]), "main"
-    if name == "train" and "--continuous" in rest:  # continuous training is driven by retraining cycles
-        module, entry = importlib.import_module("lifecycle.cycle"), "continuous_main"
+    # What libraries print while they load (DeepSpeed announces its accelerator) is not the command's
+    # output, which may be a YAML file (--print-config) or a table.
+    with contextlib.redirect_stdout(sys.stderr):
+        module = importlib.import_module(_train_module(rest) if name == "train" else COMMANDS[name][0])
     try:
-        return int(getattr(module, entry)(rest) or 0)
+        return int(module.main(rest) or 0)
     except ConfigError as error:
         print(f"sirenfeed {name}: {error}", file=sys.stderr)
         return 2

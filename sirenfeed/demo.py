@@ -30,6 +30,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import add_config_arguments, config_from_args, load_config, require
+from common.repo import REPO_ROOT
+from features.batches import batch_name
+from features.dataset import read_manifest
+from features.settings import FeaturesConfig
+from features.submit import run_job
+from features.summary import describe
+from features.synth import SynthConfig, write_synthetic_logs
+from ingest.broker import embedded_broker
+from ingest.clients import make_producer
+from ingest.config import IngestConfig
+from ingest.demo import streaming_leg
+from ingest.producer import event_messages, raw_dates, read_day, send_messages
+from lifecycle.config import CONTINUAL_TRAIN_OVERRIDES, DrainConfig, RetrainConfig
+from lifecycle.cycle import INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, describe_outcome, run_once
+from lifecycle.registry import publish, read_log
+from lifecycle.telemetry import CycleTelemetry
+from trainer.config import TrainConfig
+from trainer.export import load_exported
+from trainer.launcher import TRAIN_SCRIPT, run_with_config
+from trainer.metrics import format_table
+from trainer.variants import variant_overrides
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +58,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     work: str = "demo-out"
+    """Where everything lands; each run replaces it step by step."""
     users: int = 1000
     days: int = 14
     seed: int = 7
@@ -49,8 +71,11 @@ class DemoConfig:
     train_overrides: list[str] = field(default_factory=lambda: [
         "data.batch_size=128", "train.epochs=4", "train.log_every=50", "schedule.warmup_steps=30",
         "train.checkpoint_every=0"])
-    """``key=value`` overrides of ``conf/train.yaml`` for every demo run (kept small for a laptop)."""
+    """``key=value`` overrides of ``conf/train.yaml`` for every demo run (kept small for a laptop;
+    ``data.batch_size`` is the global batch, over all ranks)."""
     streaming: bool = True
+    """Run the streaming leg: the last day replayed through the embedded Kafka broker into the raw
+    landing zone."""
     retrain_cycles: int = 2
     """Fresh days streamed through Kafka after the batch run, one retraining cycle each (0 = none)."""
 
@@ -67,19 +92,10 @@ def _banner(title: str) -> None:
 
 
 def run_demo(config: DemoConfig) -> int:
-    from features.settings import FeaturesConfig
-    from features.submit import run_job
-    from features.summary import describe
-    from features.synth import SynthConfig, write_synthetic_logs
-    from trainer.export import load_exported
-    from trainer.launch import TRAIN_SCRIPT, run_deepspeed
-    from trainer.metrics import format_table
-    from trainer.variants import variant_overrides
-
     started = time.monotonic()
     work = Path(config.work).resolve()
     synth_dir, raw, features = work / "synth", work / "raw", work / "features"
-    train_conf = Path(__file__).resolve().parent.parent / "conf" / "train.yaml"
+    train_conf = REPO_ROOT / "conf" / "train.yaml"
     steps = 6 if config.retrain_cycles else 5
 
     _banner(f"1/{steps} synthetic feed logs: {config.users} users x {config.days} days "
@@ -94,7 +110,7 @@ def run_demo(config: DemoConfig) -> int:
           f"{len(fresh_dates)} fresh day(s) kept aside: {', '.join(fresh_dates) or 'none'}")
 
     _banner(f"2/{steps} Spark feature job -> {features}")
-    job = load_config(FeaturesConfig, None, [f"raw={raw}", f"out={features}", *config.feature_overrides])
+    job = load_config(FeaturesConfig, None, config.feature_overrides, {"raw": raw, "out": features})
     if run_job(job) != 0:
         log.error("the feature job failed")
         return 1
@@ -105,9 +121,9 @@ def run_demo(config: DemoConfig) -> int:
         run_dir = work / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a previous demo's checkpoints are not this one's
         _banner(f"3/{steps} training '{name}' on {config.nproc} ranks -> {run_dir}")
-        code = run_deepspeed(TRAIN_SCRIPT, config.nproc, str(train_conf), [
-            f"features={features}", f"run={run_dir}", *variant_overrides(name),
-            *config.train_overrides])
+        train = load_config(TrainConfig, train_conf, [*variant_overrides(name), *config.train_overrides],
+                            {"features": features, "run": run_dir})
+        code = run_with_config(TRAIN_SCRIPT, config.nproc, train)
         if code != 0:
             log.error("training '%s' failed (exit code %d)", name, code)
             return 1
@@ -124,8 +140,6 @@ def run_demo(config: DemoConfig) -> int:
           "loaded with torch.load(weights_only=True) and checksums verified")
 
     if config.streaming:
-        from ingest.demo import streaming_leg
-
         _banner(f"5/{steps} streaming leg: last day through Kafka into the landing zone")
         result = streaming_leg(raw, work / "stream")
         print(result["summary"])
@@ -152,18 +166,6 @@ def split_history(synth_dir: Path, raw: Path, fresh_days: int) -> list[str]:
 def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates: list[str],
                    initial_run: Path) -> None:
     """Serve the batch model, then one retraining cycle per fresh day produced to Kafka."""
-    from features.dataset import read_manifest
-    from ingest.broker import embedded_broker
-    from ingest.clients import make_producer
-    from ingest.config import IngestConfig
-    from ingest.producer import event_messages, raw_dates, read_day, send_messages
-    from lifecycle.cycle import (
-        CONTINUAL_TRAIN_OVERRIDES, INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, CycleTelemetry,
-        RetrainConfig, describe_outcome, run_once,
-    )
-    from lifecycle.registry import publish, read_log
-    from trainer.variants import variant_overrides
-
     root = work / "retrain"
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(work / "broker", ignore_errors=True)
@@ -172,19 +174,20 @@ def retraining_leg(config: DemoConfig, work: Path, synth_dir: Path, fresh_dates:
     ingest = load_config(IngestConfig, None, ingest_overrides)
     features = work / "features"
     manifest = read_manifest(features)
-    served = publish(initial_run / "export" / "latest", root / "registry", "b000000-batch",
+    served = publish(initial_run / "export" / "latest", root / "registry", f"{batch_name(0)}-batch",
                      {"batch": 0, "watermark_ms": manifest["watermark_ms"], "cycle": None,
                       "max_event_ms": min(manifest["watermark_ms"], manifest["split_ts_ms"] - 1)}, keep=3)
     print(f"serving the batch model {served.name}; fresh days will come through Kafka")
     fresh = raw_dates(synth_dir)
     with embedded_broker(ingest) as address:
-        retrain = load_config(RetrainConfig, Path(__file__).resolve().parent.parent / "conf" / "retrain.yaml", [
-            f"dir={root}", f"initial_run={initial_run}", f"features.raw={work / 'raw'}", f"features.out={features}",
-            *[f"features.{item}" for item in config.feature_overrides], f"nproc={config.nproc}",
-            "train_overrides=[" + ",".join([*CONTINUAL_TRAIN_OVERRIDES, *variant_overrides(config.variants[0]),
-                                            *config.train_overrides, "train.epochs=1"]) + "]",
-            "drain.enabled=true", "drain.idle_s=3",
-            "drain.overrides=[" + ",".join([*ingest_overrides, f"kafka.bootstrap_servers={address}"]) + "]"])
+        retrain = RetrainConfig(
+            dir=str(root), initial_run=str(initial_run), nproc=config.nproc,
+            features=load_config(FeaturesConfig, None, config.feature_overrides,
+                                 {"raw": work / "raw", "out": features}),
+            train_overrides=[*CONTINUAL_TRAIN_OVERRIDES, *variant_overrides(config.variants[0]),
+                             *config.train_overrides, "train.epochs=1"],
+            drain=DrainConfig(enabled=True, idle_s=3,
+                              overrides=[*ingest_overrides, f"kafka.bootstrap_servers={address}"]))
         telemetry = CycleTelemetry(retrain, serve=False)
         producer = make_producer(load_config(IngestConfig, None, [*ingest_overrides,
                                                                    f"kafka.bootstrap_servers={address}"]))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.repo import REPO_ROOT
 from features.dataset import write_manifest
 from features.spec import (
     FEATURE_SPEC_VERSION, ID_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN, TOKEN_FLOAT_COLUMNS, FeatureSpec,
@@ -112,7 +113,6 @@ def tiny_features(tmp_path_factory) -> Path:
     return write_features(tmp_path_factory.mktemp("features"))
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ def launch_training(features: Path, run: Path, *overrides: str) -> LaunchedRun:
     """``sirenfeed train`` (its module's ``main``) with 2 CPU ranks; fails the test on a non-zero exit
     or if the run left shared memory behind (tests run one at a time, so anything new is its own)."""
     before = shared_memory_segments()
-    command = [sys.executable, "-m", "trainer.launch", "--features", str(features), "--run", str(run),
+    command = [sys.executable, "-m", "sirenfeed.cli", "train", "--features", str(features), "--run", str(run),
                "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *overrides]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr

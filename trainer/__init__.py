@@ -1,2 +1,2 @@
 """The trainer: the SIREN-RoPE generative ranker, its Petastorm input, DeepSpeed training, metrics,
-checkpoints and export."""
+checkpoints, export and the warm-start rank. Imports ``common`` and ``features`` (the feature spec)."""

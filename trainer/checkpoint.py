@@ -48,13 +48,15 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint import ds_to_universal
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from features.dataset import atomic_write_text
+from common.files import atomic_write_text, replace_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], d
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
         marker = {"step": step, "world": _world(), "data": data}
-        atomic_write_text(root / tag / COMPLETE_MARKER, json.dumps(marker, sort_keys=True) + "\n")
+        write_json(root / tag / COMPLETE_MARKER, marker, indent=None)
         atomic_write_text(root / LATEST, tag + "\n")
         _prune(root, keep)
         log.info("checkpoint %s complete", root / tag)
@@ -247,9 +249,8 @@ def to_universal(root: Path, tag: str) -> Path:
     try:
         with weights_only_loads(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             ds_to_universal.main(args)
-        atomic_write_text(staging / COMPLETE_MARKER, json.dumps({"source": tag}) + "\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        write_json(staging / COMPLETE_MARKER, {"source": tag}, indent=None)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         log.debug("ds_to_universal output:\n%s", chatter.getvalue())

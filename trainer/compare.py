@@ -54,8 +54,10 @@ from tqdm import tqdm
 from common.config import (
     ConfigError, add_config_arguments, config_from_args, load_config, require, to_dict,
 )
+from common.files import atomic_write_text, visible_files, write_json
 from common.logs import configure_logging
-from features.dataset import atomic_write_text, json_safe, read_manifest
+from common.repo import REPO_ROOT
+from features.dataset import read_manifest
 from features.schema import ContractConfig
 from features.spec import (
     LABEL_COLUMNS, LOSS_MASK_COLUMN, TS_COLUMN, FeatureSpec, hash_id, long_dwell_threshold,
@@ -68,9 +70,7 @@ from trainer.config import TrainConfig
 from trainer.data import eval_batches
 from trainer.evaluate import METRICS_FILE
 from trainer.export import export_root, load_exported, verify_export
-from trainer.launch import (
-    REPO_ROOT, TRAIN_SCRIPT, deepspeed_command, free_port, launch_env, run_launcher,
-)
+from trainer.launcher import TRAIN_SCRIPT, run_with_config
 from trainer.metrics import binary_metrics
 from trainer.variants import VARIANTS, variant_overrides
 
@@ -103,13 +103,16 @@ class CompareConfig:
     baseline: str = "ordinal"
     """The variant paired differences are taken against (must be among ``variants``)."""
     seeds: int = 3
+    """Runs per variant, one per seed; a seed sets the model initialisation and the data order."""
     first_seed: int = 0
     """Seeds are ``first_seed … first_seed + seeds − 1``."""
     nproc: int = 2
+    """DeepSpeed ranks per run."""
     train_config: str = ""
     """Training config file; empty = the repository's ``conf/train.yaml``."""
     train_overrides: list[str] = field(default_factory=list)
-    """``key=value`` overrides of the training config, the same for every run (the budget)."""
+    """``key=value`` overrides of the training config, the same for every run (the shared budget),
+    e.g. ``[train.epochs=2, optim.lr=0.002]``."""
     truth: str = ""
     """Synthetic raw logs directory with ``_truth/``: adds the Bayes-optimal floor (optional)."""
     bins: int = 15
@@ -152,16 +155,23 @@ def run_dir(out: str | Path, variant: str, seed: int) -> Path:
     return Path(out) / variant / f"seed{seed}"
 
 
-def run_overrides(config: CompareConfig, variant: str, seed: int) -> list[str]:
-    """The training overrides of one run: shared budget, then the variant and seed (which win)."""
-    return [*config.train_overrides, *variant_overrides(variant), f"seed={seed}", f"data.seed={seed}",
-            f"features={config.features}", f"run={run_dir(config.out, variant, seed)}"]
+def run_overrides(config: CompareConfig, variant: str) -> list[str]:
+    """The training overrides of one variant's runs: the shared budget, then the variant's preset."""
+    return [*config.train_overrides, *variant_overrides(variant)]
+
+
+def run_config(config: CompareConfig, variant: str, seed: int, resume: bool = False) -> TrainConfig:
+    """The training config of one run: :func:`run_overrides` on the shared config file, then its
+    seed (model init and data order), data and run directory, which win."""
+    return load_config(TrainConfig, config.train_config_file, run_overrides(config, variant), {
+        "seed": seed, "data": {"seed": seed}, "features": config.features,
+        "run": run_dir(config.out, variant, seed), "train": {"resume": resume}})
 
 
 def check_train_configs(config: CompareConfig) -> None:
     """Fail before any training when a variant's training config would be rejected."""
     for variant in config.variants:
-        load_config(TrainConfig, config.train_config_file, run_overrides(config, variant, config.first_seed))
+        run_config(config, variant, config.first_seed)
 
 
 def read_result(run: Path) -> dict[str, Any] | None:
@@ -175,17 +185,15 @@ def train_one(config: CompareConfig, variant: str, seed: int) -> dict[str, Any]:
     Returns the result record, written to ``RUN/result.json`` once the export has verified.
     """
     run = run_dir(config.out, variant, seed)
-    overrides = run_overrides(config, variant, seed)
-    if complete_tags(run):
-        overrides.append("train.resume=true")
+    resume = bool(complete_tags(run))
+    if resume:
         log.info("%s/seed%d: resuming from its newest checkpoint", variant, seed)
     elif run.exists():
         shutil.rmtree(run)  # a crashed attempt that never checkpointed: nothing worth keeping
     run.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = deepspeed_command(TRAIN_SCRIPT, config.nproc, port, str(config.train_config_file), overrides)
     with (run / TRAIN_LOG).open("a") as stream:
-        code = run_launcher(command, launch_env(), local_port=port, stdout=stream)
+        code = run_with_config(TRAIN_SCRIPT, config.nproc, run_config(config, variant, seed, resume),
+                               stdout=stream)
     if code != 0:
         tail = (run / TRAIN_LOG).read_text()[-3000:]
         raise CompareError(f"training {variant} seed {seed} failed (exit code {code}); "
@@ -193,8 +201,8 @@ def train_one(config: CompareConfig, variant: str, seed: int) -> dict[str, Any]:
     export = verify_export(export_root(run) / "latest")
     metrics = json.loads((run / METRICS_FILE).read_text())
     result = {"variant": variant, "seed": seed, "step": export["step"], "export": export["tag"],
-              "metrics": metrics["metrics"], "overrides": overrides}
-    atomic_write_text(run / RESULT_FILE, json.dumps(result, indent=2, sort_keys=True) + "\n")
+              "metrics": metrics["metrics"], "overrides": run_overrides(config, variant)}
+    write_json(run / RESULT_FILE, result)
     return result
 
 
@@ -267,9 +275,7 @@ RAW_COLUMNS = ("event_id", "user_id", "item_id", "author_id", "content_type", "t
 
 def _parquet_table(root: Path, columns: list[str] | None = None) -> pa.Table:
     """Every data file under ``root`` (hidden and ``_``-prefixed paths, like ``_truth``, skipped)."""
-    files = sorted(path for path in root.rglob("*.parquet")
-                   if not any(part.startswith(("_", ".")) for part in path.relative_to(root).parts))
-    return pa.concat_tables([pq.read_table(path, columns=columns) for path in files])
+    return pa.concat_tables([pq.read_table(path, columns=columns) for path in visible_files(root)])
 
 
 @dataclass
@@ -516,7 +522,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         slices = relational_slice(truth, predictions, config.baseline, config.relational_threshold, config.bins)
     record = {"config": to_dict(config), "runs": {v: {str(s): m for s, m in r.items()} for v, r in results.items()},
               "summary": summary, "bayes_floor": floor, "relational_slice": slices}
-    atomic_write_text(out / COMPARE_JSON, json.dumps(json_safe(record), indent=2, sort_keys=True) + "\n")
+    write_json(out / COMPARE_JSON, record)
     atomic_write_text(out / COMPARE_MD, compare_markdown(record, config.baseline))
     return record
 
@@ -539,8 +545,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, help="ranks per run (config key nproc)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    variants = None if args.variants is None else "[" + ",".join(
-        name.strip() for name in args.variants.split(",") if name.strip()) + "]"
+    variants = None if args.variants is None else [
+        name.strip() for name in args.variants.split(",") if name.strip()]
     config = config_from_args(CompareConfig, args, features=args.features, out=args.out, variants=variants,
                               seeds=args.seeds, truth=args.truth, nproc=args.nproc)
     record = compare(config)

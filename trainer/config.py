@@ -31,7 +31,8 @@ class DataConfig:
     shards: int = 0
     """Logical input shards; the sample order depends on them, never on the world size. Every world
     size that trains or resumes the run must divide it, and it must divide ``batch_size``.
-    0 = the world size of the run that starts at step 0 (a resume keeps the checkpoint's)."""
+    0 = the world size of the run that starts at step 0 (a resume keeps the checkpoint's); see
+    docs/multinode.md."""
     eval_batch_size: int = 1024
     shuffle_buffer: int = 4096
     """Rows mixed by each shard's seeded shuffle buffer (0 = row-group order only)."""
@@ -84,7 +85,8 @@ class ScheduleConfig:
 @dataclass
 class LoopConfig:
     steps: int = 0
-    """Optimizer steps every rank runs; 0 = derive from ``epochs``."""
+    """Optimizer steps every rank runs; 0 = derive from ``epochs``: ``epochs × ceil(train rows /
+    data.batch_size)``."""
     epochs: float = 1.0
     """Passes over the training rows when ``steps`` is 0."""
     log_every: int = 50
@@ -108,8 +110,10 @@ class LoopConfig:
 @dataclass
 class DeepSpeedSettings:
     zero_stage: int = 0
+    """ZeRO stage: 0, 1 or 2."""
     precision: str = "fp32"
-    """``bf16`` on GPUs; on CPU ranks fp32 (bf16 there is an order of magnitude slower)."""
+    """``fp32`` | ``bf16``: bf16 on GPUs; on CPU ranks fp32 (bf16 there is an order of magnitude
+    slower)."""
     torch_adam: bool = True
     """Use ``torch.optim.AdamW`` (no JIT-built op); ``false`` lets DeepSpeed pick its fused Adam."""
     comm_backend: str = "auto"
@@ -165,6 +169,8 @@ class TrainConfig:
     run: str = MISSING
     """Run directory: checkpoints/, export/, metrics.json."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The ranker (:class:`trainer.model.ModelConfig`); the defaults are the paper's scale: 2 layers,
+    d = 128, 4 heads, over windows of C = ``spec.context_len`` = 50 tokens of the features."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -62,7 +62,8 @@ import torch
 from petastorm import make_batch_reader
 
 from common.config import require
-from features.dataset import local_path, read_manifest
+from common.files import local_path, visible_files
+from features.dataset import read_manifest
 from features.spec import (
     FEATURE_SPEC_VERSION, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS, TRAINING_COLUMNS, FeatureSpec,
 )
@@ -101,12 +102,6 @@ def split_dir(features_dir: str | Path, split: str) -> Path:
     return local_path(features_dir) / split
 
 
-def parquet_files(split_path: Path) -> list[Path]:
-    """Data files of a split, skipping ``_``/``.``-prefixed paths (markers, temporaries)."""
-    return sorted(path for path in split_path.rglob("*.parquet")
-                  if not any(part.startswith(("_", ".")) for part in path.relative_to(split_path).parts))
-
-
 @dataclass(frozen=True)
 class RowGroup:
     """One row group of a split, as its footer describes it."""
@@ -129,7 +124,7 @@ class Piece:
 
 def row_groups(split_path: Path) -> list[RowGroup]:
     """The split's row groups in file order, from the Parquet footers: exactly what the reader reads."""
-    files = parquet_files(split_path)
+    files = visible_files(split_path)
     if not files:
         raise DataError(f"{split_path} holds no Parquet files: run the feature job first")
     groups = []

@@ -15,7 +15,6 @@ go through the ``deepspeed`` launcher and give the same numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,12 +28,13 @@ import torch.distributed as dist
 from torch import nn
 
 from common.config import add_config_arguments, config_from_args, require
-from features.dataset import atomic_write_text, json_safe
+from common.files import write_json
+from common.logs import configure_rank_logging
 from features.spec import LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer.data import DataError, eval_batches, read_feature_manifest
 from trainer.distributed import init_distributed
 from trainer.export import export_root, load_exported
-from trainer.launch import configure_logging, run_deepspeed
+from trainer.launcher import run_deepspeed
 from trainer.metrics import EvalAccumulator, format_table
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class EvaluateConfig:
     features: str = ""
     """Feature dataset (default: the one the run was trained on)."""
     nproc: int = 1
+    """Ranks; 1 evaluates in this process, more run through the deepspeed launcher."""
     batch_size: int = 1024
     bins: int = 15
     """Equal-width calibration bins for ECE."""
@@ -98,9 +99,8 @@ def evaluate_tokens(model: nn.Module, features_dir: str | Path, context_len: int
 def write_metrics(run_dir: str | Path, metrics: Metrics, **context: Any) -> Path:
     """``RUN_DIR/metrics.json`` (atomic): the metrics plus where they came from; undefined values
     (``nan``) are written as ``null`` so the file stays standard JSON."""
-    record = json_safe({**context, "metrics": metrics})
     target = Path(run_dir) / METRICS_FILE
-    atomic_write_text(target, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(target, {**context, "metrics": metrics})
     return target
 
 
@@ -161,5 +161,5 @@ def _under_launcher() -> bool:
 
 
 if __name__ == "__main__":
-    configure_logging(int(os.environ.get("RANK", "0")))
+    configure_rank_logging(int(os.environ.get("RANK", "0")))
     sys.exit(main(sys.argv[1:]))

@@ -22,15 +22,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.config import load_config, to_dict, to_yaml
+from common.files import atomic_write_text, point_symlink, staged_directory, write_json
 from features.dataset import IncompleteDatasetError, read_manifest, write_manifest
 from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 from trainer.config import TrainConfig
@@ -73,40 +71,25 @@ def export_model(model: GenerativeRanker, config: TrainConfig, spec: FeatureSpec
     root = export_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     target = root / tag
-    if target.is_dir() and _is_valid(target):
-        _point_latest(root, tag)
+    if target.is_dir() and export_problem(target) is None:
+        point_symlink(root / LATEST, tag)
         log.info("%s is already exported (latest -> %s)", target, tag)
         return target
-    staging = root / f".{tag}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    # A broken leftover of the same tag is replaced whole.
+    with staged_directory(target) as staging:
         state = {name: tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point()
                                           else tensor.dtype).clone()
                  for name, tensor in model.state_dict().items()}
         torch.save(state, staging / MODEL_FILE)
-        (staging / CONFIG_YAML).write_text(to_yaml(config))
-        (staging / CONFIG_JSON).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-        (staging / SPEC_FILE).write_text(json.dumps({
-            "spec": dataclasses.asdict(spec), "version": FEATURE_SPEC_VERSION,
-            "t_ref_seconds": model.time_reference()}, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(staging / CONFIG_YAML, to_yaml(config))
+        write_json(staging / CONFIG_JSON, to_dict(config))
+        write_json(staging / SPEC_FILE, {"spec": dataclasses.asdict(spec), "version": FEATURE_SPEC_VERSION,
+                                         "t_ref_seconds": model.time_reference()})
         write_manifest(staging, {"tag": tag, "step": step,
                                  "sha256": {name: sha256(staging / name) for name in EXPORT_FILES}})
-        if target.exists():
-            shutil.rmtree(target)  # a broken leftover of the same tag
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _point_latest(root, tag)
+    point_symlink(root / LATEST, tag)
     log.info("exported %s (latest -> %s)", target, tag)
     return target
-
-
-def _point_latest(root: Path, tag: str) -> None:
-    temporary = root / f".{LATEST}.{os.getpid()}"
-    temporary.unlink(missing_ok=True)
-    os.symlink(tag, temporary)
-    os.replace(temporary, root / LATEST)
 
 
 def verify_export(path: str | Path) -> dict[str, Any]:
@@ -125,12 +108,13 @@ def verify_export(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _is_valid(path: Path) -> bool:
+def export_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a valid export (:func:`verify_export`), or ``None`` when it is."""
     try:
         verify_export(path)
-    except ExportError:
-        return False
-    return True
+    except ExportError as error:
+        return str(error)
+    return None
 
 
 def load_exported(path: str | Path) -> tuple[GenerativeRanker, TrainConfig, FeatureSpec]:

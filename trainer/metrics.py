@@ -1,4 +1,4 @@
-"""Exact evaluation metrics for the multi-task ranker, mergeable across ranks (DESIGN.md §4).
+"""Exact evaluation metrics for the multi-task ranker, mergeable across ranks (docs/design.md, "Metrics").
 
 For one binary task with predictions ``p``, labels ``y`` and N tokens:
 

@@ -26,9 +26,7 @@ import html
 import json
 import logging
 import math
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,8 +37,8 @@ from omegaconf import MISSING
 from tqdm import tqdm
 
 from common.config import add_config_arguments, config_from_args, require
+from common.files import staged_directory
 from common.logs import configure_logging
-from features.dataset import replace_directory
 from features.spec import (
     LABEL_COLUMNS, LOSS_MASK_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK, TS_COLUMN, cyclical,
 )
@@ -76,6 +74,7 @@ class ReportConfig:
     out: str = ""
     """Report directory (default: RUN/report)."""
     batch_size: int = 1024
+    """Eval rows scored per forward."""
     bins: int = 15
     """Reliability-diagram bins."""
     min_bucket_tokens: int = 50
@@ -332,9 +331,7 @@ def build_report(config: ReportConfig) -> Path:
     metrics = {task: binary_metrics(tokens[f"pred_{task}"], tokens[task], tokens["user_key"])
                for task in LABEL_COLUMNS}
     target = Path(config.out) if config.out else run / REPORT_DIR
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         figures = [plot_learning_curves(history, staging / "learning_curves.png"),
                    plot_reliability(tokens, config.bins, staging / "reliability.png")]
         hours = ((tokens["ts"] % SECONDS_PER_DAY) // 3600).astype(np.int64)
@@ -356,11 +353,6 @@ def build_report(config: ReportConfig) -> Path:
         raw_config = json.loads((export_root(run) / "latest" / "config.json").read_text())
         (staging / "index.html").write_text(render_html(run, metrics, raw_config,
                                                         [name for name in figures if name], notes))
-        staging.chmod(0o755)
-        replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("wrote %s", target / "index.html")
     return target
 

@@ -4,7 +4,7 @@ Each encoding maps a batch to one angle per token and frequency pair, ``Θ`` of 
 ``[B, C, d_head/2]`` in fp32. The ranker computes it once per forward pass and rotates the queries
 and keys of every head and layer by it (:func:`rotate`). After rotation ``q_i · k_j`` depends on
 ``Θ(i) − Θ(j)`` only, so the encodings differ only in where they put each token on each pair's
-circle (DESIGN.md §3)::
+circle (docs/design.md, "SIREN-RoPE")::
 
     none      Θ_j(i) = 0
     ordinal   Θ_j(i) = p_i · θ_j                       θ_j = base^(−2j/d_head)

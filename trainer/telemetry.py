@@ -19,52 +19,17 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from dataclasses import dataclass
 from typing import Mapping, Sequence
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 
+from common.metrics import start_metrics_server
 from trainer.metrics import TASKS
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "sirenfeed_trainer"
-
-
-@dataclass
-class MetricsServer:
-    """A running ``/metrics`` HTTP endpoint; :meth:`close` stops it and frees the port."""
-
-    server: WSGIServer
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
-
-
-def start_metrics_server(port: int, host: str = "127.0.0.1", *,
-                         registry: CollectorRegistry) -> MetricsServer | None:
-    """Serve ``registry`` on ``http://host:port/metrics`` from a daemon thread.
-
-    ``port == 0`` means telemetry is off: nothing starts and the result is ``None``. The default
-    host is loopback; a Prometheus scraping from another machine needs ``host="0.0.0.0"``.
-    """
-    if port == 0:
-        return None
-    if not 0 < port < 65536:
-        raise ValueError(f"metrics port must be in [1, 65535] (or 0 for off), got {port}")
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    logger.info("serving trainer metrics on http://%s:%d/metrics", host, port)
-    return MetricsServer(server, thread)
 
 
 class TrainerTelemetry:

@@ -44,6 +44,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from common.config import add_config_arguments, config_from_args, require, to_dict
+from common.logs import configure_rank_logging
 from features.spec import FEATURE_SPEC_VERSION, LABEL_COLUMNS, LOSS_MASK_COLUMN
 from trainer import checkpoint
 from trainer.config import TrainConfig, deepspeed_config, lr_factor
@@ -54,7 +55,6 @@ from trainer.data import (
 from trainer.distributed import init_distributed
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model
-from trainer.launch import configure_logging
 from trainer.metrics import format_table
 from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups
 from trainer.telemetry import TrainerTelemetry
@@ -213,7 +213,7 @@ class Trainer:
         backend = None if config.deepspeed.comm_backend == "auto" else config.deepspeed.comm_backend
         init_distributed(backend, config.distributed.timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        configure_logging(self.rank)
+        configure_rank_logging(self.rank)
         self._failed = False
         self.watchdog = Watchdog.from_environment(config.distributed.heartbeat_timeout_s)
         self.watchdog.start()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from common.config import ConfigError, load_config, to_dict
+from common.repo import REPO_ROOT
 from features.settings import FeaturesConfig
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "features.yaml"
+CONF = REPO_ROOT / "conf" / "features.yaml"
 
 
 def test_yaml_mirrors_the_defaults():

@@ -13,11 +13,12 @@ import pytest
 from py4j.protocol import Py4JJavaError
 
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, read_manifest
-from features.job import FeatureJobError, run
+from features.full import run
+from features.hadoop import FeatureJobError
 from features.schema import FIELD_NAMES, ContractConfig
 from features.settings import FeaturesConfig
-from features.summary import describe
 from features.spec import TOKEN_COLUMNS, TRAINING_COLUMNS, FeatureSpec
+from features.summary import describe
 
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
@@ -166,7 +167,7 @@ def test_petastorm_reads_the_output_as_fixed_length_arrays(first_run):
 def test_rerun_gives_identical_rows_and_replaces_the_output(spark, raw, first_run, caplog):
     out = first_run["out"]
     (out / "stale-file").write_text("from an earlier run")
-    with caplog.at_level(logging.INFO, logger="features.job"):
+    with caplog.at_level(logging.INFO, logger="features"):
         manifest = run(spark, job_config(raw["root"], out))
     assert "cut windows done in" in caplog.text
     assert read_rows(out / "train") == first_run["train"]

@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.dataset import read_manifest
+from features.full import run
 from features.incremental import REASON_TOO_LATE, pending_raw_files, run_incremental
-from features.job import run
 from features.schema import RAW_ARROW_SCHEMA, ContractConfig
 from features.settings import FeaturesConfig, IncrementalConfig
 from features.spec import FeatureSpec, user_key
-from trainer.warm_start import NothingNew, select
+from lifecycle.view import NothingNew, select
 
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000

@@ -22,11 +22,12 @@ import pytest
 
 from common.config import load_config
 from features.dataset import MANIFEST_NAME, read_manifest
+from features.full import run
 from features.incremental import run_incremental
-from features.job import run
 from features.schema import RAW_ARROW_SCHEMA
 from features.settings import FeaturesConfig
 from lifecycle import cycle as retrain
+from lifecycle.config import RetrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +154,7 @@ def test_a_run_under_a_held_lock_exits_5_and_retrain_reports_another_run(full_ru
         result = subprocess.run(features_command(config), capture_output=True, text=True, timeout=400)
         codes = {}
         for spark_submit in (False, True):
-            cycle = retrain.RetrainConfig(dir=str(tmp_path / f"retrain-{spark_submit}"),
+            cycle = RetrainConfig(dir=str(tmp_path / f"retrain-{spark_submit}"),
                                           initial_run=str(tmp_path / "no-initial-run"), features=config,
                                           spark_submit=spark_submit)
             codes[spark_submit] = retrain.run_once(cycle)

@@ -7,8 +7,12 @@ import pytest
 
 from features.schema import ContractConfig
 from features.serving import ServingInputError, latest_row, stack_rows
-from features.spec import LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TRAINING_COLUMNS, FeatureSpec, user_key
-from features.transforms import EVAL, SPLIT_COLUMN, WINDOW_COLUMN, cut_windows, deduplicate, token_features
+from features.spec import (
+    LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TRAINING_COLUMNS, FeatureSpec, user_key,
+)
+from features.transforms import (
+    EVAL, SPLIT_COLUMN, WINDOW_COLUMN, cut_windows, deduplicate, token_features,
+)
 
 pytestmark = pytest.mark.slow
 

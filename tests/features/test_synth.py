@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.config import ConfigError, load_config, to_dict
+from common.repo import REPO_ROOT
 from features.dataset import SUCCESS_NAME, read_manifest
 from features.schema import RAW_ARROW_SCHEMA, ContractConfig
 from features.spec import FeatureSpec, long_dwell_threshold
@@ -28,7 +29,6 @@ from features.synth import (
 )
 from features.validation import check_record
 
-REPO = Path(__file__).resolve().parents[2]
 DIRTY = ["users=60", "days=4", "seed=11", "users_per_chunk=25", "bad_fraction=0.03",
          "duplicate_fraction=0.02"]
 CLEAN_SAMPLE = ["users=400", "days=14", "seed=5", "bad_fraction=0", "duplicate_fraction=0"]
@@ -360,7 +360,7 @@ def test_command_writes_the_dataset_and_rejects_bad_config(tmp_path, capsys):
     assert not out.exists()
 
     assert main(["--out", str(out), "--users", "20", "--days", "2", "--seed", "4",
-                 "--config", str(REPO / "conf" / "synth.yaml"), "users_per_chunk=7"]) == 0
+                 "--config", str(REPO_ROOT / "conf" / "synth.yaml"), "users_per_chunk=7"]) == 0
     manifest = read_manifest(out)
     assert (manifest["users"], manifest["days"], manifest["seed"]) == (20, 2, 4)
     assert manifest["config"]["users_per_chunk"] == 7
@@ -368,7 +368,7 @@ def test_command_writes_the_dataset_and_rejects_bad_config(tmp_path, capsys):
 
 
 def test_yaml_mirrors_the_defaults():
-    assert to_dict(load_config(SynthConfig, REPO / "conf" / "synth.yaml")) == to_dict(SynthConfig())
+    assert to_dict(load_config(SynthConfig, REPO_ROOT / "conf" / "synth.yaml")) == to_dict(SynthConfig())
 
 
 def test_refuses_to_replace_a_foreign_directory(tmp_path):
@@ -385,11 +385,11 @@ def test_killed_run_leaves_the_previous_dataset_untouched(tmp_path):
     digests = file_digests(out)
     command = [sys.executable, "-m", "features.synth", "--out", str(out), "--users", "200000",
                "--days", "14", "users_per_chunk=500"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".raw.synth-*/date=*/part-*.parquet")):
+        while not list(tmp_path.glob(".raw.staging-*/date=*/part-*.parquet")):
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
     finally:

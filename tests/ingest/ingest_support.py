@@ -20,13 +20,13 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.config import load_config
+from common.repo import REPO_ROOT
 from features.validation import check_message
 from ingest.broker import EmbeddedBroker, ensure_topics, free_port
 from ingest.clients import make_producer
 from ingest.config import IngestConfig
 from ingest.producer import send_messages
 
-REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
 # Small batches, so that a run publishes many of them and a kill can land in the middle of one.
 FAST_BATCHES = ("consumer.max_seconds=0.3", "consumer.max_events=150", "consumer.poll_ms=100")
@@ -68,7 +68,7 @@ class ConsumerProcess:
         self.log_path = log_dir / f"{name}.log"
         command = [sys.executable, "-m", "ingest.consumer", *args, f"metrics.port={self.metrics_port}"]
         with open(self.stdout_path, "wb") as stdout, open(self.log_path, "wb") as stderr:
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr,
+            self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=stdout, stderr=stderr,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def metric(self, name: str) -> float:

@@ -12,11 +12,12 @@ from collections import Counter
 
 import pytest
 from ingest_support import (
-    FAST_BATCHES, PARTITIONS, REPO, Stream, assert_ledger_contiguous, valid_event_ids, wait_until,
+    FAST_BATCHES, PARTITIONS, Stream, assert_ledger_contiguous, valid_event_ids, wait_until,
 )
 from kafka import KafkaAdminClient
 
 from common.config import load_config
+from common.repo import REPO_ROOT
 from ingest.broker import BrokerError, EmbeddedBroker, ensure_topics
 from ingest.clients import bootstrap_servers
 from ingest.config import IngestConfig
@@ -35,7 +36,7 @@ def test_broker_command_creates_topics_publishes_its_address_and_stops_on_sigter
 
     command = [sys.executable, "-m", "ingest.broker", "--topics", "alpha", "beta",
                f"broker.run_dir={run_dir}", "kafka.partitions=3"]
-    broker = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    broker = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: (run_dir / "broker.json").is_file() or broker.poll() is not None, 30,
                    "the broker's state file")
@@ -49,7 +50,7 @@ def test_broker_command_creates_topics_publishes_its_address_and_stops_on_sigter
             admin.close()
         assert {name: len(topic["partitions"]) for name, topic in described.items()} == \
             {"alpha": 3, "beta": 3}
-        second = subprocess.run(command, cwd=REPO, capture_output=True, timeout=60)
+        second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, timeout=60)
         assert second.returncode == 1 and b"already running" in second.stderr
 
         broker.send_signal(signal.SIGTERM)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from ingest_support import REPO
 
 from common.config import ConfigError, load_config, to_dict
+from common.repo import REPO_ROOT
 from ingest.config import IngestConfig
 
 
 def test_the_yaml_file_mirrors_the_defaults():
-    from_file = load_config(IngestConfig, REPO / "conf" / "ingest.yaml")
+    from_file = load_config(IngestConfig, REPO_ROOT / "conf" / "ingest.yaml")
     assert to_dict(from_file) == to_dict(load_config(IngestConfig))
 
 

@@ -6,7 +6,7 @@ import signal
 from collections import Counter, defaultdict
 
 import pytest
-from ingest_support import FAST_BATCHES, PARTITIONS, wait_until, valid_event_ids
+from ingest_support import FAST_BATCHES, PARTITIONS, valid_event_ids, wait_until
 
 from ingest.landing import LandingZone, read_landed
 

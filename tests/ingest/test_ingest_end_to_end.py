@@ -9,11 +9,12 @@ from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
 import pytest
+from ingest_support import FAST_BATCHES, assert_ledger_contiguous, read_topic, valid_event_ids
 
+from common.repo import REPO_ROOT
 from features.validation import check_message
 from ingest.demo import bad_messages
 from ingest.landing import METADATA_KEY, LandingZone, read_dead_letters, read_landed
-from ingest_support import FAST_BATCHES, REPO, assert_ledger_contiguous, read_topic, valid_event_ids
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ def test_produce_command_replays_the_chosen_dates_at_a_rate(stream, raw_dir, raw
     _, last = sorted(raw_messages)
     command = [sys.executable, "-m", "ingest.producer", "--raw", str(raw_dir), "--from", last, "--to", last,
                "--rate", "2000", *stream.overrides]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, timeout=120)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads(done.stdout)
     assert report["dates"] == [last] and report["sent"] == len(raw_messages[last])

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_config
-from lifecycle.cycle import RetrainConfig
+from common.files import visible_files
+from lifecycle.config import RetrainConfig
 from lifecycle.gate import (
     INCONCLUSIVE, INSUFFICIENT_EVIDENCE, NOT_WORSE, PUBLISH, REFUSE, TOO_LITTLE_EVIDENCE, WORSE,
     GateConfig, decide, gate,
 )
 from trainer.config import TrainConfig
-from trainer.data import parquet_files
 from trainer.export import MODEL_FILE, export_model
 from trainer.metrics import TASKS, EvalAccumulator, event_log_loss
 from trainer.model import GenerativeRanker
@@ -176,7 +176,7 @@ def rewrite_export(export, state):
 def without_positives(task, tmp_path, feature_writer, tiny_spec):
     """A copy of the tiny dataset whose eval split has no positive ``task`` label."""
     root = feature_writer(tmp_path / "no-positives", tiny_spec)
-    for path in parquet_files(root / "eval"):
+    for path in visible_files(root / "eval"):
         table = pq.read_table(path)
         column = table.column(task)
         zeros = pa.array([[0] * len(value) for value in column.to_pylist()], type=column.type)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,92 +17,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from retrain_support import TINY, date_of, day_events, start_lineage, write_day
 
-from common.config import load_config
+from common.repo import REPO_ROOT
 from features.dataset import read_manifest, write_manifest
 from features.incremental import pending_raw_files
-from features.job import run as run_full_job
 from features.schema import RAW_ARROW_SCHEMA
-from features.settings import IncrementalConfig, SparkConfig
-from features.spark import build_session
 from lifecycle import cycle as retrain
+from lifecycle import poller
+from lifecycle import retrain as retrain_command
+from lifecycle.config import ContinuousConfig
 from lifecycle.cycle import (
-    LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED, STEPS, ContinuousConfig, RetrainConfig,
-    Retrainer, exclusive_lock,
+    LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED, STEPS, Retrainer, exclusive_lock,
 )
 from lifecycle.gate import GateConfig, gate
-from lifecycle.registry import FreshnessTelemetry, append_log, current, publish, read_log
-from trainer import launch as launch_module
+from lifecycle.registry import append_log, current, publish, read_log
+from lifecycle.telemetry import FreshnessTelemetry
 from trainer.export import EXPORT_FILES, MODEL_FILE, sha256, verify_export
 from trainer.metrics import TASKS
 from trainer.train import HISTORY_FILE
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MONDAY = 1_780_272_000_000
-HOUR_MS, DAY_MS = 3_600_000, 86_400_000
-TINY = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.siren_width=8",
-        "data.batch_size=8", "data.eval_batch_size=64", "data.shuffle_buffer=16", "train.log_every=5",
-        "train.checkpoint_every=0", "schedule.warmup_steps=2", "optim.lr=0.01"]
-SPEC = ["spec.context_len=6", "spec.stride=3", "spec.buckets.item_id=31", "spec.buckets.author_id=7",
-        "spec.buckets.content_type=5", "spec.buckets.topic=5", "spec.buckets.surface=3"]
-
-
-def day_events(day: int, users: int = 12) -> list[dict]:
-    rng = np.random.default_rng(day)
-    rows = []
-    for user in range(users):
-        for i in range(6):
-            item = int(rng.integers(0, 12))
-            rows.append({"event_id": f"d{day}-u{user}-{i}", "user_id": f"u{user}", "item_id": f"i{item}",
-                         "author_id": f"a{item % 3}", "content_type": ["video", "text"][item % 2],
-                         "topic": "t", "surface": "feed",
-                         "event_ts": MONDAY + day * DAY_MS + (user * 60 + i * 200) * 60_000,
-                         "dwell_ms": int(rng.integers(0, 30_000)), "click": True,
-                         "like": bool(item % 3 == 0 and rng.random() < 0.8), "comment": False,
-                         "share": bool(item % 4 == 0 and rng.random() < 0.5)})
-    return rows
-
-
-def date_of(day: int) -> str:
-    return str(np.datetime64(MONDAY + day * DAY_MS, "ms").astype("datetime64[D]"))
-
-
-def write_day(raw: Path, day: int) -> None:
-    folder = raw / f"date={date_of(day)}" / "hour=00"
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(day_events(day), schema=RAW_ARROW_SCHEMA), folder / "part-0.parquet")
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Days 0-1 as a full feature run and a 2-rank batch training run; day 2 lands afterwards."""
-    root = tmp_path_factory.mktemp("retrain")
-    raw, features, initial = root / "landing", root / "features", root / "initial"
-    for day in (0, 1):
-        write_day(raw, day)
-    overrides = [f"dir={root / 'retrain'}", f"initial_run={initial}", f"features.raw={raw}",
-                 f"features.out={features}", "spark_submit=false", "features.train_files=2",
-                 "features.eval_files=1", "features.spark.shuffle_partitions=2",
-                 f"features.contract.now_ms={MONDAY + 30 * DAY_MS}", "nproc=2",
-                 "train_overrides=[" + ",".join(TINY + ["schedule.kind=constant", "train.steps=6"]) + "]",
-                 *[f"features.{item}" for item in SPEC]]
-    config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", overrides)
-    spark = build_session(SparkConfig(master="local[2]", shuffle_partitions=2, driver_memory="1g",
-                                      conf={"spark.ui.enabled": "false"}), app_name="sirenfeed-tests")
-    run_full_job(spark, dataclasses.replace(config.features, incremental=IncrementalConfig()))
-    command = [sys.executable, "-m", "trainer.launch", "--features", str(features), "--run", str(initial),
-               "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *TINY, "train.steps=8"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    write_day(raw, 2)
-    return {"config": config, "overrides": overrides, "root": root, "features": features, "initial": initial}
+    return start_lineage(tmp_path_factory.mktemp("retrain"), "spark_submit=false", "train_overrides=[" + ",".join(
+        TINY + ["schedule.kind=constant", "train.steps=6"]) + "]")
 
 
 @pytest.fixture(scope="module")
 def completed_cycle(setup):
     """One cycle that crashes after each step in turn; the last invocation completes it."""
     launches = []
-    real_launcher = launch_module.run_deepspeed
+    real_launcher = retrain.run_with_config
 
     def counting_launcher(*args, **kwargs):
         launches.append(args)
@@ -112,7 +56,7 @@ def completed_cycle(setup):
 
     codes = []
     patch = pytest.MonkeyPatch()
-    patch.setattr(launch_module, "run_deepspeed", counting_launcher)
+    patch.setattr(retrain, "run_with_config", counting_launcher)
     real_mark_done = Retrainer.mark_done
     try:
         for crash_after in STEPS:
@@ -155,11 +99,11 @@ def test_nothing_new_and_the_lock(completed_cycle, capsys):
     """Exit codes 4 and 5; the gauges file reports the cycle that ran, not the refused invocation."""
     config = completed_cycle["config"]
     command = ["--config", str(REPO_ROOT / "conf" / "retrain.yaml"), *completed_cycle["overrides"]]
-    assert retrain.main(command) == NOTHING_NEW
+    assert retrain_command.main(command) == NOTHING_NEW
     textfile = Path(config.dir) / "sirenfeed_retrain.prom"
     reported = textfile.read_text()
     with exclusive_lock(Path(config.dir) / "lock"):
-        code = retrain.main(command)
+        code = retrain_command.main(command)
     assert code == LOCKED
     assert "another cycle is running" in capsys.readouterr().out
     assert textfile.read_text() == reported
@@ -235,7 +179,7 @@ def test_continuous_mode_trains_when_enough_new_events_wait(setup, tmp_path):
     landing.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(day[:5], schema=RAW_ARROW_SCHEMA), landing / "part-0.parquet")
     stop = threading.Event()
-    loop = threading.Thread(target=retrain.run_continuous, args=(config, stop), daemon=True)
+    loop = threading.Thread(target=poller.run_continuous, args=(config, stop), daemon=True)
     loop.start()
     registry = tmp_path / "continuous" / "registry"
     try:

@@ -6,7 +6,6 @@ process it starts inherits, so Spark and deepspeed runs of other tests on the ma
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -17,71 +16,25 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from retrain_support import TINY, start_lineage
 
-from common.config import load_config
+from common.repo import REPO_ROOT
 from features.dataset import read_manifest
-from features.job import run as run_full_job
-from features.schema import RAW_ARROW_SCHEMA
-from features.settings import IncrementalConfig, SparkConfig
-from features.spark import build_session
-from lifecycle.cycle import INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, STEPS, RetrainConfig
+from lifecycle.cycle import INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, STEPS
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER = "SIRENFEED_TEST_CYCLE"
 STOP_BOUND_S = 30.0
-MONDAY = 1_780_272_000_000
-DAY_MS = 86_400_000
-TINY = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.siren_width=8",
-        "data.batch_size=8", "data.eval_batch_size=64", "data.shuffle_buffer=16", "train.log_every=5",
-        "train.checkpoint_every=0", "schedule.warmup_steps=2", "optim.lr=0.01"]
-SPEC = ["spec.context_len=6", "spec.stride=3", "spec.buckets.item_id=31", "spec.buckets.author_id=7",
-        "spec.buckets.content_type=5", "spec.buckets.topic=5", "spec.buckets.surface=3"]
-
-
-def write_day(raw: Path, day: int, users: int = 12) -> None:
-    rows = [{"event_id": f"d{day}-u{user}-{i}", "user_id": f"u{user}", "item_id": f"i{(user + i) % 12}",
-             "author_id": f"a{(user + i) % 3}", "content_type": ["video", "text"][i % 2], "topic": "t",
-             "surface": "feed", "event_ts": MONDAY + day * DAY_MS + (user * 60 + i * 200) * 60_000,
-             "dwell_ms": 1_000 * i, "click": True, "like": (user + i) % 3 == 0, "comment": False,
-             "share": (user + i) % 4 == 0}
-            for user in range(users) for i in range(6)]
-    folder = raw / f"date={time.strftime('%Y-%m-%d', time.gmtime((MONDAY + day * DAY_MS) / 1000))}" / "hour=00"
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=RAW_ARROW_SCHEMA), folder / "part-0.parquet")
-
-
 def train_overrides(steps: int) -> str:
     return "train_overrides=[" + ",".join([*TINY, "schedule.kind=constant", f"train.steps={steps}"]) + "]"
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    """Days 0-1 as a full feature run and a 2-rank batch training run; day 2 lands afterwards."""
-    root = tmp_path_factory.mktemp("retrain-kill")
-    raw, features, initial = root / "landing", root / "features", root / "initial"
-    for day in (0, 1):
-        write_day(raw, day)
-    overrides = [f"dir={root / 'retrain'}", f"initial_run={initial}", f"features.raw={raw}",
-                 f"features.out={features}", "spark_submit=true", "features.train_files=2",
-                 "features.eval_files=1", "features.spark.master=local[2]",
-                 "features.spark.shuffle_partitions=2", "features.spark.driver_memory=1g",
-                 f"features.contract.now_ms={MONDAY + 30 * DAY_MS}", "nproc=2",
-                 *[f"features.{item}" for item in SPEC]]
-    config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", overrides)
-    spark = build_session(SparkConfig(master="local[2]", shuffle_partitions=2, driver_memory="1g",
-                                      conf={"spark.ui.enabled": "false"}), app_name="sirenfeed-tests")
-    run_full_job(spark, dataclasses.replace(config.features, incremental=IncrementalConfig()))
-    command = [sys.executable, "-m", "trainer.launch", "--features", str(features), "--run", str(initial),
-               "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *TINY, "train.steps=8"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    write_day(raw, 2)
-    return {"config": config, "overrides": overrides, "root": root, "features": features}
+    return start_lineage(tmp_path_factory.mktemp("retrain-kill"), "spark_submit=true",
+                         "features.spark.master=local[2]", "features.spark.driver_memory=1g")
 
 
 def marked_processes(marker: str, also_set: str | None = None) -> dict[int, str]:

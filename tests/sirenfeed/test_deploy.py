@@ -22,17 +22,17 @@ import pytest
 import yaml
 
 from common import config as config_module
+from common.repo import REPO_ROOT
 from features.settings import parse_job_arguments
 from ingest.metrics import IngestMetrics
 from lifecycle.cycle import (
     FAILED, INSUFFICIENT_EVIDENCE, LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED,
 )
-from lifecycle.registry import FreshnessTelemetry
+from lifecycle.telemetry import FreshnessTelemetry
 from sirenfeed import cli
 from trainer.telemetry import TrainerTelemetry
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
+DEPLOY = REPO_ROOT / "deploy"
 README = DEPLOY / "README.md"
 DASHBOARD = DEPLOY / "grafana" / "sirenfeed-dashboard.json"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
@@ -148,7 +148,7 @@ def defined_metrics() -> dict[str, set[str]]:
     series: dict[str, set[str]] = {}
     unresolved = []
     for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
             tree = ast.parse(path.read_text(), str(path))
             imported = {alias.asname or alias.name for node in ast.walk(tree)
                         if isinstance(node, ast.ImportFrom) and node.module == "prometheus_client"
@@ -173,7 +173,7 @@ def defined_metrics() -> dict[str, set[str]]:
                     if isinstance(name, str) and labels is not None:
                         definitions.append((name, labels))
                 if not definitions:
-                    unresolved.append(f"{path.relative_to(REPO)}:{call.lineno}")
+                    unresolved.append(f"{path.relative_to(REPO_ROOT)}:{call.lineno}")
                 for name, labels in definitions:
                     kind = call.func.id
                     base = name.removesuffix("_total") if kind == "Counter" else name
@@ -366,8 +366,8 @@ def mounted_configmaps(tmp_path: Path) -> dict[str, Path]:
 def localized(tmp_path, monkeypatch):
     """Runs commands as the deploy files do, from the checkout, with the example paths moved:
     /opt/sirenfeed is this checkout, /srv/feed a temporary folder, ConfigMap mounts their data."""
-    monkeypatch.chdir(REPO)
-    moves = {"/opt/sirenfeed": str(REPO), "/srv/feed": str(tmp_path / "srv" / "feed"),
+    monkeypatch.chdir(REPO_ROOT)
+    moves = {"/opt/sirenfeed": str(REPO_ROOT), "/srv/feed": str(tmp_path / "srv" / "feed"),
              **{mount: str(folder) for mount, folder in mounted_configmaps(tmp_path).items()}}
 
     def localize(argv: list[str]) -> list[str]:
@@ -506,7 +506,7 @@ def test_readme_documents_every_deploy_file_and_names_only_existing_ones():
     undocumented = [relative(path) for path in TEXT_FILES if path != README and relative(path) not in text]
     assert not undocumented
     named = set(re.findall(r"\bdeploy/[\w./-]*\w", text))
-    assert named and all((REPO / path).exists() for path in named), sorted(named)
+    assert named and all((REPO_ROOT / path).exists() for path in named), sorted(named)
 
 
 def spark_submit_examples() -> list[list[str]]:
@@ -527,11 +527,11 @@ def test_spark_submit_examples_reach_the_job_with_arguments_it_accepts(argv, tmp
     # never removes the folder.
     environment = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
                    "TMPDIR": str(tmp_path)}
-    subprocess.run(["bash", str(REPO / argv[0]), *argv[1:]], cwd=REPO, env=environment, check=True)
+    subprocess.run(["bash", str(REPO_ROOT / argv[0]), *argv[1:]], cwd=REPO_ROOT, env=environment, check=True)
     submitted = recorded.read_text().splitlines()
-    job_args = submitted[submitted.index(str(REPO / "features" / "job.py")) + 1:]
+    job_args = submitted[submitted.index(str(REPO_ROOT / "features" / "job.py")) + 1:]
     assert Path(option(submitted, "--py-files")).name == "features.zip"
-    shipped_config = str(REPO / "conf" / "features.yaml")
+    shipped_config = str(REPO_ROOT / "conf" / "features.yaml")
     assert option(submitted, "--files") == shipped_config
     cluster_mode = " --deploy-mode cluster " in f" {' '.join(argv)} "
     assert job_args[:2] == ["--config", "features.yaml" if cluster_mode else shipped_config]

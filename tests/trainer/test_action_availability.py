@@ -12,10 +12,10 @@ import dataclasses
 
 import pytest
 import torch
+from model_support import randomised
 
 from features.serving import latest_row, stack_rows
 from features.spec import LABEL_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN, FeatureSpec
-from model_support import randomised
 from trainer.data import to_tensors
 from trainer.model import GenerativeRanker, ModelConfig
 

@@ -19,6 +19,7 @@ from trainer.compare import (
     bayes_floor, eval_predictions, format_slice_markdown, main, paired, relational_slice, run_dir,
     slice_metrics, summarize,
 )
+from trainer.config import TrainConfig
 from trainer.metrics import binary_metrics
 
 VARIANTS = ("ordinal", "siren")
@@ -44,8 +45,10 @@ def test_every_run_is_trained_with_its_variant_and_seed(comparison):
         for seed in SEEDS:
             result = json.loads((run_dir(out, variant, seed) / RESULT_FILE).read_text())
             assert (result["variant"], result["seed"], result["step"]) == (variant, seed, 4)
-            assert f"seed={seed}" in result["overrides"] and f"data.seed={seed}" in result["overrides"]
             assert f"model.rotary={'siren' if variant == 'siren' else 'ordinal'}" in result["overrides"]
+            trained_with = load_config(TrainConfig, run_dir(out, variant, seed) / "launch" / "train.yaml")
+            assert (trained_with.seed, trained_with.data.seed) == (seed, seed)
+            assert trained_with.model.rotary == ("siren" if variant == "siren" else "ordinal")
             assert (run_dir(out, variant, seed) / "history.jsonl").is_file()
     # Different seeds give different models; the same seed pairs the variants on the same data.
     ne = {(v, s): json.loads((run_dir(out, v, s) / RESULT_FILE).read_text())["metrics"]["like"]["ne"]

@@ -11,12 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from features.spec import (FEATURE_SPEC_VERSION, ID_COLUMNS, LABEL_COLUMNS, TOKEN_FLOAT_COLUMNS,
-                           TRAINING_COLUMNS)
+from common.files import visible_files
 from features.dataset import IncompleteDatasetError, read_manifest, write_manifest
-from trainer.data import (DataError, TrainStream, count_rows, epoch_assignment, eval_batches, padding_rows,
-                          parquet_files, read_feature_manifest, real_rows, row_fingerprints, split_dir,
-                          steps_per_epoch, to_tensors, training_steps)
+from features.spec import (
+    FEATURE_SPEC_VERSION, ID_COLUMNS, LABEL_COLUMNS, TOKEN_FLOAT_COLUMNS, TRAINING_COLUMNS,
+)
+from trainer.data import (
+    DataError, TrainStream, count_rows, epoch_assignment, eval_batches, padding_rows,
+    read_feature_manifest, real_rows, row_fingerprints, split_dir, steps_per_epoch, to_tensors,
+    training_steps,
+)
 from trainer.train import LogWindow
 
 # Petastorm's reader worker never closes the Parquet files it opens (they close when collected).
@@ -33,7 +37,7 @@ def row_keys(user_key: np.ndarray, ts: np.ndarray) -> list[RowKey]:
 def all_rows(features, split: str) -> list[RowKey]:
     """Ground truth straight from the Parquet files, without Petastorm."""
     keys: list[RowKey] = []
-    for path in parquet_files(split_dir(features, split)):
+    for path in visible_files(split_dir(features, split)):
         table = pq.read_table(path, columns=["user_key", "ts"])
         ts = np.array(table.column("ts").to_pylist(), dtype=np.int64)
         keys += row_keys(table.column("user_key").to_numpy(), ts)
@@ -241,7 +245,7 @@ def test_two_ranks_train_every_row_once_per_epoch_in_equal_steps(uneven_features
               for rank in range(2)]
     steps = -(-sum(rows for _, rows, _ in UNEVEN_FILES) // UNEVEN_BATCH)
     assert [record["step"] for record in traces[0]] == [record["step"] for record in traces[1]]
-    truth = sorted(fingerprint for path in parquet_files(split_dir(uneven_features, "train"))
+    truth = sorted(fingerprint for path in visible_files(split_dir(uneven_features, "train"))
                    for fingerprint in fingerprints(pq.read_table(path, columns=["user_key", "ts"])))
     for epoch in range(2):
         trained = [row for trace in traces for record in trace[epoch * steps:(epoch + 1) * steps]

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from common.repo import REPO_ROOT
 from trainer import distributed
 from trainer.distributed import remove_leftover_segments, segment_name
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def segments() -> set[Path]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_config
+from common.repo import REPO_ROOT
 from trainer.checkpoint import (
     COMPLETE_MARKER, UNIVERSAL, checkpoint_root, plan_resume, saved_checkpoints,
 )
@@ -25,7 +26,6 @@ from trainer.config import TrainConfig, deepspeed_config
 from trainer.data import DataError, TrainStream, check_layout, real_rows, row_fingerprints
 from trainer.train import resolved_shards
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 C = 8  # the tiny dataset's context length (conftest.TINY_SPEC)
 
 

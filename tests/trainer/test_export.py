@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from common.config import load_config
+from common.files import visible_files
 from features.dataset import read_manifest, write_manifest
 from features.spec import FEATURE_SPEC_VERSION
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import DataError, eval_batches, parquet_files
+from trainer.data import DataError, eval_batches
 from trainer.evaluate import main as evaluate_main
 from trainer.export import EXPORT_FILES, ExportError, export_model, load_exported
 from trainer.model import GenerativeRanker, synthetic_batch
@@ -142,7 +143,7 @@ def as_next_batch(root):
     """Catalogue a written feature dataset as feature batch 1, the layout an incremental append
     leaves, so a warm start from a checkpoint trained through batch 0 trains on it."""
     manifest = read_manifest(root)
-    files = {split: [str(path.relative_to(root)) for path in parquet_files(root / split)]
+    files = {split: [str(path.relative_to(root)) for path in visible_files(root / split)]
              for split in ("train", "eval")}
     manifest["batches"] = [{"index": 1, "name": "b000001", "watermark_ms": manifest["watermark_ms"],
                             "max_event_ms": manifest["watermark_ms"], "split_ts_ms": manifest["split_ts_ms"],

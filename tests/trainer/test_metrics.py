@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.metrics import TASKS, EvalAccumulator, binary_metrics, clustered_mean, event_log_loss, format_table
+from trainer.metrics import (
+    TASKS, EvalAccumulator, binary_metrics, clustered_mean, event_log_loss, format_table,
+)
 
 
 def brute_force_auc(pred, label):

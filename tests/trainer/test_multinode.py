@@ -26,14 +26,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from features.dataset import local_path
-from trainer.checkpoint import COMPLETE_MARKER, LATEST, checkpoint_root, complete_tags, weights_only_loads
+from common.files import local_path
+from common.repo import REPO_ROOT
+from trainer.checkpoint import (
+    COMPLETE_MARKER, LATEST, checkpoint_root, complete_tags, weights_only_loads,
+)
 from trainer.data import TrainStream, real_rows, row_fingerprints
-from trainer.launch import ENV_FILE, LAUNCH_DIR, TRAIN_SCRIPT, deepspeed_command, env_file_text, launch_env
 from trainer.launch import main as train_main
+from trainer.launcher import (
+    ENV_FILE, LAUNCH_DIR, TRAIN_SCRIPT, deepspeed_command, env_file_text, launch_env,
+)
 from trainer.watchdog import EXIT_PEER_FAILED, STORE_PREFIX, Watchdog
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT_TIMEOUT_S = 10
 STEPS, BATCH, CHECKPOINT_EVERY, KILL_AT = 10, 16, 5, 7
 

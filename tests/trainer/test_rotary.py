@@ -8,8 +8,10 @@ import torch
 
 from features.spec import ID_COLUMNS, FeatureSpec, cyclical
 from trainer.model import GenerativeRanker, ModelConfig, build_rotary, synthetic_batch
-from trainer.rotary import (METADATA_COLUMNS, METADATA_EMBEDDING_DIM, TIME_FEATURE_COUNT, OrdinalRoPE,
-                            Siren, TimeFeatures, rotate, unit_rotations)
+from trainer.rotary import (
+    METADATA_COLUMNS, METADATA_EMBEDDING_DIM, TIME_FEATURE_COUNT, OrdinalRoPE, Siren, TimeFeatures,
+    rotate, unit_rotations,
+)
 from trainer.variants import VARIANTS
 
 T_REF = 1_700_000_000

@@ -9,8 +9,9 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.metrics import start_metrics_server
 from trainer.metrics import TASKS
-from trainer.telemetry import TrainerTelemetry, start_metrics_server
+from trainer.telemetry import TrainerTelemetry
 
 
 def free_port():

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_config
+from common.repo import REPO_ROOT
 from trainer.checkpoint import COMPLETE_MARKER, CheckpointError, complete_tags, weights_only_loads
 from trainer.config import ScheduleConfig, TrainConfig, deepspeed_config, lr_factor
-from trainer.launch import deepspeed_command, launch_env
 from trainer.launch import main as train_main
+from trainer.launcher import deepspeed_command, launch_env
 from trainer.train import check_resumable
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = ["features=/data/features", "run=/data/run"]
 
 

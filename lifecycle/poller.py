@@ -1,0 +1,107 @@
+"""The long-running modes: a cycle every period (``sirenfeed retrain --every``) or whenever new data
+has waited long enough (``sirenfeed train --continuous``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+from features.incremental import pending_raw_files
+from lifecycle.config import DrainConfig, RetrainConfig
+from lifecycle.cycle import (
+    INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED, Retrainer, describe_outcome,
+    run_once,
+)
+from lifecycle.telemetry import CycleTelemetry
+
+log = logging.getLogger(__name__)
+
+
+
+
+def parse_period(text: str) -> float:
+    """``90s``, ``15m``, ``1h``, ``1d`` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a period like 90s, 15m, 1h or 1d, got {text!r}")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def run_periodically(config: RetrainConfig, period_s: float, stop: threading.Event) -> int:
+    """``--every PERIOD``: a cycle every period until ``stop`` is set (SIGTERM/SIGINT)."""
+    telemetry = CycleTelemetry(config, serve=True)
+    try:
+        while not stop.is_set():
+            started = time.monotonic()
+            code = run_once(config)
+            telemetry.on_cycle(code)
+            log.info("cycle ended: %s; next in %.0f s", describe_outcome(code), period_s)
+            stop.wait(max(0.0, period_s - (time.monotonic() - started)))
+    finally:
+        telemetry.close()
+    return 0
+
+
+def run_continuous(config: RetrainConfig, stop: threading.Event) -> int:
+    """``sirenfeed train --continuous``: train on new data as it lands, until ``stop`` is set.
+
+    Every ``continuous.poll_s`` (after draining Kafka, if ``drain.enabled``) it lists the raw files
+    the feature dataset has not read (:func:`features.incremental.pending_raw_files`, no Spark).
+    A cycle (features → warm start → gate → publish, the same as ``sirenfeed retrain``) starts
+    once they have waited ``continuous.every_s`` or hold ``continuous.every_events`` events; an
+    unfinished cycle left by a crash is completed first. Where the files cannot be listed cheaply
+    (a remote filesystem) a cycle starts every ``every_s`` and the feature job decides."""
+
+    retrainer = Retrainer(config)
+    cycles = Retrainer(dataclasses.replace(config, drain=DrainConfig()))  # drained by the loop
+    telemetry = CycleTelemetry(config, serve=True)
+    waiting_since: float | None = None
+    try:
+        while not stop.is_set():
+            try:
+                if config.drain.enabled:
+                    retrainer.step_drain(Path(config.dir), {})
+                pending = pending_raw_files(config.features)
+            except Exception:  # e.g. Kafka unreachable: the trainer keeps serving and tries again
+                log.exception("polling for new data failed; trying again in %.0f s", config.continuous.poll_s)
+                stop.wait(config.continuous.poll_s)
+                continue
+            now = time.monotonic()
+            if pending is None or pending:
+                waiting_since = now if waiting_since is None else waiting_since
+            events = sum(pending.values()) if pending else 0
+            due = waiting_since is not None and (
+                now - waiting_since >= config.continuous.every_s
+                or 0 < config.continuous.every_events <= events)
+            if due or cycles.unfinished():
+                if pending:
+                    log.info("%d new raw files (%d events) waited %.0f s: starting a cycle",
+                             len(pending), events, now - waiting_since)
+                code = run_once(cycles.config)
+                telemetry.on_cycle(code)
+                log.info("cycle ended: %s", describe_outcome(code))
+                if code in (PUBLISHED, NOT_PUBLISHED, INSUFFICIENT_EVIDENCE):
+                    waiting_since = None
+                    continue  # look again at once: more may have landed during the cycle
+                if code == NOTHING_NEW:
+                    waiting_since = None
+            stop.wait(config.continuous.poll_s)
+    finally:
+        telemetry.close()
+    return 0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: the loop ends after the cycle in progress (the launcher
+    forwards the signal to the ranks; an interrupted cycle is resumed by the next run)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stop.set())
+    return stop

@@ -35,9 +35,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m 'not slow'
 
 bench: $(STAMP)
-	$(PY) bench/features.py
+	$(PY) bench/feature_job.py
 	$(PY) bench/train.py
-	$(PY) bench/ingest.py
+	$(PY) bench/ingest_stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/scaling.py
 	$(PY) bench/retrain.py

@@ -18,7 +18,6 @@ Writes ``bench/results/overhead.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -29,23 +28,15 @@ from pathlib import Path
 
 import torch
 
-# Python puts this script's folder first on the import path, where the sibling bench/features.py
-# would shadow the features package.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
-from common.config import load_config  # noqa: E402
-from common.logs import configure_logging  # noqa: E402
-from features.dataset import atomic_write_text  # noqa: E402
-from features.spec import FeatureSpec  # noqa: E402
-from trainer.model import (  # noqa: E402
-    GenerativeRanker,
-    ModelConfig,
-    masked_multitask_loss,
-    parameter_groups,
-    synthetic_batch,
+from common.config import load_config
+from common.files import write_json
+from common.logs import configure_logging
+from features.spec import FeatureSpec
+from trainer.model import (
+    GenerativeRanker, ModelConfig, masked_multitask_loss, parameter_groups, synthetic_batch,
 )
-from trainer.rotary import unit_rotations  # noqa: E402
-from trainer.variants import VARIANTS  # noqa: E402
+from trainer.rotary import unit_rotations
+from trainer.variants import VARIANTS
 
 log = logging.getLogger("bench.overhead")
 
@@ -177,7 +168,7 @@ def main(argv: list[str]) -> int:
               # Other processes on the machine make whole-step ratios noisy; the load says how busy it was.
               "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
               "paper": PAPER, "contexts": results}
-    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    write_json(args.out, record)
     print(f"{'C':>5} {'rows':>5} {'train %':>8} {'(comp.)':>8} {'infer %':>8} {'(comp.)':>8} {'params %':>9}")
     for result in results:
         train, infer = result["train"], result["inference"]

@@ -19,24 +19,22 @@ machine; on this machine most of a cycle is fixed start-up cost (a JVM, a launch
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as a script, bench/features.py would shadow the features package
-
 import argparse
 import datetime as dt
 import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from common.config import load_config
-from features.dataset import atomic_write_text, read_manifest
+from common.files import write_json
+from common.repo import REPO_ROOT
+from features.dataset import read_manifest
 from features.settings import FeaturesConfig
 from features.submit import run_job
 from features.synth import SynthConfig, write_synthetic_logs
@@ -44,14 +42,15 @@ from ingest.broker import embedded_broker
 from ingest.clients import make_producer
 from ingest.config import IngestConfig
 from ingest.producer import event_messages, raw_dates, read_day, send_messages
-from lifecycle.cycle import CONTINUAL_TRAIN_OVERRIDES, RetrainConfig, run_continuous, run_once
+from lifecycle.config import CONTINUAL_TRAIN_OVERRIDES, RetrainConfig
+from lifecycle.cycle import run_once
+from lifecycle.poller import run_continuous
 from lifecycle.registry import read_log
 from sirenfeed.demo import split_history
-from trainer.launch import TRAIN_SCRIPT, run_deepspeed
+from trainer.launcher import TRAIN_SCRIPT, run_deepspeed
 from trainer.variants import variant_overrides
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "retrain.json"
+RESULTS = REPO_ROOT / "bench" / "results" / "retrain.json"
 FEATURE_OVERRIDES = ["spec.buckets.item_id=20011"]
 TRAIN_OVERRIDES = [*variant_overrides("siren"), "data.batch_size=128", "train.log_every=50",
                    "schedule.warmup_steps=30", "train.checkpoint_every=0"]
@@ -85,7 +84,7 @@ def main(argv: list[str]) -> int:
         fresh = split_history(synth_dir, raw, 2)
         if run_job(load_config(FeaturesConfig, None, [f"raw={raw}", f"out={features}", *FEATURE_OVERRIDES])):
             raise RuntimeError("the feature job failed")
-        if run_deepspeed(TRAIN_SCRIPT, args.nproc, str(REPO / "conf" / "train.yaml"),
+        if run_deepspeed(TRAIN_SCRIPT, args.nproc, str(REPO_ROOT / "conf" / "train.yaml"),
                          [f"features={features}", f"run={initial}", *TRAIN_OVERRIDES, "train.epochs=1"]):
             raise RuntimeError("the batch training run failed")
         history_events = read_manifest(features)["events"]
@@ -98,7 +97,7 @@ def main(argv: list[str]) -> int:
                      *[f"features.{item}" for item in FEATURE_OVERRIDES], f"nproc={args.nproc}",
                      "train_overrides=[" + ",".join([*CONTINUAL_TRAIN_OVERRIDES, *TRAIN_OVERRIDES,
                                                      "train.epochs=1"]) + "]"]
-        config = load_config(RetrainConfig, REPO / "conf" / "retrain.yaml", overrides)
+        config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", overrides)
 
         new_events = land_day(days[fresh[0]], raw, fresh[0])
         started = time.monotonic()
@@ -111,7 +110,7 @@ def main(argv: list[str]) -> int:
         ingest = load_config(IngestConfig, None, ingest_overrides)
         with embedded_broker(ingest) as address:
             kafka = f"kafka.bootstrap_servers={address}"
-            config = load_config(RetrainConfig, REPO / "conf" / "retrain.yaml", [
+            config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", [
                 *overrides, "drain.enabled=true", "drain.idle_s=2",
                 "drain.overrides=[" + ",".join([*ingest_overrides, kafka]) + "]",
                 "continuous.every_s=0", "continuous.poll_s=1"])
@@ -151,7 +150,7 @@ def main(argv: list[str]) -> int:
                   "nproc": args.nproc},
         "cycle": cycle, "continuous": continuous,
     }
-    atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -41,13 +41,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Python puts this script's folder first on the import path, where the sibling bench/features.py
-# would shadow the `features` package: drop it.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+import deepspeed
+import torch
+import torch.distributed as dist
 
-from common.config import add_config_arguments, config_from_args, require, to_dict  # noqa: E402
-from features.dataset import atomic_write_text, write_manifest  # noqa: E402
-from features.spec import FEATURE_SPEC_VERSION, LOSS_MASK_COLUMN, FeatureSpec  # noqa: E402
+from common.config import add_config_arguments, config_from_args, load_config, require, to_dict
+from common.files import write_json
+from common.logs import configure_rank_logging
+from features.dataset import write_manifest
+from features.spec import FEATURE_SPEC_VERSION, LOSS_MASK_COLUMN, FeatureSpec
+from trainer.config import TrainConfig, deepspeed_config
+from trainer.data import TrainStream, read_feature_manifest, write_training_rows
+from trainer.distributed import init_distributed
+from trainer.launcher import free_port, launch_env
+from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups, synthetic_batch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scaling.json"
 T_REF_SECONDS = 1_700_000_000
@@ -82,9 +89,6 @@ class ScalingBenchConfig:
 
 def write_dataset(root: Path, spec: FeatureSpec, rows: int, row_group: int) -> Path:
     """Synthetic training rows in the feature job's layout (train and a one-group eval split)."""
-    from trainer.data import write_training_rows
-    from trainer.model import synthetic_batch
-
     batch = synthetic_batch(spec, rows, seed=0, start_seconds=T_REF_SECONDS - 30 * 86_400)
     columns = {name: tensor.numpy() for name, tensor in batch.items()}
     write_training_rows(root / "train" / "date=2024-05-01" / "part-00000.parquet", columns, row_group)
@@ -98,20 +102,9 @@ def write_dataset(root: Path, spec: FeatureSpec, rows: int, row_group: int) -> P
 
 def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_file: Path) -> None:
     """One rank of a timed run (inside the launcher)."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    from common.config import load_config
-    from trainer.config import TrainConfig, deepspeed_config
-    from trainer.data import TrainStream, read_feature_manifest
-    from trainer.distributed import init_distributed
-    from trainer.launch import configure_logging
-    from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups
-
     init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    configure_logging(rank)
+    configure_rank_logging(rank)
     config = load_config(TrainConfig, overrides=[
         f"features={features}", f"run={features}", f"data.batch_size={bench.batch_size}",
         f"deepspeed.zero_stage={zero_stage}", "schedule.warmup_steps=0", *bench.train_overrides])
@@ -155,17 +148,15 @@ def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_fi
         medians = [statistics.median(values) for values in timings.tolist()]
         median_wall = dict(zip(names, medians[:len(names)]))
         parameters = sum(parameter.numel() for parameter in model.parameters())
-        atomic_write_text(result_file, json.dumps({
+        write_json(result_file, {
             "zero_stage": zero_stage, "world": world, "samples_per_s": bench.batch_size / median_wall["step"],
             "median_s": median_wall, "median_cpu_s": dict(zip(names, medians[len(names):])),
-            "parameters": parameters, "allreduce_bytes_per_step": 4 * parameters}, indent=2) + "\n")
+            "parameters": parameters, "allreduce_bytes_per_step": 4 * parameters})
     dist.destroy_process_group()
 
 
 def run_world(config_file: str | None, overrides: list[str], features: Path, zero_stage: int, world: int,
               scratch: Path) -> dict:
-    from trainer.launch import free_port, launch_env
-
     result_file = scratch / f"zero{zero_stage}-world{world}.json"
     command = [str(Path(sys.prefix) / "bin" / "deepspeed"), "--num_gpus", str(world), "--master_port",
                str(free_port()), str(Path(__file__).resolve()), "--worker", str(features), str(zero_stage),
@@ -207,7 +198,7 @@ def main(argv: list[str]) -> int:
         two = by_key[0, 2]["median_s"]
         summary["communication_share_2_ranks_zero0"] = two["communication"] / two["step"]
     out = Path(bench.out) if bench.out else RESULTS
-    atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
+    write_json(out, summary)
     for run in runs:
         parts = ", ".join(f"{name} {wall * 1000:.0f} ms (cpu {run['median_cpu_s'][name] * 1000:.0f})"
                           for name, wall in run["median_s"].items())

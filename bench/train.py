@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,20 +24,12 @@ from pathlib import Path
 
 import torch
 
-# Python puts this script's folder first on the import path, where the sibling bench/features.py
-# would shadow the `features` package: drop it.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
-from common.config import add_config_arguments, config_from_args, require, to_dict  # noqa: E402
-from features.dataset import atomic_write_text  # noqa: E402
-from features.spec import FeatureSpec  # noqa: E402
-from trainer.data import TrainStream, write_training_rows  # noqa: E402
-from trainer.model import (  # noqa: E402
-    GenerativeRanker,
-    ModelConfig,
-    masked_multitask_loss,
-    parameter_groups,
-    synthetic_batch,
+from common.config import add_config_arguments, config_from_args, require, to_dict
+from common.files import write_json
+from features.spec import FeatureSpec
+from trainer.data import TrainStream, write_training_rows
+from trainer.model import (
+    GenerativeRanker, ModelConfig, masked_multitask_loss, parameter_groups, synthetic_batch,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
@@ -163,7 +154,7 @@ def main(argv: list[str]) -> int:
         "data_wait": measure_data_wait(config),
     }
     target = Path(config.out) if config.out else RESULTS
-    atomic_write_text(target, json.dumps(results, indent=2) + "\n")
+    write_json(target, results)
     for row in results["rotary_step_time"]:
         step = row["median_step_s"]
         print(f"C={row['context_len']:<4} B={row['batch_size']:<3} step siren {step['siren']:.3f} s"

@@ -1,6 +1,6 @@
 """Throughput of the batch data path: synthetic log generation, then the Spark feature job.
 
-``python bench/features.py [--users N] [--days D] [--master local[2]] [--work DIR]`` writes a synthetic
+``python bench/feature_job.py [--users N] [--days D] [--master local[2]] [--work DIR]`` writes a synthetic
 log (about 2 M events by default), runs the feature job on it in-process (the Spark session is started
 before the clock starts, so the number is the job's, not the JVM's) and writes events/s of both to
 ``bench/results/features.json``.
@@ -19,16 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-# This script is named like the package it measures, and Python puts the script's folder first on the
-# import path: drop it so that `features` is the package.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
-from common.logs import configure_logging  # noqa: E402
-from features.dataset import atomic_write_text  # noqa: E402
-from features.job import run  # noqa: E402
-from features.settings import FeaturesConfig, SparkConfig  # noqa: E402
-from features.spark import build_session  # noqa: E402
-from features.synth import SynthConfig, write_synthetic_logs  # noqa: E402
+from common.files import write_json
+from common.logs import configure_logging
+from features.full import run
+from features.settings import FeaturesConfig, SparkConfig
+from features.spark import build_session
+from features.synth import SynthConfig, write_synthetic_logs
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +49,7 @@ def main(argv: list[str]) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))
     return 0
 

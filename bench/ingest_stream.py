@@ -1,7 +1,7 @@
 """Ingest benchmark: sustained produce → landed-Parquet throughput with one and two consumers, and
 freshness (event sent → its Parquet file visible) at a fixed offered rate.
 
-    .venv/bin/python bench/ingest.py [--events N] [--rate EVENTS_PER_S] [--seconds S]
+    .venv/bin/python bench/ingest_stream.py [--events N] [--rate EVENTS_PER_S] [--seconds S]
 
 Runs on the embedded broker with consumer subprocesses (``python -m ingest.consumer``, default
 batching: ``consumer.max_events``, ``consumer.max_seconds``), on synthetic events. A file's visibility
@@ -11,12 +11,6 @@ All numbers of one file come from one run on one machine; compare ratios, not ab
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # run as a script, this file would shadow the ingest package it measures
-
 import argparse
 import datetime as dt
 import json
@@ -25,16 +19,19 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pyarrow.parquet as pq
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.config import load_config
-from features.dataset import atomic_write_text
+from common.files import visible_files, write_json
+from common.repo import REPO_ROOT
 from features.synth import SynthConfig, write_synthetic_logs
 from features.validation import check_message
 from ingest.broker import embedded_broker, ensure_topics, free_port
@@ -42,8 +39,7 @@ from ingest.clients import make_producer
 from ingest.config import IngestConfig
 from ingest.producer import event_messages, raw_dates, read_day, send_messages
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "ingest.json"
+RESULTS = REPO_ROOT / "bench" / "results" / "ingest.json"
 LANDED = "sirenfeed_ingest_events_landed_total"
 ASSIGNED = "sirenfeed_ingest_assigned_partitions"
 
@@ -64,7 +60,7 @@ class Consumer:
         command = [sys.executable, "-m", "ingest.consumer", "--out", str(landing), *overrides,
                    f"metrics.port={self.port}"]
         self.log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def metric(self, name: str) -> float:
         try:
@@ -147,7 +143,7 @@ def freshness(address: str, work: Path, messages, rate: float, partitions: int) 
     finally:
         consumer.stop()
     latencies = []
-    for path in landing.glob("date=*/hour=*/*.parquet"):
+    for path in visible_files(landing):
         visible_at = path.stat().st_ctime
         event_ids = pq.read_table(path, columns=["event_id"]).column("event_id").to_pylist()
         latencies += [visible_at - sent_at[event_id] for event_id in event_ids]
@@ -191,7 +187,7 @@ def main(argv: list[str]) -> int:
                        "two_over_one": round(two["events_per_s"] / one["events_per_s"], 2)},
         "freshness": fresh,
     }
-    atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS, result)
     print(json.dumps(result, indent=2))
     return 0
 

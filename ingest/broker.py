@@ -229,7 +229,7 @@ def main(argv: list[str]) -> int:
         # A topic name cannot contain '=', so these are the overrides that --topics swallowed.
         args.overrides += [word for word in args.topics if "=" in word]
         args.topics = [word for word in args.topics if "=" not in word]
-    topics = f"[{','.join(args.topics)}]" if args.topics else None
+    topics = args.topics or None
     config = config_from_args(IngestConfig, args, **{"broker.port": args.port, "broker.topics": topics})
 
     stop = threading.Event()

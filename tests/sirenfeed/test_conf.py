@@ -202,3 +202,20 @@ def test_print_config_still_rejects_a_bad_configuration(capsys):
     captured = capsys.readouterr()
     assert "config key 'bins'" in captured.err
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("argv, key, expected", [
+    (["broker", "--topics", "alpha", "beta"], ("broker", "topics"), ["alpha", "beta"]),
+    (["compare", "--features", "f", "--out", "o", "--variants", "ordinal, siren"], ("variants",),
+     ["ordinal", "siren"]),
+    (["features", "--raw", "r", "--out", "o", "--incremental"], ("incremental", "enabled"), True),
+    (["ingest", "--out", "landing", "--until-idle", "2.5"], ("consumer", "until_idle_s"), 2.5),
+])
+def test_command_options_reach_the_config_as_typed_values(argv, key, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--print-config"])
+    assert exit_info.value.code == 0
+    printed = OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out))
+    for part in key:
+        printed = printed[part]
+    assert printed == expected

@@ -13,11 +13,13 @@ export OMP_NUM_THREADS ?= 1
 
 venv: $(STAMP)
 
-# torch first, from its own pin, so nothing later can pull a CUDA build; then everything else
-# under the same constraints; then DeepSpeed's CPU shared-memory op, built once into the venv.
+# torch first, from its own pin, so nothing later can pull a CUDA build; TorchRec and FBGEMM's CPU
+# build without their metadata's dependencies (the CUDA fbgemm-gpu); then everything else under the
+# same constraints; then DeepSpeed's CPU shared-memory op, built once into the venv.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3.11 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$$(grep '^torch==' constraints.txt)"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep -E '^(torchrec|fbgemm-gpu-cpu)==' constraints.txt)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(PY) -m sirenfeed.warmup
 	touch $(STAMP)

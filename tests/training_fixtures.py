@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from common.repo import REPO_ROOT
 from features.dataset import write_manifest
@@ -23,8 +25,10 @@ from features.spec import (
     FEATURE_SPEC_VERSION, ID_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN, TOKEN_FLOAT_COLUMNS, FeatureSpec,
     cyclical, log_dwell, log_gap, prev_actions_known, user_key,
 )
+from trainer.checkpoint import weights_only_loads
 from trainer.data import write_training_rows
 from trainer.distributed import SHM_PREFIX, SHM_ROOT
+from trainer.embeddings import TABLES_DIR
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
@@ -127,9 +131,22 @@ TRAIN_OVERRIDES = (
     *TINY_MODEL, "model.dropout=0.1", "data.batch_size=32", "data.shuffle_buffer=64",
     "data.eval_batch_size=32", "train.steps=32", "train.log_every=4", "train.eval_every=16",
     "train.checkpoint_every=8", "train.keep_checkpoints=2", "schedule.warmup_steps=4",
-    "optim.lr=0.02", "deepspeed.zero_stage=1")
+    "optim.lr=0.02", "embeddings.lr=0.1", "deepspeed.zero_stage=1")
 """A short run that logs, evaluates mid-run, checkpoints four times (keeping two) and shards the
-optimizer state (ZeRO-1), with dropout so resuming must restore each rank's RNG."""
+optimizer state (ZeRO-1), with dropout so resuming must restore each rank's RNG; its id tables are
+sharded over the two ranks (the planner's choice) with row-wise Adagrad."""
+
+
+def checkpoint_weights(tag_dir: Path, scratch: Path) -> dict[str, "torch.Tensor"]:
+    """The whole model a checkpoint holds, keyed as the export keys it: DeepSpeed's dense module plus
+    the sharded tables (``tables/``, read whole through torch.distributed.checkpoint's converter)."""
+    with weights_only_loads():
+        weights = dict(torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=True)["module"])
+    converted = scratch / f"{tag_dir.parent.parent.name}-{tag_dir.name}-tables.pt"
+    dcp_to_torch_save(tag_dir / TABLES_DIR, converted)
+    for name, table in torch.load(converted, weights_only=True)["weights"].items():
+        weights["id_" + name] = table  # embeddings.<column>.weight -> id_embeddings.<column>.weight
+    return weights
 
 
 def shared_memory_segments() -> set[Path]:
@@ -170,6 +187,12 @@ def feature_writer():
 def launch():
     """:func:`launch_training`, for tests that start their own run."""
     return launch_training
+
+
+@pytest.fixture(scope="session")
+def checkpoint_state():
+    """:func:`checkpoint_weights`."""
+    return checkpoint_weights
 
 
 @pytest.fixture(scope="session")

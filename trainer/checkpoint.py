@@ -5,6 +5,8 @@ Layout of one checkpoint (``tag = step00001234``)::
 
     checkpoints/step00001234/        DeepSpeed's files (model states, ZeRO optimizer shards) …
     checkpoints/step00001234/rng_rank00000.pt   each rank's RNG states (dropout continues exactly)
+    checkpoints/step00001234/tables/            the sharded id tables and their fused optimizer
+                                                state (trainer.embeddings; every rank its shards)
     checkpoints/step00001234/_COMPLETE          written by rank 0 after every rank finished saving:
                                                 {"step", "world", "data"} (the data position)
     checkpoints/step00001234/universal/         DeepSpeed's universal form, made when first needed
@@ -23,6 +25,8 @@ parameter for its fp32 weights and each optimizer moment, then loads it with
 ``checkpoint.load_universal``: every rank takes its new slice, so weights, moments, step count and
 learning-rate schedule continue exactly. The RNG streams are per rank and cannot be mapped to
 another world size: an elastic resume reseeds them from ``(seed, rank, step)`` (only dropout notices).
+The sharded tables need no conversion: ``torch.distributed.checkpoint`` records where every shard
+sits in its table, and each rank of the new world reads the slices its own plan gives it.
 
 Loading never unpickles code: DeepSpeed calls ``torch.load(..., weights_only=False)``, so loads run
 with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which makes torch's restricted unpickler refuse anything
@@ -171,7 +175,7 @@ def _rng_file(root: Path, tag: str, rank: int) -> Path:
 
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], data: dict[str, int],
-         keep: int) -> str:
+         keep: int, tables=None) -> str:
     """Save on every rank (collective); rank 0 marks it complete, moves ``latest`` and prunes.
 
     ``data`` (the data position) goes into the marker as well as the client state, so a resume
@@ -187,6 +191,8 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], d
     # The info key is what ds_to_universal requires of a checkpoint it converts.
     client_state = {**client_state, "data": data, UNIVERSAL_CHECKPOINT_INFO: universal_info}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if tables is not None:
+        tables.save(root / tag)
     torch.save({"torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()},
                _rng_file(root, tag, rank))
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
@@ -266,7 +272,7 @@ def _agree(ok: bool) -> bool:
     return flag.item() == 1
 
 
-def _load_one(engine, root: Path, checkpoint: Saved, universal: bool) -> dict[str, Any] | None:
+def _load_one(engine, root: Path, checkpoint: Saved, universal: bool, tables) -> dict[str, Any] | None:
     """Load one checkpoint on this rank; ``None`` if it cannot be read (all ranks must call it)."""
     converted = True
     if universal and _rank() == 0:
@@ -280,16 +286,28 @@ def _load_one(engine, root: Path, checkpoint: Saved, universal: bool) -> dict[st
         return None
     load_dir, tag = (root / checkpoint.tag, UNIVERSAL) if universal else (root, checkpoint.tag)
     same_world = checkpoint.world == _world()
+    client_state = rng = None
     try:
         with weights_only_loads():
             path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
             rng = (torch.load(_rng_file(root, checkpoint.tag, _rank()), weights_only=True)
                    if same_world else None)
+        if path is None:
+            log.warning("DeepSpeed found no checkpoint in %s", load_dir / tag)
+            client_state = None
     except Exception as error:  # whatever the failure, this checkpoint cannot continue the run
         log.warning("cannot load checkpoint %s: %s", root / checkpoint.tag, error)
-        return None
-    if path is None:
-        log.warning("DeepSpeed found no checkpoint in %s", load_dir / tag)
+        client_state = None
+    if tables is not None:
+        # Reading the tables is a collective: only when every rank has the dense part.
+        if not _agree(client_state is not None):
+            return None
+        try:
+            tables.load(root / checkpoint.tag)
+        except Exception as error:  # the same on every rank: the loader shares its failures
+            log.warning("cannot load the id tables of checkpoint %s: %s", root / checkpoint.tag, error)
+            return None
+    if client_state is None:
         return None
     if rng is not None:
         torch.set_rng_state(rng["torch"])
@@ -297,12 +315,12 @@ def _load_one(engine, root: Path, checkpoint: Saved, universal: bool) -> dict[st
     return client_state
 
 
-def load(engine, run_dir: str | Path, plan: ResumePlan) -> tuple[Saved, dict[str, Any]]:
+def load(engine, run_dir: str | Path, plan: ResumePlan, tables=None) -> tuple[Saved, dict[str, Any]]:
     """Load the newest planned checkpoint every rank can read; returns it and its client state.
     RNG states are restored only when the world size is unchanged (the caller reseeds otherwise)."""
     root = checkpoint_root(run_dir)
     for checkpoint in plan.candidates:
-        client_state = _load_one(engine, root, checkpoint, plan.universal)
+        client_state = _load_one(engine, root, checkpoint, plan.universal, tables)
         if _agree(client_state is not None):
             log.info("resumed from checkpoint %s (step %d, written by %d ranks)", root / checkpoint.tag,
                      checkpoint.step, checkpoint.world)
@@ -312,7 +330,7 @@ def load(engine, run_dir: str | Path, plan: ResumePlan) -> tuple[Saved, dict[str
     raise CheckpointError(f"no checkpoint in {root} could be loaded by every rank")
 
 
-def load_latest(engine, run_dir: str | Path) -> tuple[str, dict[str, Any]]:
+def load_latest(engine, run_dir: str | Path, tables=None) -> tuple[str, dict[str, Any]]:
     """Load ``run_dir``'s newest complete checkpoint natively (a warm start from another run);
     returns ``(tag, client_state)``. One written by another world size with a partitioned
     optimizer needs its universal form, which only a resume (``train.resume``) sets up."""
@@ -322,5 +340,5 @@ def load_latest(engine, run_dir: str | Path) -> tuple[str, dict[str, Any]]:
             f"{checkpoint_root(run_dir) / plan.newest.tag} was written by {plan.newest.world} ranks with a "
             f"partitioned optimizer (ZeRO-1/2 or bf16): continue it on {plan.newest.world} ranks, or "
             "resume it with train.resume=true, which converts it to its universal form")
-    saved, client_state = load(engine, run_dir, plan)
+    saved, client_state = load(engine, run_dir, plan, tables)
     return saved.tag, client_state

@@ -21,6 +21,10 @@ SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 COMM_BACKENDS = ("auto", "gloo", "nccl", "ccl", "mpi")
 FAULTS = ("none", "kill", "raise", "hang")
+EMBEDDING_SHARDINGS = ("auto", "table_wise", "column_wise", "row_wise", "data_parallel")
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+"""FBGEMM's CPU kernels implement these; Adam runs on GPU ranks only."""
 
 
 @dataclass
@@ -108,6 +112,40 @@ class LoopConfig:
 
 
 @dataclass
+class EmbeddingsConfig:
+    """The id tables (``embeddings.*`` in the training config): where they live and how they learn."""
+
+    sharding: str = "auto"
+    """auto (TorchRec's planner decides) | table_wise | column_wise | row_wise | data_parallel
+    (dense ``nn.Embedding`` tables replicated in the DeepSpeed model, trained by its AdamW)."""
+    optimizer: str = "rowwise_adagrad"
+    """Fused into backward: rowwise_adagrad (one accumulator per row) | adagrad | sgd | adam (GPU only)."""
+    lr: float = 0.05
+    """The tables' learning rate, constant (the dense part follows ``optim.lr`` and ``schedule``)."""
+    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """adam only."""
+    column_shard_dim: int = 0
+    """column_wise: the width of a column shard (0 = d_model / ranks)."""
+
+    def __post_init__(self) -> None:
+        require(self.sharding in EMBEDDING_SHARDINGS, "embeddings.sharding",
+                f"must be one of {', '.join(EMBEDDING_SHARDINGS)}")
+        require(self.optimizer in EMBEDDING_OPTIMIZERS, "embeddings.optimizer",
+                f"must be one of {', '.join(EMBEDDING_OPTIMIZERS)}")
+        require(self.lr > 0, "embeddings.lr", "must be > 0")
+        require(self.eps > 0, "embeddings.eps", "must be > 0")
+        require(len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas), "embeddings.betas",
+                "must be two numbers in [0, 1)")
+        require(self.column_shard_dim >= 0, "embeddings.column_shard_dim",
+                "must be >= 0 (0 = d_model / ranks)")
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding != "data_parallel"
+
+
+@dataclass
 class DeepSpeedSettings:
     zero_stage: int = 0
     """ZeRO stage: 0, 1 or 2."""
@@ -171,6 +209,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The ranker (:class:`trainer.model.ModelConfig`); the defaults are the paper's scale: 2 layers,
     d = 128, 4 heads, over windows of C = ``spec.context_len`` = 50 tokens of the features."""
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    """The id tables (:mod:`trainer.embeddings`): sharded by TorchRec, or dense in the DeepSpeed model."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

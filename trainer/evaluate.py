@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import deepspeed
 import torch
@@ -64,26 +64,33 @@ class EvaluateConfig:
 
 def evaluate_split(model: nn.Module, features_dir: str | Path, context_len: int, batch_size: int,
                    rank: int, world: int, device: torch.device | str, bins: int = 15,
-                   autocast_dtype: torch.dtype | None = None) -> Metrics | None:
+                   autocast_dtype: torch.dtype | None = None, lockstep: bool = False) -> Metrics | None:
     """Metrics per task over the whole eval split; every rank must call it (collective).
 
     Returns the metrics on rank 0 and ``None`` elsewhere.
     """
-    tokens = evaluate_tokens(model, features_dir, context_len, batch_size, rank, world, device, autocast_dtype)
+    tokens = evaluate_tokens(model, features_dir, context_len, batch_size, rank, world, device, autocast_dtype,
+                             lockstep)
     return tokens.compute(bins=bins) if rank == 0 else None
 
 
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, features_dir: str | Path, context_len: int, batch_size: int,
                     rank: int, world: int, device: torch.device | str,
-                    autocast_dtype: torch.dtype | None = None) -> EvalAccumulator:
+                    autocast_dtype: torch.dtype | None = None, lockstep: bool = False) -> EvalAccumulator:
     """Every label-bearing token of the eval split with its predictions, gathered from all ranks
-    (collective; on one rank, in file order): what :func:`evaluate_split` computes the metrics of."""
+    (collective; on one rank, in file order): what :func:`evaluate_split` computes the metrics of.
+
+    ``lockstep``: every call of ``model`` is a collective (sharded tables), so the ranks take their
+    batches in step, and a rank whose share ran out calls ``model.idle`` until all are done."""
     was_training = model.training
     model.eval()
     accumulator = EvalAccumulator(LABEL_COLUMNS)
     device = torch.device(device)
-    for batch in eval_batches(features_dir, context_len, batch_size, rank, world):
+    for batch in _in_step(eval_batches(features_dir, context_len, batch_size, rank, world), lockstep, device):
+        if batch is None:
+            model.idle(context_len)
+            continue
         batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
@@ -94,6 +101,21 @@ def evaluate_tokens(model: nn.Module, features_dir: str | Path, context_len: int
     merged = accumulator.gather()
     model.train(was_training)
     return merged
+
+
+def _in_step(batches: Iterator[dict[str, torch.Tensor]], lockstep: bool,
+             device: torch.device) -> Iterator[dict[str, torch.Tensor] | None]:
+    """``batches``, then (``lockstep``) ``None`` until every rank's batches are done."""
+    if not lockstep:
+        yield from batches
+        return
+    while True:
+        batch = next(batches, None)
+        pending = torch.tensor([int(batch is not None)], dtype=torch.int64, device=device)
+        dist.all_reduce(pending, op=dist.ReduceOp.MAX)
+        if pending.item() == 0:
+            return
+        yield batch
 
 
 def write_metrics(run_dir: str | Path, metrics: Metrics, **context: Any) -> Path:

@@ -2,7 +2,8 @@
 
 Token i is one impression. Its input embedding is the sum of
 
-- the hashed-id embeddings (item, author, content type, topic, surface),
+- the hashed-id embeddings (item, author, content type, topic, surface): rows of this module's
+  ``nn.Embedding`` tables, or in training rows of the sharded tables of trainer.embeddings,
 - a projection of its continuous features (log gap, log item age),
 - a projection of the PREVIOUS token's actions (click, like, comment, share, log dwell) and of a
   pending indicator: with ``m_i = prev_actions_known_i`` (features.spec: 1 iff
@@ -222,12 +223,14 @@ class GenerativeRanker(nn.Module):
     re-anchors.
     """
 
-    def __init__(self, config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float):
+    def __init__(self, config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float,
+                 tables_outside: bool = False):
         super().__init__()
         self.config = config
         t_ref = config.t_ref_seconds or t_ref_seconds
         d_model = config.d_model
-        self.id_embeddings = nn.ModuleDict({
+        # Training with sharded tables (trainer.embeddings) passes the looked-up rows to forward.
+        self.id_embeddings = nn.ModuleDict({} if tables_outside else {
             column: nn.Embedding(spec.buckets[column], d_model, padding_idx=0) for column in ID_COLUMNS})
         self.continuous_projection = nn.Linear(len(CONTINUOUS_COLUMNS), d_model)
         # The previous token's actions and the pending indicator (embed).
@@ -280,8 +283,10 @@ class GenerativeRanker(nn.Module):
             raise ValueError(f"the model's time features disagree about T_ref: {sorted(anchors)}")
         return anchors.pop() if anchors else None
 
-    def embed(self, batch: dict[str, Tensor], real: Tensor) -> Tensor:
-        x = sum(self.id_embeddings[column](batch[column]) for column in ID_COLUMNS)
+    def embed(self, batch: dict[str, Tensor], real: Tensor, looked_up: dict[str, Tensor] | None = None) -> Tensor:
+        if looked_up is None:
+            looked_up = {column: self.id_embeddings[column](batch[column]) for column in ID_COLUMNS}
+        x = sum(looked_up[column] for column in ID_COLUMNS)
         dtype = x.dtype
         continuous = torch.stack([batch[column] for column in CONTINUOUS_COLUMNS], dim=-1).to(dtype)
         x = x + self.continuous_projection(continuous)
@@ -303,12 +308,14 @@ class GenerativeRanker(nn.Module):
         """Θ, fp32 ``[B, C, d_head/2]``."""
         return self.rotary(batch)
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor], looked_up: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``looked_up``: every id column's embeddings ``[B, C, d]``, zeros at padding, when the tables
+        live outside this module; otherwise this module's own tables are read."""
         real = real_tokens(batch["length"], batch[TS_COLUMN].shape[1])
         # Once per forward, in fp32; every head of every layer uses the same angles.
         rotations = unit_rotations(self.rotation_angles(batch))[:, :, None, None, :]
         mask = attention_mask(real)
-        x = self.embedding_dropout(self.embed(batch, real))
+        x = self.embedding_dropout(self.embed(batch, real, looked_up))
         for block in self.blocks:
             x = block(x, rotations, mask)
         logits = self.heads(self.final_norm(x)).float()

@@ -53,6 +53,7 @@ from trainer.data import (
     row_fingerprints, split_dir, training_steps,
 )
 from trainer.distributed import init_distributed
+from trainer.embeddings import ShardedTables
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model
 from trainer.metrics import format_table
@@ -173,6 +174,31 @@ class LogWindow:
                 "task_loss": {task: value / counted for task, value in zip(LABEL_COLUMNS, task_sums)}}
 
 
+class ShardedRanker:
+    """The dense model and the sharded tables called as one model (evaluation during training):
+    every call is a collective, so every rank must make the same number of calls (``idle``)."""
+
+    def __init__(self, dense: nn.Module, tables: ShardedTables):
+        self.dense, self.tables = dense, tables
+
+    @property
+    def training(self) -> bool:
+        return self.dense.training
+
+    def train(self, mode: bool = True) -> None:
+        self.dense.train(mode)
+        self.tables.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.dense(batch, self.tables(batch))
+
+    def idle(self, context_len: int) -> None:
+        self.tables.idle(context_len)
+
+
 def _reports_failure(method):
     """A :class:`Trainer` step whose exception every other rank must hear about (and stop)."""
     @functools.wraps(method)
@@ -244,7 +270,9 @@ class Trainer:
                                           config.data.batch_size)
         self._check_ranks_agree()
         seed_everything(config.seed)  # the same initial weights on every rank
-        model = GenerativeRanker(config.model, self.spec, self.t_ref)
+        self.tables = (ShardedTables(config.embeddings, self.spec, config.model.d_model, self.device,
+                                     config.seed) if config.embeddings.sharded else None)
+        model = GenerativeRanker(config.model, self.spec, self.t_ref, tables_outside=self.tables is not None)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=parameter_groups(model, config.optim.weight_decay),
             lr_scheduler=functools.partial(_make_scheduler, config, self.total_steps),
@@ -291,7 +319,7 @@ class Trainer:
 
     @_reports_failure
     def resume(self) -> None:
-        saved, client_state = checkpoint.load(self.engine, self.config.run, self.plan)
+        saved, client_state = checkpoint.load(self.engine, self.config.run, self.plan, self.tables)
         check_resumable(client_state["data"], data_position(self.config, self.shards, 0))
         self.step = client_state["step"]
         self.first_step = self.step - client_state["data"]["steps"]
@@ -314,9 +342,9 @@ class Trainer:
             self.evaluate()
             if self.checkpointed_step != self.step:
                 self.save(stream.steps)
+        serving = self._serving_model()
         if self.rank == 0:
-            export_model(self.engine.module, config, self.spec, config.run,
-                         checkpoint.tag_for(self.step), self.step)
+            export_model(serving, config, self.spec, config.run, checkpoint.tag_for(self.step), self.step)
             log.info("final metrics at step %d:\n%s", self.step, format_table({"eval": self.metrics}))
         dist.barrier()  # the export is complete before any rank reports success
         return self.metrics
@@ -335,7 +363,7 @@ class Trainer:
             share = self._token_share(batch)
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                                 enabled=self.autocast is not None):
-                logits = self.engine(batch)
+                logits = self.engine(batch, self.tables(batch) if self.tables is not None else None)
             loss, task_losses = masked_multitask_loss(logits, batch, self.config.model.task_weights)
             self.engine.backward(loss * share)
             self.engine.step()
@@ -394,10 +422,28 @@ class Trainer:
             "step": self.step, "loss": stats["loss"], "task_loss": stats["task_loss"], "lr": lr,
             "lambda": lam, "samples_per_s": stats["samples_per_s"]})
 
+    def _serving_model(self) -> GenerativeRanker | None:
+        """The whole model on rank 0, tables included (``None`` elsewhere); collective with sharded
+        tables, which are gathered whole into it."""
+        if self.tables is None:
+            return self.engine.module if self.rank == 0 else None
+        serving = None
+        if self.rank == 0:
+            serving = GenerativeRanker(self.config.model, self.spec, self.t_ref)
+            missing, unexpected = serving.load_state_dict(self.engine.module.state_dict(), strict=False)
+            tables = {f"id_embeddings.{column}.weight" for column in self.tables.columns}
+            if set(missing) != tables or unexpected:
+                raise RuntimeError(f"the dense model and the tables do not make the serving model: "
+                                   f"missing {sorted(set(missing) - tables)}, unexpected {unexpected}")
+        self.tables.gather(None if serving is None else {
+            column: serving.id_embeddings[column].weight.data for column in self.tables.columns})
+        return serving
+
     def evaluate(self) -> None:
-        metrics = evaluate_split(self.engine.module, self.config.features, self.spec.context_len,
+        model = self.engine.module if self.tables is None else ShardedRanker(self.engine.module, self.tables)
+        metrics = evaluate_split(model, self.config.features, self.spec.context_len,
                                  self.config.data.eval_batch_size, self.rank, self.world, self.device,
-                                 autocast_dtype=self.autocast)
+                                 autocast_dtype=self.autocast, lockstep=self.tables is not None)
         if self.rank == 0:
             self.metrics = metrics
             write_metrics(self.config.run, metrics, step=self.step, source="train",
@@ -414,7 +460,7 @@ class Trainer:
             "step": self.step, "config": to_dict(self.config), "feature_spec_version": FEATURE_SPEC_VERSION,
             "metrics": self.metrics or {}, "data_watermark": self.data_watermark}
         checkpoint.save(self.engine, self.config.run, self.step, client_state, data,
-                        self.config.train.keep_checkpoints)
+                        self.config.train.keep_checkpoints, self.tables)
         self.checkpointed_step = self.step
         if self.telemetry is not None:
             self.telemetry.on_checkpoint(self.step)

@@ -51,7 +51,7 @@ class WarmStartTrainer(Trainer):
     """A :class:`Trainer` that starts from another run's checkpoint instead of fresh weights."""
 
     def warm_start(self, source_run: str | Path) -> None:
-        tag, client_state = checkpoint.load_latest(self.engine, source_run)
+        tag, client_state = checkpoint.load_latest(self.engine, source_run, self.tables)
         self.step = self.first_step = client_state["step"]
         self.total_steps += self.step
         self._continue_at_configured_lr()

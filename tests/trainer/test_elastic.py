@@ -25,6 +25,7 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig, deepspeed_config
 from trainer.data import DataError, TrainStream, check_layout, real_rows, row_fingerprints
 from trainer.train import resolved_shards
+from training_fixtures import checkpoint_weights
 
 C = 8  # the tiny dataset's context length (conftest.TINY_SPEC)
 
@@ -229,8 +230,7 @@ def test_resume_on_another_world_size_ends_where_the_uninterrupted_run_ends(chai
     # (the rotary branches' output biases) turn that rounding into visible differences; the
     # distance over all weights stays three orders of magnitude below what 4 steps move them.
     ends, again = flat(final_weights(straight)), flat(final_weights(resumed))
-    begin = flat(torch.load(checkpoint_root(straight.run) / "step00000004" / "mp_rank_00_model_states.pt",
-                            weights_only=True)["module"])
+    begin = flat(checkpoint_weights(checkpoint_root(straight.run) / "step00000004", resumed.run))
     assert (ends - again).norm() < 1e-3 * (ends - begin).norm()
     assert ((ends - again).abs() > 1e-5).float().mean() < 0.01
     metrics = [json.loads((run.run / "metrics.json").read_text())["metrics"] for run in (straight, resumed)]

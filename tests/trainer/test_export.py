@@ -125,12 +125,11 @@ def test_evaluate_refuses_features_of_another_spec(exported, feature_writer, tin
 
 
 @pytest.mark.slow
-def test_export_of_a_run_matches_its_final_checkpoint(trained_run, tiny_features):
+def test_export_of_a_run_matches_its_final_checkpoint(trained_run, tiny_features, checkpoint_state, tmp_path):
+    """The export's tables are the sharded tables gathered whole, its dense weights DeepSpeed's."""
     exported_model, config, spec = load_exported(trained_run.run / "export" / "latest")
-    state = torch.load(trained_run.run / "checkpoints" / "step00000032" / "mp_rank_00_model_states.pt",
-                       weights_only=True)
     trained = GenerativeRanker(config.model, spec, 0)
-    trained.load_state_dict(state["module"])
+    trained.load_state_dict(checkpoint_state(trained_run.run / "checkpoints" / "step00000032", tmp_path))
     trained.eval()
     batch = next(eval_batches(tiny_features, spec.context_len, 32, 0, 1))
     with torch.no_grad():
@@ -154,7 +153,7 @@ def as_next_batch(root):
 
 @pytest.mark.slow
 def test_a_warm_start_exports_the_anchor_of_its_checkpoint(trained_run, feature_writer, launch,
-                                                           train_overrides, tmp_path):
+                                                           train_overrides, checkpoint_state, tmp_path):
     """A warm start on data with a later watermark keeps its checkpoint's T_ref in the weights; the
     export records that anchor (not the new data's), and the exported model scores like the
     segment's final checkpoint."""
@@ -175,7 +174,7 @@ def test_a_warm_start_exports_the_anchor_of_its_checkpoint(trained_run, feature_
     assert exported_model.time_reference() == anchor
     final = checkpoint.checkpoint_root(run) / checkpoint.complete_tags(run)[-1]
     trained = GenerativeRanker(config.model, spec, fresh_watermark)
-    trained.load_state_dict(torch.load(final / "mp_rank_00_model_states.pt", weights_only=True)["module"])
+    trained.load_state_dict(checkpoint_state(final, tmp_path))
     trained.eval()
     batch = next(eval_batches(fresh, spec.context_len, 32, 0, 1))
     with torch.no_grad():

@@ -156,6 +156,11 @@ def test_two_rank_run_learns_checkpoints_and_exports(trained_run):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     state = torch.load(checkpoints / "step00000032" / "mp_rank_00_model_states.pt", weights_only=True)
     assert state["step"] == 32
+    # DeepSpeed holds the dense model only; the id tables are TorchRec's, sharded over both ranks.
+    assert not [name for name in state["module"] if "embedding" in name]
+    assert "item_id: row_wise (rank 0: rows 0+16 cols 0+32, rank 1: rows 16+15 cols 0+32)" in trained_run.output
+    assert sorted(path.name for path in (checkpoints / "step00000032" / "tables").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert state["data"] == {"steps": 32, "shards": 2, "seed": 0, "batch_size": 32, "shuffle_buffer": 64}
     assert state["metrics"]["contribution"]["ne"] == pytest.approx(metrics["metrics"]["contribution"]["ne"])
 

@@ -22,8 +22,13 @@ rank does whatever the wait); then the speedup of 2 ranks over 1 and, for ZeRO-0
 communication share of a 2-rank step (under ZeRO-1 the gradient reduction is timed as
 communication, but the parameter all-gather happens inside ``engine.step``). All runs go in one
 invocation, one after the other, so machine load hits them alike; the load average is recorded
-with them, as is the all-reduce volume per step (4 bytes × parameters: DeepSpeed reduces fp32
-gradients, the embedding tables' included, densely) that ``docs/scaling.md`` builds on.
+with them, as is the all-reduce volume per step (4 bytes × the DeepSpeed module's parameters)
+that ``docs/scaling.md`` builds on.
+
+The id tables follow ``embeddings.sharding`` like training: sharded by TorchRec by default (their
+all-to-all then happens inside ``compute``), or ``train_overrides=[embeddings.sharding=data_parallel]``
+for the dense design, whose fp32 table gradients DeepSpeed all-reduces with the rest
+(``bench/embeddings.py`` compares the two designs).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from features.spec import FEATURE_SPEC_VERSION, LOSS_MASK_COLUMN, FeatureSpec
 from trainer.config import TrainConfig, deepspeed_config
 from trainer.data import TrainStream, read_feature_manifest, write_training_rows
 from trainer.distributed import init_distributed
+from trainer.embeddings import ShardedTables
 from trainer.launcher import free_port, launch_env
 from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups, synthetic_batch
 
@@ -110,7 +116,9 @@ def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_fi
         f"deepspeed.zero_stage={zero_stage}", "schedule.warmup_steps=0", *bench.train_overrides])
     _, spec = read_feature_manifest(features)
     torch.manual_seed(config.seed)
-    model = GenerativeRanker(config.model, spec, T_REF_SECONDS)
+    tables = (ShardedTables(config.embeddings, spec, config.model.d_model, torch.device("cpu"), config.seed)
+              if config.embeddings.sharded else None)
+    model = GenerativeRanker(config.model, spec, T_REF_SECONDS, tables_outside=tables is not None)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, config.optim.weight_decay),
         config=deepspeed_config(config, world))
@@ -125,7 +133,8 @@ def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_fi
             marks = [(time.perf_counter(), time.process_time())]
             batch = next(stream)
             marks.append((time.perf_counter(), time.process_time()))
-            loss, _ = masked_multitask_loss(engine(batch), batch, config.model.task_weights)
+            looked_up = tables(batch) if tables is not None else None
+            loss, _ = masked_multitask_loss(engine(batch, looked_up), batch, config.model.task_weights)
             tokens = batch[LOSS_MASK_COLUMN].sum()
             all_tokens = tokens.clone()
             dist.all_reduce(all_tokens)  # the trainer's loss weighting (trainer.train.Trainer._token_share)

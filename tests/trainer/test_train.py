@@ -16,6 +16,7 @@ import torch
 
 from common.config import ConfigError, load_config
 from common.repo import REPO_ROOT
+from features.spec import ID_COLUMNS
 from trainer.checkpoint import COMPLETE_MARKER, CheckpointError, complete_tags, weights_only_loads
 from trainer.config import ScheduleConfig, TrainConfig, deepspeed_config, lr_factor
 from trainer.launch import main as train_main
@@ -35,6 +36,9 @@ REQUIRED = ["features=/data/features", "run=/data/run"]
     ("data.batch_size=0", "data.batch_size"),
     ("schedule.min_lr=0.5", "schedule.min_lr"),
     ("model.n_heads=3", "model"),
+    ("embeddings.sharding=by_hash", "embeddings.sharding"),
+    ("embeddings.optimizer=lamb", "embeddings.optimizer"),
+    ("embeddings.lr=0", "embeddings.lr"),
 ])
 def test_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -194,3 +198,21 @@ def test_resume_continues_exactly_where_training_stopped(trained_run, launch, tm
         torch.testing.assert_close(again[name], straight[name], rtol=0, atol=1e-6, msg=name)
     assert (json.loads((resumed / "metrics.json").read_text())["metrics"]
             == json.loads((trained_run.run / "metrics.json").read_text())["metrics"])
+
+
+@pytest.mark.slow
+def test_dense_tables_train_inside_the_deepspeed_model(trained_run, launch, tmp_path):
+    """``embeddings.sharding=data_parallel`` keeps the earlier design: the tables are parameters of
+    the DeepSpeed module (replicated, AdamW), and the export has the same layout as a sharded run's."""
+    run = launch(trained_run.features, tmp_path / "dense", *trained_run.overrides, "train.steps=4",
+                 "train.eval_every=0", "train.checkpoint_every=0", "embeddings.sharding=data_parallel")
+    assert "id tables" not in run.output
+    state = torch.load(tmp_path / "dense" / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt",
+                       weights_only=True)
+    assert {name for name in state["module"] if name.startswith("id_embeddings.")} == {
+        f"id_embeddings.{column}.weight" for column in ID_COLUMNS}
+    assert not (tmp_path / "dense" / "checkpoints" / "step00000004" / "tables").exists()
+    dense = torch.load(tmp_path / "dense" / "export" / "latest" / "model.pt", weights_only=True)
+    sharded = torch.load(trained_run.run / "export" / "latest" / "model.pt", weights_only=True)
+    assert {name: tensor.shape for name, tensor in dense.items()} == {
+        name: tensor.shape for name, tensor in sharded.items()}

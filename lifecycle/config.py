@@ -49,6 +49,19 @@ class ContinuousConfig:
 
 
 @dataclass
+class PublishConfig:
+    """How a published model is stored in ``registry/`` (:func:`lifecycle.registry.publish`)."""
+    full_every: int = 4
+    """Every `full_every`-th publish is a full copy of the model; the others are deltas on the model
+    served before them: the dense weights and only the id-table rows that changed. A model is then
+    read from at most `full_every` directories, and up to `full_every - 1` more are kept beside the
+    newest `keep_published`, as the kept ones' ancestors. 1: always a full copy."""
+
+    def __post_init__(self) -> None:
+        require(self.full_every >= 1, "publish.full_every", "must be >= 1")
+
+
+@dataclass
 class RetrainConfig:
     dir: str = MISSING
     """Retraining state: lock, cycles/ journals and candidate runs, lineage.json, registry/."""
@@ -72,6 +85,7 @@ class RetrainConfig:
     difference against the published model, with an interval over users."""
     keep_published: int = 3
     """Published models kept in ``registry/`` (the latest is never removed)."""
+    publish: PublishConfig = field(default_factory=PublishConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
     """Optional: consume Kafka into ``features.raw`` before each cycle."""
     telemetry_port: int = 0

@@ -16,8 +16,10 @@ resumed before a new one starts):
    is newer than every batch a cycle has already trained through;
 4. ``gate``: candidate and published model evaluated on the same freshest held-out slice
    (:mod:`lifecycle.gate`: publish, refuse, or insufficient evidence);
-5. ``publish``: if the gate passes, ``registry/latest`` moves atomically (previous ``keep_published``
-   kept); the decision, both metric sets and the event→published latency go to the publish log;
+5. ``publish``: if the gate passes, the candidate is published, whole or as a delta on the served
+   model (``publish.full_every``), and ``registry/latest`` moves atomically (previous
+   ``keep_published`` kept, with the models their deltas need); the decision, both metric sets, how
+   the model was stored and the event→published latency go to the publish log;
 6. ``advance``: the candidate's checkpoint (with its checksums) joins the lineage, marked accepted
    if it was published. A refused or unproven candidate is never trained on: the next cycle starts
    again from the last accepted checkpoint and trains on every batch since, the refused cycle's too.
@@ -51,7 +53,7 @@ from ingest.config import IngestConfig
 from ingest.consumer import Ingestor
 from lifecycle.config import RetrainConfig
 from lifecycle.gate import gate
-from lifecycle.registry import append_log, current, publish, read_log
+from lifecycle.registry import append_log, current, publish, read_log, trained_record
 from lifecycle.view import NothingNew, batches, build_view
 from trainer.checkpoint import checkpoint_root, complete_tags
 from trainer.config import TrainConfig
@@ -236,14 +238,16 @@ class Retrainer:
         published_at = time.time()
         trained = {key: journal[key] for key in ("batch", "watermark_ms", "max_event_ms", "since_batch")}
         trained["cycle"] = journal["cycle"]
+        publication = None
         if decision["publish"]:
-            publish(Path(journal["run"]) / "export" / "latest", self.registry, journal["cycle"], trained,
-                    self.config.keep_published)
+            target = publish(Path(journal["run"]) / "export" / "latest", self.registry, journal["cycle"], trained,
+                             self.config.keep_published, full_every=self.config.publish.full_every)
+            publication = trained_record(target).get("publication")
         append_log(self.registry, {
             "cycle": journal["cycle"], "published": decision["publish"], "outcome": decision["outcome"],
             "reason": decision["reason"], "tasks": decision["tasks"], "published_error": decision["published_error"],
             "candidate": decision["candidate"], "current": decision["current"],
-            "compared_with": journal.get("compared_with"), "trained": trained,
+            "compared_with": journal.get("compared_with"), "trained": trained, "publication": publication,
             "decided_at": published_at,
             "event_to_published_s": (published_at - journal["max_event_ms"] / 1000
                                      if decision["publish"] and journal.get("max_event_ms") else None)})

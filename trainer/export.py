@@ -14,6 +14,21 @@ The directory is assembled under a temporary name and renamed into place, then
 ``RUN_DIR/export/latest`` moves to it. ``latest`` is a relative symlink swapped atomically
 (a new link under a temporary name, then ``os.replace``): a reader either sees the previous
 export or the new complete one, and ``load_exported(RUN_DIR/export/latest)`` works as a plain path.
+
+**Deltas.** The registry (:mod:`lifecycle.registry`) may store a model as a *delta* on its parent,
+the model published before it, a sibling directory. A delta directory holds the same files except
+that ``model.delta.pt`` replaces ``model.pt``; it is ``torch.save`` of plain dicts of tensors::
+
+    {"dense":  {key: tensor},                       every entry that is not an id table, whole
+     "tables": {key: {"ids": int64 [n],              every id table (``id_embeddings.*``): the rows
+                      "rows": table dtype [n, d]}}}  whose bytes differ from the parent's, and those rows
+
+and its manifest adds ``"delta": {"parent": NAME, "parent_sha256": HEX, "changed_rows": {key: n}}``,
+``parent_sha256`` being the parent's model file (``model.pt`` or ``model.delta.pt``) as its own
+manifest records it. Reading one (:func:`load_state`) follows the parents to the full base, checks
+every directory's checksums and every recorded parent sha256, loads the base and applies the deltas
+oldest first, writing the rows bit for bit: the result is the state dict a full export of the same
+weights loads. Only the registry writes deltas; run exports are always full.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +55,27 @@ log = logging.getLogger(__name__)
 EXPORTS = "export"
 LATEST = "latest"
 MODEL_FILE = "model.pt"
+DELTA_FILE = "model.delta.pt"
 CONFIG_YAML = "config.yaml"
 CONFIG_JSON = "config.json"
 SPEC_FILE = "feature_spec.json"
 EXPORT_FILES = (MODEL_FILE, CONFIG_YAML, CONFIG_JSON, SPEC_FILE)
+DELTA_FILES = (DELTA_FILE, CONFIG_YAML, CONFIG_JSON, SPEC_FILE)
+TABLE_PREFIX = "id_embeddings."
+"""State-dict keys of the id tables: the entries a delta stores row by row."""
+COMPARE_ROWS = 1 << 16
+"""Rows compared at once when diffing a table, so a table of tens of millions of rows needs no
+table-sized comparison mask."""
+
+State = dict[str, torch.Tensor]
 
 
 class ExportError(RuntimeError):
     """An export directory that is incomplete, tampered with or corrupt."""
+
+
+class DeltaMismatch(ValueError):
+    """Weights that cannot be a delta on the parent's: the keys or a table's shape or dtype differ."""
 
 
 def export_root(run_dir: str | Path) -> Path:
@@ -92,20 +121,15 @@ def export_model(model: GenerativeRanker, config: TrainConfig, spec: FeatureSpec
     return target
 
 
+def is_table(key: str) -> bool:
+    """Whether a state-dict entry is an id table (stored row by row in a delta)."""
+    return key.startswith(TABLE_PREFIX)
+
+
 def verify_export(path: str | Path) -> dict[str, Any]:
-    """The export's manifest, after checking it is complete and every checksum matches."""
-    path = Path(path)
-    try:
-        manifest = read_manifest(path)
-    except IncompleteDatasetError as error:
-        raise ExportError(f"{path} is not a complete export: {error}") from None
-    for name in EXPORT_FILES:
-        expected = manifest.get("sha256", {}).get(name)
-        if expected is None or not (path / name).is_file():
-            raise ExportError(f"{path} is incomplete: {name} is missing")
-        if sha256(path / name) != expected:
-            raise ExportError(f"{path / name} is corrupt: its sha256 does not match the manifest")
-    return manifest
+    """The export's manifest, after checking it is complete and every checksum matches; for a delta,
+    also every ancestor's, and that each parent is the one its child recorded."""
+    return _chain(path)[0][1]
 
 
 def export_problem(path: str | Path) -> str | None:
@@ -117,25 +141,175 @@ def export_problem(path: str | Path) -> str | None:
     return None
 
 
+def ancestry(path: str | Path) -> list[Path]:
+    """``path`` and the ancestors its manifests name, newest first, as far as their manifests can be
+    read. Nothing is verified: this is what a model needs kept, even when its chain is broken."""
+    chain = [Path(path)]
+    while True:
+        try:
+            record = read_manifest(chain[-1]).get("delta")
+        except (OSError, ValueError):  # no marker (IncompleteDatasetError), unreadable or torn JSON
+            return chain
+        if record is None:
+            return chain
+        parent = chain[-1].parent / record["parent"]
+        if parent in chain:
+            return chain
+        chain.append(parent)
+
+
+def load_state(path: str | Path) -> State:
+    """The export's full state dict, a delta's chain applied, after :func:`verify_export`'s checks."""
+    return _state(_chain(path))
+
+
+def write_delta(source: Path, parent: Path, staging: Path) -> dict[str, int]:
+    """Write the verified full export ``source`` into the empty directory ``staging`` as a delta on
+    the verified export ``parent``, which is ``staging``'s sibling (the registry's directory).
+
+    Returns the number of changed rows per table. Raises :class:`DeltaMismatch`, having written
+    nothing, when the state dict's keys, or a table's shape or dtype, differ from the parent's.
+    """
+    new = _load_tensors(source / MODEL_FILE)
+    links = _chain(parent)
+    old = _state(links)
+    if set(new) != set(old):
+        raise DeltaMismatch(f"the state dict's keys differ from {parent.name}'s")
+    tables = [key for key in new if is_table(key)]
+    for key in tables:
+        if (new[key].shape, new[key].dtype) != (old[key].shape, old[key].dtype):
+            raise DeltaMismatch(f"{key} is {new[key].dtype} {tuple(new[key].shape)}, "
+                                f"{parent.name}'s {old[key].dtype} {tuple(old[key].shape)}")
+    changed = {key: _changed_rows(new[key], old[key]) for key in tables}
+    torch.save({"dense": {key: tensor for key, tensor in new.items() if not is_table(key)},
+                "tables": {key: {"ids": ids, "rows": _bits(new[key])[ids].view(new[key].dtype)}
+                           for key, ids in changed.items()}},
+               staging / DELTA_FILE)
+    for name in DELTA_FILES[1:]:
+        shutil.copy2(source / name, staging / name)
+    parent_manifest = links[0][1]
+    record = {"parent": parent.name,
+              "parent_sha256": parent_manifest["sha256"][_model_file(parent_manifest)],
+              "changed_rows": {key: len(ids) for key, ids in changed.items()}}
+    manifest = {key: value for key, value in read_manifest(source).items() if key != "sha256"}
+    write_manifest(staging, {**manifest, "delta": record,
+                             "sha256": {name: sha256(staging / name) for name in DELTA_FILES}})
+    return record["changed_rows"]
+
+
 def load_exported(path: str | Path) -> tuple[GenerativeRanker, TrainConfig, FeatureSpec]:
     """The exported model (eval mode, on CPU), its training config and feature spec.
 
-    ``path`` is an export directory or ``RUN_DIR/export/latest``; the link is resolved once, so a
-    concurrent publish cannot mix two exports. The model's T_ref comes from the weights, which must
-    agree with ``feature_spec.json``. Raises :class:`ExportError` when incomplete, corrupt or when
-    the two disagree.
+    ``path`` is an export directory, a published model (a delta is read through its chain,
+    :func:`load_state`) or a ``latest`` link; the link is resolved once, so a concurrent publish
+    cannot mix two exports. The model's T_ref comes from the weights, which must agree with
+    ``feature_spec.json``. Raises :class:`ExportError` when incomplete, corrupt (an ancestor of a
+    delta included) or when the two disagree.
     """
     path = Path(path).resolve()
-    verify_export(path)
+    state = load_state(path)
     config = load_config(TrainConfig, path / CONFIG_YAML)
     spec_record = json.loads((path / SPEC_FILE).read_text())
     spec = FeatureSpec(**spec_record["spec"])
     t_ref = spec_record["t_ref_seconds"]
     model = GenerativeRanker(config.model, spec, t_ref or 0)
-    state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     if model.time_reference() != t_ref:
         raise ExportError(f"{path / SPEC_FILE} records T_ref {t_ref}, but the weights use "
                           f"{model.time_reference()}")
     model.eval()
     return model, config, spec
+
+
+def _model_file(manifest: dict[str, Any]) -> str:
+    return DELTA_FILE if "delta" in manifest else MODEL_FILE
+
+
+def _verified_files(path: Path) -> dict[str, Any]:
+    """One directory's manifest, after checking it is complete and its own files' checksums."""
+    try:
+        manifest = read_manifest(path)
+    except IncompleteDatasetError as error:
+        raise ExportError(f"{path} is not a complete export: {error}") from None
+    for name in DELTA_FILES if "delta" in manifest else EXPORT_FILES:
+        expected = manifest.get("sha256", {}).get(name)
+        if expected is None or not (path / name).is_file():
+            raise ExportError(f"{path} is incomplete: {name} is missing")
+        if sha256(path / name) != expected:
+            raise ExportError(f"{path / name} is corrupt: its sha256 does not match the manifest")
+    return manifest
+
+
+def _chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``path`` (resolved) and its ancestors to the full base, newest first, each with its verified
+    manifest; an ancestor that is missing, corrupt or not the parent its child recorded is named."""
+    path = Path(path).resolve()
+    links = [(path, _verified_files(path))]
+    while "delta" in links[-1][1]:
+        child, record = links[-1][0], links[-1][1]["delta"]
+        name = record["parent"]
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ExportError(f"{child}'s manifest names {name!r} as its parent, which is not a sibling")
+        parent = child.parent / name
+        if any(parent == seen for seen, _ in links):
+            raise ExportError(f"the chain of parents of {path} loops back to {parent}")
+        if not parent.is_dir():
+            raise ExportError(f"{path} cannot be read: its ancestor {parent} (the parent of {child.name}) "
+                              "is missing")
+        try:
+            manifest = _verified_files(parent)
+        except ExportError as error:
+            raise ExportError(f"{path} cannot be read: its ancestor {parent} (the parent of {child.name}) "
+                              f"is not a valid export: {error}") from None
+        if manifest["sha256"][_model_file(manifest)] != record["parent_sha256"]:
+            raise ExportError(f"{path} cannot be read: its ancestor {parent} is not the model "
+                              f"{child.name} was published against (its sha256 differs from the one recorded)")
+        links.append((parent, manifest))
+    return links
+
+
+def _state(links: list[tuple[Path, dict[str, Any]]]) -> State:
+    """The base's state dict with the deltas of ``links`` (newest first, as :func:`_chain`) applied."""
+    state = _load_tensors(links[-1][0] / MODEL_FILE)
+    for directory, _ in reversed(links[:-1]):
+        state = _apply_delta(state, _load_tensors(directory / DELTA_FILE), directory / DELTA_FILE)
+    return state
+
+
+def _load_tensors(file: Path) -> Any:
+    # mmap: the tables stay file-backed (copy on write where a delta writes rows), so diffing two
+    # models of tens of GB, or loading one into a model, does not hold them in memory twice.
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _apply_delta(state: State, delta: dict[str, Any], file: Path) -> State:
+    dense, tables = delta["dense"], delta["tables"]
+    if set(tables) != {key for key in state if is_table(key)} or set(dense) != {key for key in state
+                                                                                 if not is_table(key)}:
+        raise ExportError(f"{file} does not hold the entries of its parent's state dict")
+    for key, change in tables.items():
+        table, ids, rows = state[key], change["ids"], change["rows"]
+        if (ids.dtype != torch.int64 or ids.dim() != 1 or rows.dtype != table.dtype
+                or rows.shape != (len(ids), *table.shape[1:])
+                or (len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < len(table))):
+            raise ExportError(f"{file}: the changed rows of {key} do not fit its parent's table "
+                              f"{tuple(table.shape)}")
+        _bits(table)[ids] = _bits(rows)
+    return {key: dense.get(key, tensor) for key, tensor in state.items()}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A floating tensor's bytes as integers of its element size (the same storage), so comparing
+    and copying rows are bit-exact: -0.0 differs from 0.0, a NaN equals itself with its payload."""
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
+def _changed_rows(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Ids (int64) of the rows of ``new`` whose bytes differ from ``old``'s (same shape and dtype)."""
+    new_bits, old_bits = _bits(new).reshape(len(new), -1), _bits(old).reshape(len(old), -1)
+    found = [torch.ne(new_bits[start:start + COMPARE_ROWS], old_bits[start:start + COMPARE_ROWS])
+             .any(dim=1).nonzero().flatten() + start
+             for start in range(0, len(new), COMPARE_ROWS)]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64)

@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(PY) bench/ingest_stream.py
 	$(PY) bench/overhead.py
 	$(PY) bench/scaling.py
+	$(PY) bench/embeddings.py
+	$(PY) bench/delta_publish.py
 	$(PY) bench/retrain.py
 
 clean:

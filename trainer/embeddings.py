@@ -80,16 +80,21 @@ def table_rows(spec: FeatureSpec) -> dict[str, int]:
 def initial_rows(seed: int, table: str, first: int, count: int, dim: int) -> Tensor:
     """Rows ``[first, first + count)`` of ``table``'s initial weights, fp32: the same values whatever
     shard asks (each block of ``INIT_BLOCK_ROWS`` rows comes from its own generator)."""
+    return torch.cat([rows for _, rows in _initial_blocks(seed, table, first, count, dim)])
+
+
+def _initial_blocks(seed: int, table: str, first: int, count: int, dim: int) -> Iterator[tuple[int, Tensor]]:
+    """:func:`initial_rows` one block at a time: (offset into the range, rows), so a shard of tens of
+    millions of rows is initialised without a temporary of its size."""
     table_seed = int.from_bytes(table.encode(), "little") % (2**31)
-    parts = []
     for block in range(first // INIT_BLOCK_ROWS, (first + count - 1) // INIT_BLOCK_ROWS + 1):
         generator = torch.Generator().manual_seed(hash((seed, table_seed, block)) % (2**63))
         rows = torch.randn(INIT_BLOCK_ROWS, dim, generator=generator) * INIT_STD
         if block == 0:
             rows[0] = 0.0  # padding
         start = block * INIT_BLOCK_ROWS
-        parts.append(rows[max(first, start) - start:min(first + count, start + INIT_BLOCK_ROWS) - start])
-    return torch.cat(parts)
+        low, high = max(first, start), min(first + count, start + INIT_BLOCK_ROWS)
+        yield low - first, rows[low - start:high - start]
 
 
 def lookup_input(batch: dict[str, Tensor], columns: tuple[str, ...]) -> KeyedJaggedTensor:
@@ -171,8 +176,8 @@ class ShardedTables:
         for column, weight in self._weights().items():
             for shard in weight.local_shards():
                 (first, column_start), (count, width) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                rows = initial_rows(seed, column, first, count, self.dim)
-                shard.tensor.copy_(rows[:, column_start:column_start + width])
+                for offset, rows in _initial_blocks(seed, column, first, count, self.dim):
+                    shard.tensor[offset:offset + len(rows)].copy_(rows[:, column_start:column_start + width])
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)

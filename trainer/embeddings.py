@@ -97,9 +97,9 @@ def _initial_blocks(seed: int, table: str, first: int, count: int, dim: int) -> 
         yield low - first, rows[low - start:high - start]
 
 
-def lookup_input(batch: dict[str, Tensor], columns: tuple[str, ...]) -> KeyedJaggedTensor:
-    """The real tokens' ids of every column, one jagged list per row (a row's last ``length`` tokens)."""
-    real = real_tokens(batch["length"], batch[columns[0]].shape[1])
+def lookup_input(batch: dict[str, Tensor], columns: tuple[str, ...], real: Tensor) -> KeyedJaggedTensor:
+    """The real tokens' ids of every column (``real``: :func:`trainer.model.real_tokens`), one jagged
+    list per row (a row's last ``length`` tokens)."""
     lengths = batch["length"].to(torch.int64)
     return KeyedJaggedTensor(keys=list(columns), values=torch.cat([batch[column][real] for column in columns]),
                              lengths=lengths.repeat(len(columns)))
@@ -184,8 +184,9 @@ class ShardedTables:
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every column's embeddings ``[B, C, d]`` (zeros at padding), from the ranks holding the rows."""
-        looked_up = self.module(lookup_input(batch, self.columns))
-        real = real_tokens(batch["length"], batch[self.columns[0]].shape[1]).unsqueeze(-1)
+        real = real_tokens(batch["length"], batch[self.columns[0]].shape[1])
+        looked_up = self.module(lookup_input(batch, self.columns, real))
+        real = real.unsqueeze(-1)
         embedded = {}
         for column in self.columns:
             values = looked_up[column].values()

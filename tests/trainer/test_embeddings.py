@@ -11,7 +11,7 @@ from embedding_support import (
     adam_on_cpu, joined, run_ranks, save_and_reload, serving_parity, train_steps,
 )
 from trainer.embeddings import initial_rows, lookup_input
-from trainer.model import synthetic_batch
+from trainer.model import real_tokens, synthetic_batch
 from training_fixtures import TINY_SPEC
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_initial_rows_do_not_depend_on_how_they_are_asked_for():
 def test_only_real_tokens_are_looked_up():
     batch = synthetic_batch(TINY_SPEC, 3, seed=0)
     batch["length"] = torch.tensor([2, 0, 8], dtype=torch.int32)
-    ids = lookup_input(batch, ("item_id", "topic"))
+    ids = lookup_input(batch, ("item_id", "topic"), real_tokens(batch["length"], TINY_SPEC.context_len))
     assert ids.lengths().tolist() == [2, 0, 8, 2, 0, 8]
     item = ids["item_id"].values()
     assert torch.equal(item, torch.cat([batch["item_id"][0, -2:], batch["item_id"][2]]))

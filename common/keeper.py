@@ -27,6 +27,8 @@ log = logging.getLogger(KEEPER_MODULE)
 
 STOP_GRACE_S = 10.0
 """After the parent died: how long the group has to end on SIGTERM before it gets SIGKILL."""
+REPARENT_WAIT_S = 1.0
+"""How long a signal waits to tell its parent's death from a signal sent while the parent lives."""
 POLL_S = 1.0
 """How often the keeper checks that its parent still lives (where no parent-death signal exists)."""
 
@@ -41,7 +43,7 @@ def _keep(parent: int, command: list[str]) -> int:
     child: subprocess.Popen | None = None
 
     def on_signal(signum: int, frame: Any) -> None:
-        if os.getppid() != parent:
+        if _parent_gone(parent):
             raise _ParentDied
         if child is not None:
             # One sent to this process alone must reach the command; one sent to the whole group
@@ -65,6 +67,19 @@ def _keep(parent: int, command: list[str]) -> int:
     except _ParentDied:
         _stop_group(parent, command)
         return 128 + signal.SIGTERM
+
+
+def _parent_gone(parent: int) -> bool:
+    """Whether ``parent`` has died. The kernel's parent-death signal fires when the parent *thread*
+    that started this process exits: while the other threads of a multi-threaded parent (torch's)
+    are still being killed, this process is briefly the child of one of them, the same pid, so a
+    signal arriving then waits up to :data:`REPARENT_WAIT_S` for the reparenting to finish."""
+    deadline = time.monotonic() + REPARENT_WAIT_S
+    while os.getppid() == parent:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _stop_group(parent: int, command: list[str]) -> None:

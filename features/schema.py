@@ -299,7 +299,12 @@ class EventSchema:
 
     def __init__(self, config: SchemaConfig):
         self.config = config
-        _validate(config)
+        try:
+            _validate(config)
+        except SchemaError:
+            raise
+        except ConfigError as error:
+            raise SchemaError(f"schema '{config.name}': {error}") from None
 
     # The raw contract.
     @cached_property
@@ -544,7 +549,8 @@ def _validate(config: SchemaConfig) -> None:
     for name, spec in fields.items():
         key = f"fields.{name}"
         require(spec.type in KINDS, f"{key}.type", f"must be one of {', '.join(KINDS)}, got '{spec.type}'")
-        require(name not in RESERVED_COLUMNS, key, "is a reserved column name")
+        if name not in (config.event_id, config.user, config.time.field):
+            require(name not in RESERVED_COLUMNS, key, "is a reserved column name")
         if spec.type not in NUMERIC_KINDS:
             require(spec.min is None and spec.max is None, f"{key}.min", "only numeric fields have a range")
         if spec.min is not None and spec.max is not None:

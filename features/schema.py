@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import pyarrow as pa
+from omegaconf import OmegaConf
 
 from common.config import ConfigError, load_config, require, to_dict
 
@@ -48,6 +49,7 @@ INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 TIME_UNITS_MS = {"ms": 1, "s": 1000}
 OFFSET_UNITS_S = {"s": 1, "min": 60}
 TRANSFORM_OPS = ("clip", "divide", "log1p", "standardize")
+DEFAULT_PERIODS = {"day": 86_400.0, "week": 604_800.0}
 
 EVENT_ID, USER_ID, EVENT_TS = "event_id", "user_id", "event_ts"
 """Canonical names of the role fields (epoch milliseconds for ``event_ts``)."""
@@ -164,9 +166,10 @@ class TimeFeaturesConfig:
     item_age: str = ""
     """A categorical field: ``log_item_age = log1p(seconds since its value's first impression)``;
     "" = no such feature."""
-    periods: dict[str, float] = dataclasses.field(default_factory=lambda: {"tod": 86_400.0, "dow": 604_800.0})
+    periods: dict[str, float] = dataclasses.field(default_factory=dict)
     """Cyclical features ``NAME_sin, NAME_cos = sin/cos(2π·T/period)``, period in seconds, T the
-    event's epoch seconds (local when ``utc_offset`` is set)."""
+    event's epoch seconds (local when ``utc_offset`` is set). A file that leaves the key out gets
+    :data:`DEFAULT_PERIODS`."""
     utc_offset: UtcOffsetConfig = dataclasses.field(default_factory=UtcOffsetConfig)
 
 
@@ -269,7 +272,16 @@ def load_schema(source: str | Mapping[str, Any] | "EventSchema" = DEFAULT_SCHEMA
 
 def _load(path: Path | None, values: dict[str, Any] | None = None) -> SchemaConfig:
     try:
-        return load_config(SchemaConfig, path, values=values)
+        if path is not None:
+            values = OmegaConf.to_container(OmegaConf.load(path))
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path} does not hold a mapping of schema keys")
+        values = dict(values)
+        # A dict default would merge with the file's periods rather than give way to them.
+        time_features = dict(values.get("time_features") or {})
+        time_features.setdefault("periods", dict(DEFAULT_PERIODS))
+        values["time_features"] = time_features
+        return load_config(SchemaConfig, values=values)
     except ConfigError as error:
         raise SchemaError(f"schema {path or values.get('name', '')}: {error}") from None
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import pyarrow as pa
+import yaml
 from omegaconf import OmegaConf
 
 from common.config import ConfigError, load_config, require, to_dict
@@ -89,6 +90,11 @@ REASONS: tuple[str, ...] = (
 
 class SchemaError(ConfigError):
     """A schema file that cannot be used, or a dataset, checkpoint or export of another schema."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise SchemaError(f"config key '{key}': {message}")
 
 
 # --- the schema file ----------------------------------------------------------------------------
@@ -273,7 +279,10 @@ def load_schema(source: str | Mapping[str, Any] | "EventSchema" = DEFAULT_SCHEMA
 def _load(path: Path | None, values: dict[str, Any] | None = None) -> SchemaConfig:
     try:
         if path is not None:
-            values = OmegaConf.to_container(OmegaConf.load(path))
+            try:
+                values = OmegaConf.to_container(OmegaConf.load(path))
+            except yaml.YAMLError as error:
+                raise ConfigError(f"not valid YAML: {str(error).splitlines()[0]}") from None
             if not isinstance(values, dict):
                 raise ConfigError(f"{path} does not hold a mapping of schema keys")
         values = dict(values)
@@ -506,7 +515,7 @@ class EventSchema:
             return self
         values = self.to_dict()
         for table, rows in buckets.items():
-            require(table in self.tables, f"spec.buckets.{table}",
+            _require(table in self.tables, f"spec.buckets.{table}",
                     f"not a table of schema '{self.name}'; its tables are {', '.join(self.tables)}")
             values["categoricals"][table]["buckets"] = int(rows)
         return load_schema(values)

@@ -9,7 +9,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv demo test test-fast test-multinode bench clean
+.PHONY: venv demo test test-fast test-multinode bench movielens clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: $(STAMP)
 	$(PY) bench/embeddings.py
 	$(PY) bench/delta_publish.py
 	$(PY) bench/retrain.py
+	$(PY) bench/movielens.py
+
+# The worked example of docs/your-logs.md (MovieLens-100K, three variants over three seeds).
+movielens: $(STAMP)
+	$(PY) bench/movielens.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

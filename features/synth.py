@@ -1,10 +1,14 @@
-"""Synthetic feed logs in the raw event contract, with the ground truth that generated them.
+"""Synthetic logs in the raw event contract, with the ground truth that generated them.
 
-``sirenfeed synth --out RAW_DIR --users N --days D --seed S`` (or :func:`write_synthetic_logs`)
-writes
+``sirenfeed synth --out RAW_DIR --users N --days D --seed S [schema=NAME]`` (or
+:func:`write_synthetic_logs`) writes the logs of an event schema (``schema``, default ``feed``). The
+feed schema gets the feed world below; any other schema gets the generic world of
+:mod:`features.synth_schema`, which writes the same layout from the schema file alone (its fields,
+its ``p_<task>`` truth and its own kinds of bad events) and refuses, before writing anything, a
+schema that declares what it cannot generate. For the feed it writes
 
-* ``RAW_DIR/date=YYYY-MM-DD/part-NNNNN.parquet``: raw events with exactly the columns of
-  :data:`features.schema.RAW_ARROW_SCHEMA`, one file per date per chunk of users (NNNNN is the
+* ``RAW_DIR/date=YYYY-MM-DD/part-NNNNN.parquet``: raw events with exactly the columns of the feed
+  schema's ``raw_arrow_schema``, one file per date per chunk of users (NNNNN is the
   chunk), sorted by (user, time). The partition is the UTC date of the event's true time, which the
   two timestamp faults below keep.
 * ``RAW_DIR/_truth/date=YYYY-MM-DD/part-NNNNN.parquet``: ``event_id``, the probabilities
@@ -14,7 +18,8 @@ writes
   benchmark can compute the Bayes-optimal NE, overall and on the events a mechanism moves.
 * ``_MANIFEST.json`` and ``_SUCCESS`` (:func:`features.dataset.write_manifest`): counts (events,
   valid events, injected bad events by kind, injected duplicates, users, days, events per date),
-  the watermark (largest ``event_ts`` of a valid event), the seed and the whole config.
+  the watermark (largest ``event_ts`` of a valid event), the seed, the whole config and the whole
+  event schema.
 
 Everything is written into a hidden sibling directory that replaces ``RAW_DIR`` in one rename only
 once it is complete, so a crash never leaves a ``RAW_DIR`` with ``_SUCCESS`` and partial data. The
@@ -96,7 +101,7 @@ and freshness. The rest of η (base, surface, user bias, item quality) is consta
 *Dwell.* ``log dwell_ms ~ N(μ_j, content_types[c].dwell_log_std²)`` with
 ``μ_j = log(content_types[c].dwell_median_ms) + dwell_logit_slope·(η − base_logit)
 + dwell_contribution_shift·j``, j = contribution (0 or 1); ``dwell_ms`` is its floor. With the
-thresholds of :class:`features.spec.FeatureSpec`, ``long_dwell = dwell_ms ≥ threshold[c]`` has the
+thresholds of the feed schema's ``long_dwell`` label, ``long_dwell = dwell_ms ≥ threshold[c]`` has the
 analytic probability ``p_long_dwell = σ(η)·Q(z_1) + (1 − σ(η))·Q(z_0)``, Q the standard normal
 tail and ``z_j = (log threshold[c] − μ_j)/dwell_log_std``.
 
@@ -127,7 +132,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -139,13 +144,21 @@ from common.config import ConfigError, add_config_arguments, config_from_args, r
 from common.files import staged_directory
 from features.dataset import MANIFEST_NAME, write_manifest
 from features.schema import (
-    INT32_MAX, RAW_ARROW_SCHEMA, REASON_EMPTY, REASON_MISSING, REASON_OUT_OF_RANGE,
-    REASON_TOO_LONG, REASON_TS_BEFORE_EPOCH, REASON_TS_IN_FUTURE, SCHEMA_VERSION, ContractConfig,
+    DEFAULT_SCHEMA, INT32_MAX, REASON_EMPTY, REASON_MISSING, REASON_OUT_OF_RANGE, REASON_TOO_LONG,
+    REASON_TS_BEFORE_EPOCH, REASON_TS_IN_FUTURE, SCHEMA_VERSION, ContractConfig, load_schema,
+    schema_path, shipped_schemas,
 )
-from features.spec import SECONDS_PER_DAY, FeatureSpec, long_dwell_threshold
+from features.spec import SECONDS_PER_DAY, threshold
+from features.synth_common import (
+    FUTURE_SHIFT_MS, MS_PER_DAY, PRE_EPOCH_SPREAD_MS, ChunkTables, hour_of_day, normal_tail,
+    segment_positions, sigmoid,
+)
+from features.synth_schema import SchemaProcess, SchemaWorld, SynthRun
 
 log = logging.getLogger(__name__)
 
+FEED_SCHEMA = load_schema("feed")
+"""The schema the feed world writes: its fields, and the thresholds of its ``long_dwell`` label."""
 DATASET_KIND = "synthetic_raw_events"
 """``dataset`` entry of the manifest; a directory carrying it may be replaced by a re-run."""
 TRUTH_DIR = "_truth"
@@ -165,10 +178,6 @@ BAD_EVENT_REASONS: dict[str, str] = {
 }
 """Injected fault kind → the reason :func:`features.validation.check_record` gives for it."""
 BAD_KINDS: tuple[str, ...] = tuple(BAD_EVENT_REASONS)
-
-MS_PER_DAY = SECONDS_PER_DAY * 1000
-FUTURE_SHIFT_MS = 100 * 365 * MS_PER_DAY  # a broken client clock, a century ahead
-PRE_EPOCH_SPREAD_MS = 365 * MS_PER_DAY
 
 
 @dataclass
@@ -310,10 +319,19 @@ class SynthConfig:
     """Probability that an event is corrupted into one of the kinds of ``BAD_EVENT_REASONS``."""
     duplicate_fraction: float = 0.0005
     """Probability that a clean event is emitted twice (same ``event_id``, identical row)."""
+    schema: str = DEFAULT_SCHEMA
+    """The event schema of the logs, as ``spec.schema``: a shipped schema's name or a schema file's
+    path. The feed schema gets the feed world (``process``), any other the generic world of
+    features/synth_schema.py (``schema_process``)."""
     process: GenerativeProcess = field(default_factory=GenerativeProcess)
-    """The generative process; the module docstring of features/synth.py gives the role of each key."""
+    """The feed world's generative process; the module docstring of features/synth.py gives the role
+    of each key."""
+    schema_process: SchemaProcess = field(default_factory=SchemaProcess)
+    """The generic world's process, for every schema but the feed."""
 
     def __post_init__(self) -> None:
+        path = schema_path(self.schema)
+        require(path.is_file(), "schema", f"no schema file {path} (shipped: {', '.join(shipped_schemas())})")
         require(self.users >= 1, "users", "must be >= 1")
         require(self.days >= 1, "days", "must be >= 1")
         require(self.seed >= 0, "seed", "must be >= 0")
@@ -351,20 +369,6 @@ def _wall_clock_ms() -> int:
 # Small vectorised helpers
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def normal_tail(z: np.ndarray) -> np.ndarray:
-    """Q(z) = P(N(0, 1) >= z), exact to double precision (numpy has no erfc)."""
-    scaled = (np.asarray(z, np.float64) / math.sqrt(2.0)).tolist()
-    return 0.5 * np.fromiter(map(math.erfc, scaled), np.float64, len(scaled))
-
-
-def hour_of_day(ts_ms: np.ndarray) -> np.ndarray:
-    return np.mod(ts_ms, MS_PER_DAY) / 3_600_000.0
-
-
 def is_weekend(ts_ms: np.ndarray) -> np.ndarray:
     # Day 0 of the Unix epoch was a Thursday, so (day + 3) % 7 counts from Monday = 0.
     return (np.floor_divide(ts_ms, MS_PER_DAY) + 3) % 7 >= 5
@@ -373,12 +377,6 @@ def is_weekend(ts_ms: np.ndarray) -> np.ndarray:
 def _weights(mix: dict[str, Any]) -> np.ndarray:
     weights = np.array([params.weight for params in mix.values()], np.float64)
     return weights / weights.sum()
-
-
-def _segment_positions(counts: np.ndarray) -> np.ndarray:
-    """0, 1, …, n−1 for each segment of a flat array made of segments of the given lengths."""
-    starts = np.cumsum(counts) - counts
-    return np.arange(int(counts.sum())) - np.repeat(starts, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +546,7 @@ def draw_impressions(users: Users, catalogue: Catalogue, days: int, start_ms: in
                      rng.integers(0, process.topics, n), preferred_topics(users, user, rng))
     item = pick_items(catalogue, topic, (ts_ms - start_ms) / 1000.0, process, rng)
     counts = np.bincount(user, minlength=len(users.bias))
-    return Impressions(user, ts_ms, surface, topic, item, _segment_positions(counts), counts)
+    return Impressions(user, ts_ms, surface, topic, item, segment_positions(counts), counts)
 
 
 def preferred_topics(users: Users, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -708,7 +706,6 @@ def draw_outcomes(eta: np.ndarray, engagement: Engagement, content_type: np.ndar
                   rng: np.random.Generator) -> Outcomes:
     """The actions given each contribution, and the probabilities every label was drawn with."""
     types = list(process.content_types.values())
-    spec = FeatureSpec()
     q_like, q_comment, q_share = (np.array([getattr(params, name) for params in types])[content_type]
                                   for name in ("p_like", "p_comment", "p_share"))
     contribution = engagement.contribution
@@ -720,34 +717,21 @@ def draw_outcomes(eta: np.ndarray, engagement: Engagement, content_type: np.ndar
     p_like = p_contribution * (q_like + (1.0 - q_like) * (1.0 - q_comment) * (1.0 - q_share))
 
     # floor(D) >= threshold  <=>  D >= threshold for an integer threshold, so P is the log-normal tail.
-    threshold = np.array([long_dwell_threshold(spec, name) for name in process.content_types],
-                         np.float64)[content_type]
-    log_threshold = np.log(np.maximum(threshold, 1.0))
+    long_dwell = FEED_SCHEMA.config.labels["long_dwell"]
+    dwell_threshold = np.array([threshold(long_dwell, name) for name in process.content_types],
+                               np.float64)[content_type]
+    log_threshold = np.log(np.maximum(dwell_threshold, 1.0))
     location = dwell.location(eta)
     tail_engaged = normal_tail((log_threshold - location - dwell.shift) / dwell.log_std)
     tail_other = normal_tail((log_threshold - location) / dwell.log_std)
     p_long = p_contribution * tail_engaged + (1.0 - p_contribution) * tail_other
-    p_long_dwell = np.where(threshold > 0, p_long, 1.0)
+    p_long_dwell = np.where(dwell_threshold > 0, p_long, 1.0)
     return Outcomes(contribution, like, comment, share, engagement.click, engagement.dwell_ms,
                     p_contribution, p_like, p_long_dwell)
 
 
 # ---------------------------------------------------------------------------------------------
 # One chunk of users → Arrow tables
-
-
-@dataclass
-class ChunkTables:
-    events: pa.Table
-    """Raw events grouped by day, in (user, time) order within a day."""
-    truth: pa.Table
-    event_days: np.ndarray
-    """Day index (from the start date) of each row of ``events``; likewise ``truth_days``."""
-    truth_days: np.ndarray
-    bad_counts: dict[str, int]
-    duplicates: int
-    watermark_ms: int
-    active_users: int
 
 
 def simulate_chunk(config: SynthConfig, catalogue: Catalogue, first_user: int, n_users: int,
@@ -825,8 +809,8 @@ def _tables(config: SynthConfig, catalogue: Catalogue, first_user: int, n_users:
         "comment": pa.array(outcomes.comment[order], pa.bool_()),
         "share": pa.array(outcomes.share[order], pa.bool_()),
     }
-    table = pa.Table.from_arrays([columns[name] for name in RAW_ARROW_SCHEMA.names],
-                                 schema=RAW_ARROW_SCHEMA)
+    raw_schema = FEED_SCHEMA.raw_arrow_schema
+    table = pa.Table.from_arrays([columns[name] for name in raw_schema.names], schema=raw_schema)
     truth_order = np.argsort(day, kind="stable")
     truth = pa.table({"event_id": event_ids(truth_order),
                       **{name: getattr(outcomes, name)[truth_order] for name in TRUTH_COLUMNS},
@@ -871,16 +855,21 @@ def _catalogue_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
 
 
-def _generate_into(root: Path, config: SynthConfig) -> dict[str, Any]:
-    """Write events and truth under ``root`` (no manifest); returns the manifest's counts."""
-    catalogue = build_catalogue(config.process, config.days, _catalogue_rng(config.seed))
+SimulateChunk = Callable[[int, int, np.random.Generator], ChunkTables]
+"""``(first user, users, the chunk's random stream) → the chunk's tables``."""
+
+
+def _generate_into(root: Path, config: SynthConfig, simulate: SimulateChunk,
+                   bad_kinds: Iterable[str]) -> dict[str, Any]:
+    """Write the events and truth ``simulate`` draws, chunk by chunk, under ``root`` (no manifest);
+    returns the manifest's counts."""
     dates: dict[str, int] = {}
-    bad = dict.fromkeys(BAD_KINDS, 0)
+    bad = dict.fromkeys(bad_kinds, 0)
     duplicates = active_users = watermark_ms = 0
     chunks = range(0, config.users, config.users_per_chunk)
     for chunk, first_user in enumerate(tqdm(chunks, desc="synth", unit="chunk")):
         n_users = min(config.users_per_chunk, config.users - first_user)
-        tables = simulate_chunk(config, catalogue, first_user, n_users, _chunk_rng(config.seed, chunk))
+        tables = simulate(first_user, n_users, _chunk_rng(config.seed, chunk))
         for name, count in _write_by_day(tables.events, tables.event_days, root, config, chunk).items():
             dates[name] = dates.get(name, 0) + count
         _write_by_day(tables.truth, tables.truth_days, root / TRUTH_DIR, config, chunk)
@@ -910,22 +899,37 @@ def write_synthetic_logs(config: SynthConfig, out: str | Path) -> dict[str, Any]
     """Generate the logs of ``config`` into ``out``, replacing it atomically; returns the manifest."""
     target = Path(out)
     _check_replaceable(target)
+    schema = load_schema(config.schema)
+    if schema.fingerprint == FEED_SCHEMA.fingerprint:
+        catalogue = build_catalogue(config.process, config.days, _catalogue_rng(config.seed))
+
+        def simulate(first_user: int, n_users: int, rng: np.random.Generator) -> ChunkTables:
+            return simulate_chunk(config, catalogue, first_user, n_users, rng)
+
+        bad_event_reasons = BAD_EVENT_REASONS
+    else:
+        # Refuses a schema it cannot generate (UnsupportedSchemaError) before anything is written.
+        run = SynthRun(config.users, config.days, config.start_ms, config.seed, config.bad_fraction,
+                       config.duplicate_fraction)
+        world = SchemaWorld(schema, config.schema_process, run, _catalogue_rng(config.seed))
+        simulate, bad_event_reasons = world.simulate_chunk, world.bad_event_reasons
     with staged_directory(target) as staging:
-        counts = _generate_into(staging, config)
+        counts = _generate_into(staging, config, simulate, bad_event_reasons)
         manifest = {
             "dataset": DATASET_KIND,
             "schema_version": SCHEMA_VERSION,
+            "schema": schema.to_dict(),
             "seed": config.seed,
             "start_date": config.start_date,
             "end_date": day_name(config, config.days),
             "truth_dir": TRUTH_DIR,
-            "bad_event_reasons": BAD_EVENT_REASONS,
+            "bad_event_reasons": bad_event_reasons,
             **counts,
             "config": to_dict(config),
         }
         write_manifest(staging, manifest)
-    log.info("wrote %d events (%d bad, %d duplicates) of %d users over %d days to %s",
-             manifest["events"], manifest["bad_events_total"], manifest["duplicates"],
+    log.info("wrote %d %s events (%d bad, %d duplicates) of %d users over %d days to %s",
+             manifest["events"], schema.name, manifest["bad_events_total"], manifest["duplicates"],
              config.users, config.days, target)
     return manifest
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from common.config import require
-from features.schema import ContractConfig
+from features.schema import (
+    DEFAULT_SCHEMA, ContractConfig, EventSchema, load_schema, schema_path, shipped_schemas,
+)
 
 # kafka-python client options a real cluster needs for authentication and encryption; nothing else
 # may be passed through, so a typo fails here instead of deep inside the client.
@@ -159,6 +161,10 @@ class BrokerConfig:
 class IngestConfig:
     """``sirenfeed broker | produce | ingest``."""
 
+    schema: str = DEFAULT_SCHEMA
+    """The event schema of the topic's messages, as ``spec.schema``: a shipped schema's name
+    (``conf/schemas/NAME.yaml``) or a schema file's path. The producer checks the raw files against
+    it and keys messages by its user field; the consumer validates with it and lands its fields."""
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     producer: ProducerConfig = field(default_factory=ProducerConfig)
     consumer: ConsumerConfig = field(default_factory=ConsumerConfig)
@@ -167,6 +173,15 @@ class IngestConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     """The embedded broker (``sirenfeed broker``)."""
+
+    def __post_init__(self) -> None:
+        path = schema_path(self.schema)
+        require(path.is_file(), "schema", f"no schema file {path} (shipped: {', '.join(shipped_schemas())})")
+
+    @property
+    def event_schema(self) -> EventSchema:
+        """The loaded schema (read from its file on each access: callers keep it)."""
+        return load_schema(self.schema)
 
     @property
     def uses_embedded_broker(self) -> bool:

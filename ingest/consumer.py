@@ -1,9 +1,10 @@
 """``sirenfeed ingest --out LANDING_DIR [--until-idle SECONDS]``: Kafka → raw Parquet, exactly once.
 
 A member of consumer group ``kafka.group_id`` (run several to split the partitions). Each message is
-validated by :func:`features.validation.check_message`; valid events and dead letters collect in one
-open batch per partition, published by :class:`ingest.landing.LandingZone` once it holds
-``consumer.max_events`` messages or is ``consumer.max_seconds`` old.
+validated by :func:`features.validation.check_message` against the event schema ``schema``; valid
+events and dead letters collect in one open batch per partition, published by
+:class:`ingest.landing.LandingZone` once it holds ``consumer.max_events`` messages or is
+``consumer.max_seconds`` old.
 
 Where to resume is the landing zone's business, not the group's: on every assignment the consumer
 seeks each partition to the offset after the last one landed for the topic's current incarnation
@@ -79,7 +80,9 @@ class Ingestor:
         self.config = config
         self.stop = stop or threading.Event()
         self.topic = config.kafka.topic
-        self.zone = LandingZone(config.landing.dir, self.topic, config.landing.dead_letter_dir or None)
+        self.schema = config.event_schema
+        self.zone = LandingZone(config.landing.dir, self.topic, config.landing.dead_letter_dir or None,
+                                schema=self.schema)
         self.metrics = IngestMetrics()
         self.summary = IngestSummary()
         self.partitions: dict[int, PartitionState] = {}
@@ -105,8 +108,8 @@ class Ingestor:
             clients.callback(self._drop_open_batches)  # callbacks run last-in first-out: before close()
             self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
             clients.callback(self.metrics.close)
-            log.info("ingesting %s from %s into %s",
-                     self.topic, bootstrap_servers(self.config), self.zone.root)
+            log.info("ingesting %s (schema %s) from %s into %s",
+                     self.topic, self.schema.name, bootstrap_servers(self.config), self.zone.root)
             self._consumer.subscribe([self.topic], listener=_Rebalance(self))
             self._consume()
             for state in list(self.partitions.values()):
@@ -232,7 +235,7 @@ class Ingestor:
                 state.batch = Batch(self.topic, state.topic_id, partition, message.offset, message.offset)
                 state.opened_at = time.monotonic()
             raw = message.value if message.value is not None else b""
-            event, reason = check_message(raw, contract)
+            event, reason = check_message(raw, self.schema, contract)
             if reason is None:
                 state.batch.events.append(event)
             else:

@@ -2,14 +2,16 @@
 
 :func:`streaming_leg` starts the embedded broker, replays the last day of ``raw_dir`` plus a corpus of
 malformed messages (:func:`bad_messages`, one per kind of contract violation), ingests until idle and
-checks the result: the landed ``event_id``\\ s are exactly the replayed valid ones (as a multiset:
-nothing lost, nothing twice) and every malformed message is dead-lettered with its reason.
+checks the result: the landed event ids are exactly the replayed valid ones (as a multiset: nothing
+lost, nothing twice) and every malformed message is dead-lettered with its reason. The event schema
+is the ingest config's ``schema``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections import Counter
@@ -19,10 +21,12 @@ from typing import Any
 
 from common.config import load_config
 from features.schema import (
-    REASON_BAD_TYPE, REASON_EMPTY, REASON_MISSING, REASON_NOT_AN_OBJECT, REASON_NOT_JSON,
-    REASON_OUT_OF_RANGE, REASON_OVERSIZE, REASON_TOO_LONG, REASON_TS_BEFORE_EPOCH,
-    REASON_TS_IN_FUTURE, REASON_UNKNOWN_SCHEMA_VERSION, SCHEMA_VERSION, ContractConfig,
+    INTEGER_KINDS, NUMERIC_KINDS, REASON_BAD_TYPE, REASON_EMPTY, REASON_MISSING, REASON_NOT_ALLOWED,
+    REASON_NOT_AN_OBJECT, REASON_NOT_JSON, REASON_OUT_OF_RANGE, REASON_OVERSIZE, REASON_TOO_LONG,
+    REASON_TS_BEFORE_EPOCH, REASON_TS_IN_FUTURE, REASON_UNKNOWN_SCHEMA_VERSION, SCHEMA_VERSION,
+    ContractConfig, EventSchema,
 )
+from features.synth_schema import not_allowed_value
 from features.validation import check_message
 from ingest.broker import embedded_broker
 from ingest.clients import make_producer
@@ -43,34 +47,67 @@ class StreamingCheckFailed(AssertionError):
 _DROP = object()
 
 
-def bad_messages(template: dict[str, Any], contract: ContractConfig) -> list[tuple[str, bytes]]:
-    """``(expected reason, raw bytes)`` for each kind of malformed message, built from a valid event."""
+def bad_messages(template: dict[str, Any], schema: EventSchema,
+                 contract: ContractConfig) -> list[tuple[str, bytes]]:
+    """``(expected reason, raw bytes)`` for each kind of malformed message, built from a valid event
+    of ``schema``: every message-level fault, and each field-level fault on the first field of the
+    schema it applies to (a kind no field of the schema can have is left out)."""
 
     def variant(**changes: Any) -> bytes:
         event = {**template, "schema_version": SCHEMA_VERSION, **changes}
         return json.dumps({key: value for key, value in event.items() if value is not _DROP}).encode()
 
+    def broken(reason: str, field: str, value: Any) -> tuple[str, bytes]:
+        """The template with ``field`` set to ``value``, failing with ``reason:field``."""
+        return f"{reason}:{field}", variant(**{field: value})
+
+    config = schema.config
+    roles = (config.event_id, config.user, config.time.field)
+    others = [field for field in schema.fields if field.name not in roles]
+    time_field = schema.field(config.time.field)
+    unit_ms = schema.time_unit_ms
     now_ms = int(time.time() * 1000)
-    return [
+    corpus = [
         (REASON_NOT_JSON, b"\xff\xfe\x00 not utf-8"),
         (REASON_NOT_JSON, b'{"event_id": "truncated'),
         (REASON_NOT_JSON, b""),
         (REASON_NOT_AN_OBJECT, b"[1, 2, 3]"),
-        (REASON_OVERSIZE, variant(topic="x" * contract.max_message_bytes)),
+        (REASON_OVERSIZE, variant(**{config.event_id: "x" * contract.max_message_bytes})),
         (REASON_UNKNOWN_SCHEMA_VERSION, variant(schema_version=99)),
         (REASON_UNKNOWN_SCHEMA_VERSION, variant(schema_version=True)),
-        (f"{REASON_MISSING}:event_id", variant(event_id=_DROP)),
-        (f"{REASON_MISSING}:like", variant(like=None)),
-        (f"{REASON_BAD_TYPE}:dwell_ms", variant(dwell_ms="1200")),
-        (f"{REASON_BAD_TYPE}:click", variant(click=1)),
-        (f"{REASON_BAD_TYPE}:event_ts", variant(event_ts=float(template["event_ts"]))),
-        (f"{REASON_EMPTY}:user_id", variant(user_id="")),
-        (f"{REASON_TOO_LONG}:item_id", variant(item_id="i" * (contract.max_string_len + 1))),
-        (f"{REASON_OUT_OF_RANGE}:dwell_ms", variant(dwell_ms=-5)),
-        (f"{REASON_OUT_OF_RANGE}:dwell_ms", variant(dwell_ms=2**31)),
-        (REASON_TS_BEFORE_EPOCH, variant(event_ts=contract.epoch_ms - 1)),
-        (REASON_TS_IN_FUTURE, variant(event_ts=now_ms + contract.max_future_ms + YEAR_MS)),
+        broken(REASON_MISSING, config.event_id, _DROP),
+        broken(REASON_BAD_TYPE, time_field.name, float(template[time_field.name])),
+        broken(REASON_EMPTY, config.user, ""),
     ]
+    bools = [field.name for field in others if field.kind == "bool"]
+    if bools:
+        corpus += [broken(REASON_MISSING, bools[0], None), broken(REASON_BAD_TYPE, bools[0], 1)]
+    integers = [field.name for field in others if field.kind in INTEGER_KINDS]
+    if integers:
+        corpus.append(broken(REASON_BAD_TYPE, integers[0], "1200"))
+    free_strings = [field.name for field in others if field.kind == "string" and not field.values]
+    if free_strings:
+        name = free_strings[0]
+        corpus.append(broken(REASON_TOO_LONG, name, name[0] * (contract.max_string_len + 1)))
+    listed = [field for field in schema.fields if field.values]
+    if listed:
+        corpus.append(broken(REASON_NOT_ALLOWED, listed[0].name, not_allowed_value(listed[0].values)))
+    bounded = [field for field in others if field.kind in NUMERIC_KINDS
+               and (math.isfinite(field.lower) or math.isfinite(field.upper))]
+    if bounded:
+        field = bounded[0]
+        # An integer field's own type bounds it, so both sides are out of range for an int32.
+        cast = float if field.kind == "float64" else int
+        if math.isfinite(field.lower):
+            corpus.append(broken(REASON_OUT_OF_RANGE, field.name, cast(field.lower) - 5))
+        if math.isfinite(field.upper):
+            corpus.append(broken(REASON_OUT_OF_RANGE, field.name, cast(field.upper) + 1))
+    before_epoch = (contract.epoch_ms - 1) // unit_ms
+    if before_epoch >= time_field.lower:  # else it would be out of the field's range instead
+        corpus.append((REASON_TS_BEFORE_EPOCH, variant(**{time_field.name: before_epoch})))
+    corpus.append((REASON_TS_IN_FUTURE,
+                   variant(**{time_field.name: (now_ms + contract.max_future_ms + YEAR_MS) // unit_ms})))
+    return corpus
 
 
 def streaming_leg(raw_dir: str | Path, work_dir: str | Path,
@@ -90,21 +127,23 @@ def streaming_leg(raw_dir: str | Path, work_dir: str | Path,
                      broker=replace(config.broker, run_dir=str(work / "broker"), port=0),
                      consumer=replace(config.consumer, until_idle_s=config.consumer.until_idle_s or 3.0),
                      metrics=replace(config.metrics, report_lag=False))
+    schema = config.event_schema
+    event_id, time_field = schema.config.event_id, schema.time_field
     dates = raw_dates(raw_dir)
     if not dates:
         raise StreamingCheckFailed(f"no raw events under {raw_dir}")
     last_date = max(dates)
-    day = read_day(dates[last_date])
-    messages = list(event_messages(day))
-    verdicts = [check_message(raw, config.contract) for _, raw in messages]
+    day = read_day(dates[last_date], schema)
+    messages = list(event_messages(day, schema))
+    verdicts = [check_message(raw, schema, config.contract) for _, raw in messages]
     template = next((event for event, _ in verdicts if event is not None), None)
     if template is None:
         raise StreamingCheckFailed(f"no valid event in {raw_dir} on {last_date}")
-    corpus = bad_messages(template, config.contract)
+    corpus = bad_messages(template, schema, config.contract)
     messages += [(None, raw) for _, raw in corpus]
-    verdicts += [check_message(raw, config.contract) for _, raw in corpus]
+    verdicts += [check_message(raw, schema, config.contract) for _, raw in corpus]
     # What should land is whatever the shared contract accepts, judged on the very bytes sent.
-    expected = Counter(event["event_id"] for event, _ in verdicts if event is not None)
+    expected = Counter(event[event_id] for event, _ in verdicts if event is not None)
     expected_dead = Counter(reason for _, reason in verdicts if reason is not None)
 
     with embedded_broker(config) as address:
@@ -119,14 +158,14 @@ def streaming_leg(raw_dir: str | Path, work_dir: str | Path,
         summary = Ingestor(config).run()
         seconds = time.monotonic() - started
 
-    landed_table = read_landed(landing, columns=["event_id", "event_ts"])
-    landed = Counter(landed_table.column("event_id").to_pylist())
+    landed_table = read_landed(landing, columns=[event_id, time_field], schema=schema)
+    landed = Counter(landed_table.column(event_id).to_pylist())
     dead = read_dead_letters(landing / "_dead_letter")
     dead_by_reason = dict(sorted(Counter(dead.column("reason").to_pylist()).items()))
     files = sum(1 for pattern in ("date=*/hour=*/*.parquet", "_dead_letter/date=*/*.parquet")
                 for _ in landing.glob(pattern))
-    newest_ms = max(landed_table.column("event_ts").to_pylist(), default=None)
-    freshness_s = time.time() - newest_ms / 1000 if newest_ms is not None else None
+    newest = max(landed_table.column(time_field).to_pylist(), default=None)
+    freshness_s = time.time() - newest * schema.time_unit_ms / 1000 if newest is not None else None
 
     missing, extra = expected - landed, landed - expected
     problems = []

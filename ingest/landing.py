@@ -2,7 +2,7 @@
 
 Layout under ``landing.dir``::
 
-    date=YYYY-MM-DD/hour=HH/part-pPPPP-<first>-<last>-<topic id>.parquet  valid events (RAW_ARROW_SCHEMA)
+    date=YYYY-MM-DD/hour=HH/part-pPPPP-<first>-<last>-<topic id>.parquet  valid events (raw_arrow_schema)
     _dead_letter/date=YYYY-MM-DD/dead-pPPPP-<first>-<last>-<topic id>.parquet  (DEAD_LETTER_SCHEMA)
     _ingest/<topic>/partition=PPPP/
         .lock                         held while a batch of the partition is published or recovered
@@ -12,7 +12,9 @@ Layout under ``landing.dir``::
 A *batch* is the messages ``first..last`` (inclusive offsets) of one partition of one topic
 incarnation (its topic id: a memory broker that restarts hands out offsets from 0 again under a new
 id). Its valid events land as one file per (date, hour) of event time (UTC), its dead letters as one
-file, all carrying the offsets in their names and in Parquet key-value metadata.
+file, all carrying the offsets in their names and in Parquet key-value metadata. Events are kept as
+the event schema names them (:attr:`features.schema.EventSchema.raw_arrow_schema`), so a landing
+zone is raw input of the feature job exactly like the synthetic logs.
 
 Publishing is crash-safe and idempotent. Under the partition lock: finish any batch a crashed writer
 left (:meth:`LandingZone.recover`), refuse a batch that overlaps what has landed (a former owner of
@@ -43,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.files import write_json
-from features.schema import RAW_ARROW_SCHEMA
+from features.schema import DEFAULT_SCHEMA, EventSchema, load_schema
 from ingest.deadletter import DEAD_LETTER_SCHEMA, DeadLetter, dead_letter_table
 
 log = logging.getLogger(__name__)
@@ -100,9 +102,11 @@ class Published:
 
 class LandingZone:
     def __init__(self, root: str | os.PathLike[str], topic: str,
-                 dead_letter_root: str | os.PathLike[str] | None = None, writer: str = "") -> None:
+                 dead_letter_root: str | os.PathLike[str] | None = None, writer: str = "",
+                 schema: EventSchema | str = DEFAULT_SCHEMA) -> None:
         self.root = Path(root)
         self.topic = topic
+        self.schema = load_schema(schema)
         self.dead_letter_root = Path(dead_letter_root) if dead_letter_root else self.root / DEAD_LETTER_DIR
         self.writer = writer or f"{os.uname().nodename}:{os.getpid()}"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -189,9 +193,10 @@ class LandingZone:
                                     "partition": batch.partition, "start_offset": batch.start_offset,
                                     "end_offset": batch.end_offset, "batch_id": batch.batch_id})
         entries = []
-        for hour, events in sorted(_by_hour(batch.events).items()):
+        event_ts = [self._event_ts_ms(event) for event in batch.events]
+        for hour, events in sorted(_by_hour(batch.events, event_ts).items()):
             when = datetime.fromtimestamp(hour * 3600, tz=timezone.utc)
-            table = pa.Table.from_pylist(events, schema=RAW_ARROW_SCHEMA)
+            table = pa.Table.from_pylist(events, schema=self.schema.raw_arrow_schema)
             target = f"date={when:%Y-%m-%d}/hour={when:%H}/part-{batch.batch_id}.parquet"
             entries.append(self._stage_file(staging, len(entries), table, "landing", target, file_metadata))
         if batch.dead_letters:
@@ -199,7 +204,6 @@ class LandingZone:
             target = f"date={day:%Y-%m-%d}/dead-{batch.batch_id}.parquet"
             entries.append(self._stage_file(staging, len(entries), dead_letter_table(batch.dead_letters),
                                             "dead_letter", target, file_metadata))
-        event_ts = [event["event_ts"] for event in batch.events]
         reasons: dict[str, int] = {}
         for letter in batch.dead_letters:
             reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
@@ -262,6 +266,10 @@ class LandingZone:
                 log.info("discarded incomplete staged batch %s of partition %d", staged.name, partition)
         return rolled
 
+    def _event_ts_ms(self, event: dict[str, Any]) -> int:
+        """A valid event's time in epoch milliseconds, from its time field in the schema's unit."""
+        return event[self.schema.time_field] * self.schema.time_unit_ms
+
     def _stage_file(self, staging: Path, index: int, table: pa.Table, root: str, target: str,
                     file_metadata: str) -> dict[str, Any]:
         name = f"{index:04d}.parquet"
@@ -273,12 +281,15 @@ class LandingZone:
         return {"staged": name, "root": root, "target": target, "rows": table.num_rows}
 
 
-def read_landed(root: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
-    """Every landed event under ``root`` (``date=*/hour=*/*.parquet``), without partition columns."""
+def read_landed(root: str | os.PathLike[str], columns: list[str] | None = None,
+                schema: EventSchema | str = DEFAULT_SCHEMA) -> pa.Table:
+    """Every landed event under ``root`` (``date=*/hour=*/*.parquet``) of the event schema
+    ``schema``, without partition columns."""
+    arrow_schema = load_schema(schema).raw_arrow_schema
     paths = sorted(Path(root).glob("date=*/hour=*/*.parquet"))
-    tables = [pq.read_table(path, columns=columns, schema=RAW_ARROW_SCHEMA) for path in paths]
+    tables = [pq.read_table(path, columns=columns, schema=arrow_schema) for path in paths]
     if not tables:
-        return RAW_ARROW_SCHEMA.empty_table().select(columns or RAW_ARROW_SCHEMA.names)
+        return arrow_schema.empty_table().select(columns or arrow_schema.names)
     return pa.concat_tables(tables)
 
 
@@ -289,11 +300,12 @@ def read_dead_letters(root: str | os.PathLike[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else DEAD_LETTER_SCHEMA.empty_table()
 
 
-def _by_hour(events: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    """Events grouped by hour since the epoch of their ``event_ts`` (UTC), arrival order kept."""
+def _by_hour(events: list[dict[str, Any]], event_ts_ms: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """Events grouped by hour since the epoch of their time (UTC, ``event_ts_ms`` per event),
+    arrival order kept."""
     groups: dict[int, list[dict[str, Any]]] = {}
-    for event in events:
-        groups.setdefault(event["event_ts"] // MS_PER_HOUR, []).append(event)
+    for event, ts in zip(events, event_ts_ms):
+        groups.setdefault(ts // MS_PER_HOUR, []).append(event)
     return groups
 
 

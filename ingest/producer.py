@@ -1,10 +1,11 @@
 """``sirenfeed produce --raw RAW_DIR --topic T [--rate EVENTS_PER_S] [--from DATE --to DATE]``.
 
-Replays raw events (``RAW_DIR/date=YYYY-MM-DD/**/*.parquet``, exactly
-:data:`features.schema.RAW_ARROW_SCHEMA`: the synthetic logs or a landing zone) into Kafka as JSON
-with ``schema_version``, keyed by ``user_id`` so that all of a user's events go to one partition, and
-in event-time order, day by day, so each user's events arrive in the order they happened. Rows are
-sent as they are, contract violations included: the ingest consumer is the one that judges them.
+Replays raw events (``RAW_DIR/date=YYYY-MM-DD/**/*.parquet``, exactly the ``raw_arrow_schema`` of
+the event schema ``schema``: the synthetic logs or a landing zone) into Kafka as JSON with
+``schema_version``, keyed by the schema's user field so that all of a user's events go to one
+partition, and in event-time order, day by day, so each user's events arrive in the order they
+happened. Rows are sent as they are, contract violations included: the ingest consumer is the one
+that judges them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from common.config import add_config_arguments, config_from_args
 from common.files import visible_files
 from common.logs import configure_logging
 from features.dataset import MANIFEST_NAME, is_complete
-from features.schema import RAW_ARROW_SCHEMA, SCHEMA_VERSION
+from features.schema import DEFAULT_SCHEMA, SCHEMA_VERSION, EventSchema, load_schema
 from ingest.broker import BrokerError
 from ingest.clients import make_producer
 from ingest.config import IngestConfig
@@ -75,19 +76,22 @@ def raw_dates(raw_dir: str | Path, from_date: str = "", to_date: str = "") -> di
     return dates
 
 
-def read_day(files: list[Path]) -> pa.Table:
-    """One day's events in the order they are sent: by event time, ties broken by ``event_id``."""
+def read_day(files: list[Path], schema: EventSchema | str = DEFAULT_SCHEMA) -> pa.Table:
+    """One day's events in the order they are sent: by event time, ties broken by the event id."""
+    schema = load_schema(schema)
+    expected = schema.raw_arrow_schema
     tables = []
     for path in files:
         table = pq.read_table(path)
         # Ignore hive partition columns a reader may add; require exactly the contract otherwise.
         columns = [name for name in table.column_names if name not in ("date", "hour")]
-        if columns != RAW_ARROW_SCHEMA.names or not table.select(columns).schema.equals(RAW_ARROW_SCHEMA):
-            raise RawInputError(f"{path} does not have the raw event schema "
-                                f"(features.schema.RAW_ARROW_SCHEMA): {table.schema}")
+        if columns != expected.names or not table.select(columns).schema.equals(expected):
+            raise RawInputError(f"{path} does not have the raw event schema of schema "
+                                f"'{schema.name}': {table.schema}")
         tables.append(table.select(columns).replace_schema_metadata(None))
     table = pa.concat_tables(tables)
-    order = pc.sort_indices(table, sort_keys=[("event_ts", "ascending"), ("event_id", "ascending")],
+    order = pc.sort_indices(table, sort_keys=[(schema.time_field, "ascending"),
+                                              (schema.config.event_id, "ascending")],
                             null_placement="at_start")
     return table.take(order)
 
@@ -96,11 +100,14 @@ def encode(event: dict[str, Any]) -> bytes:
     return json.dumps({**event, "schema_version": SCHEMA_VERSION}, separators=(",", ":")).encode()
 
 
-def event_messages(table: pa.Table) -> Iterator[tuple[bytes | None, bytes]]:
-    """``(key, value)`` per row: the key is ``user_id`` (none when the row has no usable one)."""
+def event_messages(table: pa.Table, schema: EventSchema | str = DEFAULT_SCHEMA
+                   ) -> Iterator[tuple[bytes | None, bytes]]:
+    """``(key, value)`` per row: the key is the schema's user field (none when the row has no usable
+    one)."""
+    user_field = load_schema(schema).config.user
     for batch in table.to_batches(max_chunksize=4096):
         for event in batch.to_pylist():
-            user = event["user_id"]
+            user = event[user_field]
             yield (user.encode() if isinstance(user, str) and user else None), encode(event)
 
 
@@ -132,6 +139,7 @@ def send_messages(producer, topic: str, messages: Iterable[tuple[bytes | None, b
 def replay(config: IngestConfig, raw_dir: str | Path, topic: str | None = None) -> ReplayResult:
     """Send the raw events of ``raw_dir`` (dates ``producer.from_date..to_date``) to ``topic``."""
     topic = topic or config.kafka.topic
+    schema = config.event_schema
     dates = raw_dates(raw_dir, config.producer.from_date, config.producer.to_date)
     if not dates:
         first, last = config.producer.from_date or "the first", config.producer.to_date or "the last"
@@ -141,8 +149,8 @@ def replay(config: IngestConfig, raw_dir: str | Path, topic: str | None = None) 
     sent = 0
     try:
         for date, files in dates.items():
-            table = read_day(files)
-            sent += send_messages(producer, topic, event_messages(table), config.producer.rate,
+            table = read_day(files, schema)
+            sent += send_messages(producer, topic, event_messages(table, schema), config.producer.rate,
                                   total=table.num_rows, description=f"produce {date}")
     finally:
         producer.close()

@@ -18,7 +18,8 @@ from common.config import ConfigError
 from common.logs import configure_logging
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("features.synth", "write synthetic feed logs in the raw event contract"),
+    "synth": ("features.synth", "write synthetic logs of an event schema (the feed world by default)"),
+    "movielens": ("features.movielens", "convert MovieLens-100K into raw events of the movielens schema"),
     "features": ("features.submit", "run the Spark feature job (spark-submit, local master)"),
     "train": ("trainer.launch", "train the ranker through the deepspeed launcher (local ranks, a hostfile, or one node of many); "
                                 "--continuous: keep training on new data as it lands"),

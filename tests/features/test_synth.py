@@ -1,9 +1,11 @@
-"""The synthetic feed-log generator: layout, contract, dirty data, ground truth, planted effects."""
+"""The synthetic log generator: the feed world (layout, contract, dirty data, ground truth, planted
+effects) and the generic world of every other schema."""
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -21,12 +23,13 @@ import pytest
 from common.config import ConfigError, load_config, to_dict
 from common.repo import REPO_ROOT
 from features.dataset import SUCCESS_NAME, read_manifest
-from features.schema import RAW_ARROW_SCHEMA, ContractConfig
-from features.spec import FeatureSpec, long_dwell_threshold
+from features.schema import ContractConfig, load_schema
+from features.spec import label_values, threshold
 from features.synth import (
-    BAD_EVENT_REASONS, MECHANISM_COLUMNS, TRUTH_COLUMNS, TRUTH_DIR, GenerativeProcess, SynthConfig,
-    main, write_synthetic_logs,
+    BAD_EVENT_REASONS, FEED_SCHEMA, MECHANISM_COLUMNS, TRUTH_COLUMNS, TRUTH_DIR, GenerativeProcess,
+    SynthConfig, main, write_synthetic_logs,
 )
+from features.synth_schema import UnsupportedSchemaError
 from features.validation import check_record
 
 DIRTY = ["users=60", "days=4", "seed=11", "users_per_chunk=25", "bad_fraction=0.03",
@@ -61,7 +64,7 @@ def dirty(tmp_path_factory) -> tuple[Path, dict, pd.DataFrame]:
     root = tmp_path_factory.mktemp("dirty") / "raw"
     manifest = write_synthetic_logs(synth(*DIRTY), root)
     raw = read_raw(root)
-    raw["reason"] = [check_record(record, ContractConfig())
+    raw["reason"] = [check_record(record, FEED_SCHEMA, ContractConfig())
                      for record in raw.drop(columns="date").to_dict("records")]
     return root, manifest, raw
 
@@ -143,7 +146,7 @@ def test_files_have_the_raw_schema_and_the_date_of_their_events(dirty):
     assert {path.name for path in files} == {"part-00000.parquet", "part-00001.parquet",
                                              "part-00002.parquet"}  # 60 users in chunks of 25
     for path in files:
-        assert pq.read_schema(path).equals(RAW_ARROW_SCHEMA)
+        assert pq.read_schema(path).equals(FEED_SCHEMA.raw_arrow_schema)
     ts_faults = raw.reason.isin(
         [BAD_EVENT_REASONS["future_event_ts"], BAD_EVENT_REASONS["pre_epoch_event_ts"]])
     assert ts_faults.sum() > 0
@@ -215,10 +218,10 @@ def test_truth_aligns_one_to_one_with_event_ids(dirty):
 
 
 def test_base_rates_are_plausible_and_truth_is_calibrated(sample):
-    spec = FeatureSpec()
-    threshold = sample.content_type.map(lambda name: long_dwell_threshold(spec, name))
+    long_dwell = FEED_SCHEMA.config.labels["long_dwell"]
+    dwell_threshold = sample.content_type.map(lambda name: threshold(long_dwell, name))
     labels = {"p_contribution": sample.contribution, "p_like": sample.like,
-              "p_long_dwell": sample.dwell_ms >= threshold}
+              "p_long_dwell": sample.dwell_ms >= dwell_threshold}
     plausible = {"p_contribution": (0.05, 0.12), "p_like": (0.04, 0.08),
                  "p_long_dwell": (0.15, 0.30)}
     for column, label in labels.items():
@@ -399,3 +402,109 @@ def test_killed_run_leaves_the_previous_dataset_untouched(tmp_path):
     assert file_digests(out) == digests
     staging = [path for path in tmp_path.iterdir() if path != out]
     assert staging and not any((path / SUCCESS_NAME).exists() for path in staging)
+
+
+# --- the generic world of every other schema ------------------------------------------------
+
+WATCH = ["schema=watch", "users=60", "days=3", "seed=4", "users_per_chunk=25", "bad_fraction=0.03",
+         "duplicate_fraction=0.02"]
+
+
+@pytest.fixture(scope="module")
+def watch(tmp_path_factory) -> tuple[Path, dict, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("watch") / "raw"
+    manifest = write_synthetic_logs(synth(*WATCH), root)
+    raw = read_raw(root)
+    schema = load_schema("watch")
+    raw["reason"] = [check_record(record, schema, ContractConfig())
+                     for record in raw.drop(columns="date").to_dict("records")]
+    return root, manifest, raw
+
+
+def test_watch_logs_pass_the_watch_schema_but_for_the_injected_faults(watch):
+    root, manifest, raw = watch
+    schema = load_schema("watch")
+    for path in sorted(root.glob("date=*/part-*.parquet")):
+        assert pq.read_schema(path).equals(schema.raw_arrow_schema)
+    reasons = collections.Counter(raw.reason)
+    assert reasons.pop(None) == manifest["valid_events"] == len(raw) - manifest["bad_events_total"]
+    assert reasons == {manifest["bad_event_reasons"][kind]: count
+                       for kind, count in manifest["bad_events"].items() if count}
+    assert {"not_allowed:format", "out_of_range:tz_offset_min", "ts_before_epoch", "ts_in_future",
+            "empty:viewer"} <= set(reasons)
+    assert manifest["schema"]["name"] == "watch" and manifest["config"]["schema"] == "watch"
+    valid = raw[raw.reason.isna()]
+    # Times in seconds, dated by their UTC day; a user keeps one whole-hour offset within the range.
+    days = pd.to_datetime(valid.ts, unit="s", utc=True).dt.strftime("%Y-%m-%d")
+    assert (days == valid.date).all()
+    offsets = valid.groupby("viewer").tz_offset_min.nunique()
+    assert (offsets == 1).all() and (valid.tz_offset_min % 60 == 0).all()
+    assert valid.tz_offset_min.between(-720, 840).all() and valid.tz_offset_min.nunique() > 5
+    assert set(valid.format) == {"short", "long", "live"}
+    # Vocabularies well below the tables, shared by the fields of one table.
+    assert 100 < valid.post_id.nunique() < 50021 // 5
+    assert set(valid.origin_post_id) & set(valid.post_id)
+    assert (valid.video_s > 0).all() and (valid.watch_ms > 0).mean() > 0.99
+    copies = raw.impression_id.value_counts()
+    assert (copies == 2).sum() == manifest["duplicates"] > 0
+
+
+def test_watch_truth_is_calibrated_and_informative(watch):
+    root, _, raw = watch
+    schema = load_schema("watch")
+    truth = read_truth(root).drop(columns="date")
+    valid = raw[raw.reason.isna()].drop_duplicates("impression_id")
+    events = valid.merge(truth, left_on="impression_id", right_on="event_id")
+    assert len(events) == len(valid) and set(truth.event_id) == set(raw.impression_id)
+    for task in schema.label_columns:
+        label = label_values(schema.config.labels[task], events.to_dict("records"))
+        probability = events[f"p_{task}"].to_numpy()
+        error = np.sqrt((probability * (1 - probability)).sum()) / len(events)
+        assert abs(label.mean() - probability.mean()) < 4 * error, task
+        rate = label.mean()
+        entropy = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+        clipped = np.clip(probability, 1e-12, 1 - 1e-12)
+        log_loss = -np.where(label == 1, np.log(clipped), np.log(1 - clipped)).mean()
+        assert log_loss / entropy < 0.9, task  # the planted signal: affinity, hour, inputs
+
+
+def test_other_schemas_are_deterministic_given_the_seed(tmp_path):
+    config = synth("schema=movielens", "users=20", "days=2", "seed=9", "users_per_chunk=8",
+                   "bad_fraction=0.02")
+    first = write_synthetic_logs(config, tmp_path / "a")
+    assert write_synthetic_logs(config, tmp_path / "b") == first
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
+    write_synthetic_logs(synth("schema=movielens", "users=20", "days=2", "seed=10"), tmp_path / "c")
+    assert file_digests(tmp_path / "c") != file_digests(tmp_path / "a")
+    raw = read_raw(tmp_path / "a")
+    assert (~raw.rating.between(1, 5)).sum() == first["bad_events"]["out_of_range_rating"]
+
+
+def test_a_schema_that_cannot_be_generated_is_refused_before_anything_is_written(tmp_path):
+    values = load_schema("watch").to_dict()
+    values["fields"]["impression_id"]["values"] = ["a", "b"]
+    values["labels"]["watched"]["at_least"] = 10.0**12  # beyond any int32 watch_ms
+    values["labels"]["watched"]["thresholds"] = {}
+    values["fields"]["format"]["values"] = ["short", "long"]
+    values["labels"]["live"] = {"field": "format", "equals": "live"}
+    values["tasks"]["live"] = 1.0
+    path = tmp_path / "odd.yaml"
+    path.write_text(json.dumps(values))
+    out = tmp_path / "raw"
+    with pytest.raises(UnsupportedSchemaError) as error:
+        write_synthetic_logs(synth(f"schema={path}", "users=5", "days=1"), out)
+    message = str(error.value)
+    assert "fields.impression_id" in message and "labels.watched" in message
+    assert "labels.live" in message and "'live'" in message
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["odd.yaml"]
+
+
+def test_command_writes_another_schema(tmp_path, capsys):
+    out = tmp_path / "raw"
+    assert main(["--out", str(out), "--users", "8", "--days", "1", "schema=watch"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["schema"]["name"] == "watch" and manifest["users"] == 8
+    assert f"events         {manifest['events']}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "other"), "schema=no_such_schema"])
+    assert "'schema'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Fixtures of the ingest tests: one real embedded broker per session, small synthetic raw logs, and
-a fresh :class:`ingest_support.Stream` (topic pair, group, landing zone) per test."""
+"""Fixtures of the ingest tests: one real embedded broker per session, small synthetic raw logs (of the
+feed and of the watch schema), and a fresh :class:`ingest_support.Stream` (topic pair, group, landing
+zone) per test."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ def raw_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw") / "raw"
     write_synthetic_logs(SynthConfig(users=50, days=2, seed=7, start_date=start,
                                      bad_fraction=0.01, duplicate_fraction=0.01), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def watch_raw_dir(tmp_path_factory) -> Path:
+    """One day of synthetic logs of the watch schema (about 500 events), faults and duplicates too."""
+    start = (dt.date.today() - dt.timedelta(days=10)).isoformat()
+    out = tmp_path_factory.mktemp("watch") / "raw"
+    write_synthetic_logs(SynthConfig(schema="watch", users=30, days=1, seed=3, start_date=start,
+                                     bad_fraction=0.02, duplicate_fraction=0.01), out)
     return out
 
 

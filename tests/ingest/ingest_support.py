@@ -35,8 +35,9 @@ Message = tuple[bytes | None, bytes | None]
 
 
 def valid_event_ids(messages: Iterable[Message], config: IngestConfig) -> Counter:
-    verdicts = (check_message(value or b"", config.contract) for _, value in messages)
-    return Counter(event["event_id"] for event, _ in verdicts if event is not None)
+    schema = config.event_schema
+    verdicts = (check_message(value or b"", schema, config.contract) for _, value in messages)
+    return Counter(event[schema.config.event_id] for event, _ in verdicts if event is not None)
 
 
 def metric_values(port: int) -> dict[str, float]:
@@ -112,7 +113,7 @@ class ConsumerProcess:
 class Stream:
     """A fresh topic pair and consumer group on the shared broker, and a landing zone, for one test."""
 
-    def __init__(self, broker: EmbeddedBroker, tmp_path: Path) -> None:
+    def __init__(self, broker: EmbeddedBroker, tmp_path: Path, schema: str = "feed") -> None:
         tag = uuid.uuid4().hex[:8]
         self.broker = broker
         self.tmp_path = tmp_path
@@ -120,7 +121,8 @@ class Stream:
         self.overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.topic=events-{tag}",
                           f"kafka.dead_letter_topic=dead-{tag}", f"kafka.group_id=group-{tag}",
                           f"kafka.partitions={PARTITIONS}", "metrics.report_lag=false",
-                          f"broker.run_dir={tmp_path / 'run'}", f"landing.dir={self.landing}"]
+                          f"broker.run_dir={tmp_path / 'run'}", f"landing.dir={self.landing}",
+                          f"schema={schema}"]
         self.config = load_config(IngestConfig, overrides=self.overrides)
         ensure_topics(broker.address, self.config.broker_topics, PARTITIONS)
         self._consumers = 0

@@ -21,9 +21,10 @@ pytestmark = pytest.mark.slow
 
 def test_replay_lands_every_valid_event_once_and_dead_letters_the_rest(stream, raw_messages):
     good = [message for day in raw_messages.values() for message in day]
-    template = next(event for event, _ in (check_message(value, stream.config.contract) for _, value in good)
+    schema, contract = stream.config.event_schema, stream.config.contract
+    template = next(event for event, _ in (check_message(value, schema, contract) for _, value in good)
                     if event is not None)
-    corpus = bad_messages(template, stream.config.contract) + [("not_json", None)]  # a tombstone
+    corpus = bad_messages(template, schema, contract) + [("not_json", None)]  # a tombstone
     assert len({reason.split(":")[0] for reason, _ in corpus}) >= 10
     messages = list(good)
     step = len(good) // (len(corpus) + 1)
@@ -42,7 +43,7 @@ def test_replay_lands_every_valid_event_once_and_dead_letters_the_rest(stream, r
     assert summary["landed"] == sum(expected.values()) == landed.num_rows
 
     # Every rejected message is dead-lettered once, with its reason and its raw bytes.
-    rejected = Counter(reason for _, reason in (check_message(raw or b"", stream.config.contract)
+    rejected = Counter(reason for _, reason in (check_message(raw or b"", schema, contract)
                                                 for _, raw in messages) if reason is not None)
     dead = read_dead_letters(stream.landing / "_dead_letter")
     assert Counter(dead.column("reason").to_pylist()) == rejected

@@ -8,7 +8,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from features.schema import RAW_ARROW_SCHEMA
+from features.schema import load_schema
 from ingest.deadletter import DeadLetter
 from ingest.landing import (
     BATCH_MANIFEST, METADATA_KEY, Batch, LandingZone, read_dead_letters, read_landed,
@@ -52,7 +52,7 @@ def test_a_batch_lands_by_event_hour_with_its_offsets_recorded(zone):
         origin = json.loads(pq.read_schema(path).metadata[METADATA_KEY])
         assert (origin["partition"], origin["start_offset"], origin["end_offset"]) == (1, 0, 9)
     landed = read_landed(zone.root)
-    assert landed.schema.equals(RAW_ARROW_SCHEMA) and landed.num_rows == 8
+    assert landed.schema.equals(load_schema("feed").raw_arrow_schema) and landed.num_rows == 8
     assert read_dead_letters(zone.dead_letter_root).column("offset").to_pylist() == [9, 8]
     assert zone.next_offset(1, TOPIC_ID) == 10
     assert zone.next_offset(1, "another-incarnation") is None
@@ -117,3 +117,20 @@ def test_recovery_removes_what_an_interrupted_ledger_write_left(zone):
     leftover.write_text("{")  # a SIGKILL between the temporary write and its rename
     assert zone.resume_offset(1, TOPIC_ID) == 10
     assert not leftover.exists()
+
+
+def test_events_of_another_schema_land_by_their_own_time_field(tmp_path):
+    watch = load_schema("watch")
+    zone = LandingZone(tmp_path / "landing", "watch-events", schema=watch)
+    seconds = T0 // 1000 + 23 * 3600
+    events = [{"impression_id": f"w{i}", "viewer": "v1", "ts": seconds + i * 1800, "tz_offset_min": 60,
+               "post_id": "p1", "origin_post_id": "p0", "creator_id": "c1", "format": "short",
+               "country": "de", "video_s": 12.5, "watch_ms": 3000, "hide": False, "follow": i == 1}
+              for i in range(3)]
+    published = zone.publish(Batch("watch-events", TOPIC_ID, 0, 0, 2, events))
+    assert sorted(str(path.relative_to(zone.root)).split("/part-")[0] for path in published.files) == [
+        "date=2026-05-28/hour=23", "date=2026-05-29/hour=00"]
+    assert published.max_event_ts_ms == (seconds + 3600) * 1000
+    landed = read_landed(zone.root, schema=watch)
+    assert landed.schema.equals(watch.raw_arrow_schema)
+    assert landed.column("impression_id").to_pylist() == ["w0", "w1", "w2"]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.dataset import MANIFEST_NAME
-from features.schema import SCHEMA_VERSION
+from features.schema import SCHEMA_VERSION, load_schema
 from ingest.producer import RawInputError, event_messages, raw_dates, read_day
 
 
@@ -45,3 +45,16 @@ def test_files_outside_the_contract_and_unfinished_datasets_are_refused(tmp_path
         raw_dates(tmp_path / "raw")
     with pytest.raises(RawInputError, match="does not exist"):
         raw_dates(tmp_path / "missing")
+
+
+def test_another_schema_is_read_in_its_time_order_keyed_by_its_user(raw_dir, watch_raw_dir):
+    watch = load_schema("watch")
+    files = next(iter(raw_dates(watch_raw_dir).values()))
+    table = read_day(files, watch)
+    times = table.column("ts").to_pylist()
+    assert times == sorted(times) and table.schema.equals(watch.raw_arrow_schema)
+    for key, value in event_messages(table, watch):
+        decoded = json.loads(value)
+        assert key == (decoded["viewer"].encode() if decoded["viewer"] else None)
+    with pytest.raises(RawInputError, match="schema 'watch'"):
+        read_day(next(iter(raw_dates(raw_dir).values())), watch)

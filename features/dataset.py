@@ -44,5 +44,7 @@ def write_manifest(path: str | os.PathLike[str], manifest: dict[str, Any]) -> No
 
 
 def manifest_json(manifest: dict[str, Any]) -> str:
-    """The manifest's on-disk text (for writers that go through another filesystem API)."""
-    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    """The manifest's on-disk text (for writers that go through another filesystem API). Keys keep
+    their order: a recorded event schema's fields, tables, columns and tasks are ordered mappings
+    (the order of the training columns), which sorted keys would scramble."""
+    return json.dumps(manifest, indent=2) + "\n"

@@ -6,6 +6,11 @@ Output (``OUT``)::
     quarantine/part-*.parquet              (invalid rows: their original columns plus ``reason``)
     _MANIFEST.json                         _SUCCESS (last)
 
+The manifest records the spec the rows were computed with (``spec``, whole schema included, and its
+``schema_fingerprint``): where the schema standardizes a numeric without given statistics, they are
+fitted here, on the train split (:func:`fitted_spec`), and recorded, so incremental batches, the
+trainer and the serving path use the same numbers.
+
 Everything is written into a hidden sibling directory through Hadoop's FileSystem (so any filesystem
 Spark understands works), which replaces ``OUT`` only once complete: a failed run leaves the previous
 output as it was and never a directory with ``_SUCCESS`` and partial data. I/O lives here, at the
@@ -30,11 +35,13 @@ from features.dataset import MANIFEST_NAME, SUCCESS_NAME, manifest_json
 from features.hadoop import (
     DATASET_KIND, QUARANTINE_DIR, FeatureJobError, HadoopFiles, read_raw, stage,
 )
+from features.schema import EVENT_TS
 from features.settings import FeaturesConfig
-from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, TRAINING_COLUMNS
+from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, FeatureSpec
 from features.transforms import (
     EVAL, MILLIS_PER_DAY, REASON_COLUMN, SPLIT_COLUMN, TRAIN, WINDOW_COLUMN, cut_windows,
-    deduplicate, split_statistics, split_ts_ms, token_features, valid_events, validate,
+    deduplicate, fitted_statistics, split_statistics, split_ts_ms, standardize_partials,
+    token_features, valid_events, validate,
 )
 from features.validation import now_ms
 
@@ -68,10 +75,13 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
     """Write quarantine, splits, manifest and (last) ``_SUCCESS`` into ``staging``; returns the manifest.
 
     Each DataFrame that feeds more than one action is persisted and materialised by the first one, so
-    no stage is computed twice; its parent is released once it is.
+    no stage is computed twice; its parent is released once it is. The manifest records the spec
+    the rows were computed with: the configured one, its standardize statistics fitted
+    (:func:`fitted_spec`).
     """
+    schema = config.spec.event_schema
     with stage("validate"):
-        validated = validate(raw, config.contract, processing_ms).persist()
+        validated = validate(raw, schema, config.contract, processing_ms).persist()
         counts = {row[REASON_COLUMN]: row["count"] for row in validated.groupBy(REASON_COLUMN).count().collect()}
         valid = counts.pop(None, 0)
         quarantined = dict(sorted(counts.items()))
@@ -81,9 +91,9 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
         # Invalid rows are a small minority: one file keeps them easy to inspect.
         (validated.where(F.col(REASON_COLUMN).isNotNull()).coalesce(1)
          .write.parquet(f"{staging}/{QUARANTINE_DIR}"))
-    with stage("deduplicate and compute token features"):
-        tokens = token_features(deduplicate(valid_events(validated)), config.spec).persist()
-        events_per_day, watermark = _events_per_day(tokens)
+    with stage("deduplicate"):
+        unique = deduplicate(valid_events(validated, schema), schema).persist()
+        events_per_day, watermark = _events_per_day(unique)
         validated.unpersist()
         events = sum(events_per_day.values())
         logger.info("%d events after removing %d duplicates; watermark %s", events, valid - events,
@@ -92,13 +102,15 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
     split_ms = split_ts_ms(watermark, config.eval_days) if watermark is not None else 0
     split_events = {TRAIN: sum(n for day, n in events_per_day.items() if day * MILLIS_PER_DAY < split_ms),
                     EVAL: sum(n for day, n in events_per_day.items() if day * MILLIS_PER_DAY >= split_ms)}
+    spec = fitted_spec(config.spec, unique, split_ms)
     with stage("cut windows"):
-        windows = cut_windows(tokens, config.spec, split_ms).persist()
-        statistics = {row[SPLIT_COLUMN]: row.asDict() for row in split_statistics(windows).collect()}
-        tokens.unpersist()
+        windows = cut_windows(token_features(unique, spec), spec, split_ms).persist()
+        statistics = {row[SPLIT_COLUMN]: row.asDict()
+                      for row in split_statistics(windows, spec.event_schema).collect()}
+        unique.unpersist()
     for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
         with stage(f"write {split}"):
-            rows = split_rows(windows, split, files)
+            rows = split_rows(windows, spec, split, files)
             rows.write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
     windows.unpersist()
     splits = {split: split_entry(statistics.get(split, {}), split_events[split]) for split in (TRAIN, EVAL)}
@@ -112,7 +124,8 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
         "dataset": DATASET_KIND,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "feature_spec_version": FEATURE_SPEC_VERSION,
-        "spec": to_dict(config.spec),
+        "spec": spec.record(),
+        "schema_fingerprint": spec.event_schema.fingerprint,
         "config": to_dict(config),
         "input_events": valid + sum(quarantined.values()),
         "valid_events": valid,
@@ -134,20 +147,35 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
     return manifest
 
 
-def _events_per_day(tokens: DataFrame) -> tuple[dict[int, int], int | None]:
+def _events_per_day(events: DataFrame) -> tuple[dict[int, int], int | None]:
     """Events per UTC day number, and the watermark (the latest ``event_ts``), in one small action."""
-    rows = (tokens.groupBy(F.floor(F.col("event_ts") / F.lit(MILLIS_PER_DAY)).alias("day"))
-            .agg(F.count(F.lit(1)).alias("events"), F.max("event_ts").alias("watermark")).collect())
+    rows = (events.groupBy(F.floor(F.col(EVENT_TS) / F.lit(MILLIS_PER_DAY)).alias("day"))
+            .agg(F.count(F.lit(1)).alias("events"), F.max(EVENT_TS).alias("watermark")).collect())
     return {row["day"]: row["events"] for row in rows}, max((row["watermark"] for row in rows), default=None)
 
 
-def split_rows(windows: DataFrame, split: str, files: int) -> DataFrame:
+def fitted_spec(spec: FeatureSpec, events: DataFrame, split_ms: int) -> FeatureSpec:
+    """``spec`` with the standardize statistics its schema lacks fitted on the train split's
+    deduplicated events (``event_ts < split_ms``): the mean and the population standard deviation
+    of the value before standardize (:func:`features.transforms.fitted_statistics`). Steps that
+    carry their statistics keep them; a schema without such steps is returned as it is."""
+    schema = spec.event_schema
+    if not schema.needs_fit:
+        return spec
+    with stage("fit standardize statistics on the train split"):
+        statistics = fitted_statistics(schema, standardize_partials(events, schema, split_ms).collect())
+        for name, (mean, std) in statistics.items():
+            logger.info("standardize %s: mean %.6g, std %.6g", name, mean, std)
+    return spec.with_schema(schema.fitted(statistics))
+
+
+def split_rows(windows: DataFrame, spec: FeatureSpec, split: str, files: int) -> DataFrame:
     """One split's rows, range-partitioned into about ``files`` files (plus one per date boundary a
     file would span), each sorted so that re-runs write the same rows in the same order."""
     order = (PARTITION_COLUMN, "user_key", WINDOW_COLUMN)
     return (windows.where(F.col(SPLIT_COLUMN) == F.lit(split))
             .repartitionByRange(files, *order).sortWithinPartitions(*order)
-            .select(*TRAINING_COLUMNS, PARTITION_COLUMN))
+            .select(*spec.event_schema.training_columns, PARTITION_COLUMN))
 
 
 def split_entry(statistics: dict[str, Any], events: int) -> dict[str, Any]:

@@ -7,8 +7,10 @@ under ``spark-submit``) runs on a dataset a full run created and keeps its layou
     train/date=D/b000003-part-*.parquet   eval/date=D/b000003-part-*.parquet
     quarantine/b000003-part-*.parquet      (invalid and too-late events, with their ``reason``)
     _state/b000003/                        the state the next run continues from:
-        users/   each user's last C−1 events (raw contract columns): the next windows' context
-        items/   each item's first impression time (``log_item_age`` keeps counting from it)
+        users/   each user's last C−1 events (canonical events, every schema field): the next
+                 windows' context
+        items/   each value of the item-age field with its first impression time (``log_item_age``
+                 keeps counting from it); absent when the schema has no item age
         seen/    ids of the events within the allowed lateness of the watermark (re-deliveries)
         consumed.json                      every raw file read so far
     _MANIFEST.json                         ``batches`` (one entry per batch: counts, event-time
@@ -23,12 +25,18 @@ already seen (its id is in ``seen``) counts as a duplicate; one older than the w
 than ``incremental.allowed_lateness_s`` is added and counted as late; an older one is quarantined
 as ``too_late`` and counted. Windows of a user's new events take its stored events as context
 (``loss_mask`` 0, placed before the new ones, so a late event follows the history it arrived
-after). The stored events are raw contract rows, dwell included, so the availability rule of the
-previous actions (``prev_actions_known``, :func:`features.transforms.token_features`) holds across
-batches as in a full run; a late event sees no actions that were unknown at its own time, neither
-its row predecessor's nor, through the context it attends to, any earlier ones. The newest
+after). The stored events are whole canonical events, the ``known_after`` duration included, so
+the availability rule of the previous actions (``prev_actions_known``,
+:func:`features.transforms.token_features`) holds across batches as in a full run; a late event
+sees no actions that were unknown at its own time, neither its row predecessor's nor, through the
+context it attends to, any earlier ones. The newest
 ``incremental.holdout_s`` seconds of the batch (default: all of it) are its ``eval`` part, the
 freshest held-out slice; the trainer trains on it in the next cycle.
+
+A batch is computed with the spec the dataset records (its schema with the standardize statistics
+the full run fitted), never re-fitted: every batch's values mean the same. A run configured with
+another schema (compared without fitted statistics), context length or stride fails before reading
+anything, naming the difference.
 
 Publishing a batch: everything is written into a hidden staging directory; then the state
 directory and the data files move into place under hidden names (``.b<k>-…``, invisible to
@@ -64,19 +72,18 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from common.concurrency import exclusive_lock
-from common.config import to_dict
 from common.files import atomic_write_text, local_path, visible_files
 from common.logs import utc_text
 from features.batches import BATCH_NAME, batch_name, first_batch
 from features.dataset import MANIFEST_NAME, manifest_json
 from features.full import split_entry, split_rows
 from features.hadoop import DATASET_KIND, QUARANTINE_DIR, FeatureJobError, HadoopFiles, stage
-from features.schema import FIELD_NAMES, spark_ddl
+from features.schema import EVENT_ID, EVENT_TS, USER_ID, EventSchema, require_same_schema
 from features.settings import FeaturesConfig
-from features.spec import PARTITION_COLUMN
+from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, FeatureSpec
 from features.transforms import (
-    EVAL, REASON_COLUMN, TRAIN, cut_windows, deduplicate, split_statistics, token_features,
-    valid_events, validate,
+    EVAL, ITEM_FIRST_TS, REASON_COLUMN, TRAIN, cut_windows, deduplicate, split_statistics,
+    token_features, valid_events, validate,
 )
 from features.validation import now_ms
 
@@ -88,8 +95,7 @@ STAGING_PREFIX = ".staging-"
 USERS, ITEMS, SEEN, CONSUMED = "users", "items", "seen", "consumed.json"
 REASON_TOO_LATE = "too_late"
 HISTORY_COLUMN = "_history"
-ITEMS_DDL = "item_id STRING, item_first_ts BIGINT"
-SEEN_DDL = "event_id STRING, event_ts BIGINT"
+SEEN_DDL = f"{EVENT_ID} STRING, {EVENT_TS} BIGINT"
 SPLITS = (TRAIN, EVAL)
 
 
@@ -163,9 +169,7 @@ def _append_batch(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]
     manifest = json.loads(out.read_text(manifest_uri))
     if manifest.get("dataset") != DATASET_KIND:
         raise FeatureJobError(f"{out.root} is not a feature dataset")
-    if manifest["spec"] != to_dict(config.spec):
-        raise FeatureJobError(f"{out.root} was built with another feature spec; an incremental run "
-                              "must use the same spec.* as the full run")
+    spec = dataset_spec(manifest, config, out.root)
     _recover(out, manifest)
     processing_ms = now_ms(config.contract)
     batches = manifest.get("batches") or [_bootstrap_entry(out, manifest)]
@@ -174,8 +178,8 @@ def _append_batch(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]
     staging = f"{out.root}/{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
     out.mkdirs(staging)
     try:
-        state = _load_state(spark, out, manifest) if manifest.get("state") else \
-            _bootstrap_state(spark, manifest, config)
+        state = _load_state(spark, out, manifest, spec.event_schema) if manifest.get("state") else \
+            _bootstrap_state(spark, manifest, config, spec.event_schema)
         consumed = set(state["consumed"])
         new_files = [path for path in out.list_parquet(config.raw) if path not in consumed]
         if not new_files:
@@ -183,7 +187,7 @@ def _append_batch(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]
             out.delete(staging)
             return manifest
         logger.info("batch %s: %d new raw files", name, len(new_files))
-        entry, new_state = _write_batch(spark, config, manifest, state, new_files, staging, index,
+        entry, new_state = _write_batch(spark, config, spec, manifest, state, new_files, staging, index,
                                         processing_ms)
         _write_state(spark, out, new_state, sorted(consumed | set(new_files)), f"{staging}/{STATE_DIR}")
         _commit(out, manifest, batches, entry, staging, name)
@@ -194,6 +198,25 @@ def _append_batch(spark: SparkSession, config: FeaturesConfig) -> dict[str, Any]
                 name, entry["events"], entry["late"], entry["too_late"], entry["duplicates"],
                 utc_text(manifest["watermark_ms"]))
     return manifest
+
+
+def dataset_spec(manifest: dict[str, Any], config: FeaturesConfig, root: str) -> FeatureSpec:
+    """The spec the dataset records (with its fitted schema), which every batch is computed with.
+    Raises :class:`features.schema.SchemaError` naming the keys where the configured schema differs
+    (standardize statistics aside: the configured file may leave them to the fit), and
+    :class:`FeatureJobError` for another context length, stride or feature spec version."""
+    version = manifest.get("feature_spec_version")
+    if version != FEATURE_SPEC_VERSION:
+        raise FeatureJobError(f"{root} was built by feature spec version {version}, this job writes "
+                              f"{FEATURE_SPEC_VERSION}: re-run the full feature job")
+    recorded = FeatureSpec(**manifest["spec"])
+    require_same_schema(recorded.event_schema, config.spec.event_schema,
+                        f"this run's spec (the dataset {root} holds schema '{recorded.event_schema.name}')")
+    for key in ("context_len", "stride"):
+        if getattr(recorded, key) != getattr(config.spec, key):
+            raise FeatureJobError(f"{root} was built with spec.{key}={getattr(recorded, key)}, this run has "
+                                  f"{getattr(config.spec, key)}: an incremental run must use the full run's spec.*")
+    return recorded
 
 
 def pending_raw_files(config: FeaturesConfig) -> dict[str, int] | None:
@@ -226,27 +249,28 @@ def pending_raw_files(config: FeaturesConfig) -> dict[str, int] | None:
 
 # --- reading the raw batch and cutting its windows ---------------------------------------------
 
-def _write_batch(spark: SparkSession, config: FeaturesConfig, manifest: dict[str, Any],
+def _write_batch(spark: SparkSession, config: FeaturesConfig, spec: FeatureSpec, manifest: dict[str, Any],
                  state: dict[str, Any], new_files: list[str], staging: str, index: int,
-                 processing_ms: int) -> tuple[dict[str, Any], dict[str, DataFrame]]:
-    """Validate, classify and window the new raw files into ``staging``; returns the batch entry and
-    the next state's frames."""
+                 processing_ms: int) -> tuple[dict[str, Any], dict[str, DataFrame | None]]:
+    """Validate, classify and window the new raw files into ``staging`` with the dataset's ``spec``;
+    returns the batch entry and the next state's frames."""
+    schema = spec.event_schema
     previous_ms = manifest["watermark_ms"] or 0
     horizon_ms = previous_ms - config.incremental.allowed_lateness_s * 1000
     root = DatasetFiles(spark, config.raw).root
     raw = spark.read.option("basePath", root).parquet(*new_files)
     with stage("validate"):
-        validated = validate(raw, config.contract, processing_ms).persist()
+        validated = validate(raw, schema, config.contract, processing_ms).persist()
         reasons = {row[REASON_COLUMN]: row["count"] for row in validated.groupBy(REASON_COLUMN).count().collect()}
         valid = reasons.pop(None, 0)
     with stage("classify new, late, too late and already seen events"):
-        unique = deduplicate(valid_events(validated))
-        fresh = unique.join(state[SEEN].select("event_id"), "event_id", "left_anti")
-        kind = (F.when(F.col("event_ts") < F.lit(horizon_ms), F.lit(REASON_TOO_LATE))
-                .when(F.col("event_ts") <= F.lit(previous_ms), F.lit("late")).otherwise(F.lit("new")))
+        unique = deduplicate(valid_events(validated, schema), schema)
+        fresh = unique.join(state[SEEN].select(EVENT_ID), EVENT_ID, "left_anti")
+        kind = (F.when(F.col(EVENT_TS) < F.lit(horizon_ms), F.lit(REASON_TOO_LATE))
+                .when(F.col(EVENT_TS) <= F.lit(previous_ms), F.lit("late")).otherwise(F.lit("new")))
         classified = fresh.withColumn("_kind", kind).persist()
         kinds = {row["_kind"]: (row["count"], row["max_ts"]) for row in classified.groupBy("_kind").agg(
-            F.count(F.lit(1)).alias("count"), F.max("event_ts").alias("max_ts")).collect()}
+            F.count(F.lit(1)).alias("count"), F.max(EVENT_TS).alias("max_ts")).collect()}
         counts = {key: kinds.get(key, (0, None))[0] for key in ("new", "late", REASON_TOO_LATE)}
         accepted = classified.where(F.col("_kind") != F.lit(REASON_TOO_LATE)).drop("_kind").persist()
         events = counts["new"] + counts["late"]
@@ -261,28 +285,28 @@ def _write_batch(spark: SparkSession, config: FeaturesConfig, manifest: dict[str
     holdout = config.incremental.holdout_s
     split_ms = watermark - holdout * 1000 + 1 if holdout else 0
     with stage("cut windows with each user's history as context"):
-        users = accepted.select("user_id").distinct()
-        history = state[USERS].join(users, "user_id", "left_semi").withColumn(HISTORY_COLUMN, F.lit(True))
+        users = accepted.select(USER_ID).distinct()
+        history = state[USERS].join(users, USER_ID, "left_semi").withColumn(HISTORY_COLUMN, F.lit(True))
         timeline = accepted.withColumn(HISTORY_COLUMN, F.lit(False)).unionByName(history)
-        tokens = token_features(timeline, config.spec, item_history=state[ITEMS], carry=[HISTORY_COLUMN],
+        tokens = token_features(timeline, spec, item_history=state[ITEMS], carry=[HISTORY_COLUMN],
                                 history=HISTORY_COLUMN)
-        windows = cut_windows(tokens, config.spec, split_ms, history=HISTORY_COLUMN).persist()
-        statistics = {row["split"]: row.asDict() for row in split_statistics(windows).collect()}
+        windows = cut_windows(tokens, spec, split_ms, history=HISTORY_COLUMN).persist()
+        statistics = {row["split"]: row.asDict() for row in split_statistics(windows, schema).collect()}
     split_events = {split: 0 for split in SPLITS}
-    for row in accepted.groupBy((F.col("event_ts") < F.lit(split_ms)).alias("train")).count().collect():
+    for row in accepted.groupBy((F.col(EVENT_TS) < F.lit(split_ms)).alias("train")).count().collect():
         split_events[TRAIN if row["train"] else EVAL] += row["count"]
     for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
         with stage(f"write {split}"):
-            split_rows(windows, split, files).write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
+            split_rows(windows, spec, split, files).write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
     splits = {split: split_entry(statistics.get(split, {}), split_events[split]) for split in SPLITS}
     for split, entry in splits.items():
         if entry["label_tokens"] != entry["events"]:
             raise FeatureJobError(f"{split}: {entry['label_tokens']} label tokens for {entry['events']} "
                                   "new events; every event must bear its label exactly once (a bug)")
-    new_state = _next_state(state, timeline, accepted, config, watermark)
+    new_state = _next_state(state, timeline, accepted, config, schema, watermark)
     validated.unpersist()
     windows.unpersist()
-    range_row = accepted.agg(F.min("event_ts").alias("lo"), F.max("event_ts").alias("hi")).first()
+    range_row = accepted.agg(F.min(EVENT_TS).alias("lo"), F.max(EVENT_TS).alias("hi")).first()
     quarantined = {**reasons, **({REASON_TOO_LATE: counts[REASON_TOO_LATE]} if counts[REASON_TOO_LATE] else {})}
     entry = {
         "index": index, "name": batch_name(index),
@@ -300,34 +324,45 @@ def _write_batch(spark: SparkSession, config: FeaturesConfig, manifest: dict[str
 
 
 def _next_state(state: dict[str, Any], timeline: DataFrame, accepted: DataFrame,
-                config: FeaturesConfig, watermark: int) -> dict[str, DataFrame]:
+                config: FeaturesConfig, schema: EventSchema, watermark: int) -> dict[str, DataFrame | None]:
     """Users: the last C−1 events of every user this batch touched (in the windows' order), the
-    stored ones of the others; items: the earliest first impression; seen: ids inside the lateness."""
-    newest_first = Window.partitionBy("user_id").orderBy(
-        F.col(HISTORY_COLUMN).asc(), F.col("event_ts").desc(), F.col("event_id").desc())
+    stored ones of the others; items: the earliest first impression per value of the item-age field
+    (none without one); seen: ids inside the lateness."""
+    fields = schema.canonical_field_names
+    newest_first = Window.partitionBy(USER_ID).orderBy(
+        F.col(HISTORY_COLUMN).asc(), F.col(EVENT_TS).desc(), F.col(EVENT_ID).desc())
     recent = (timeline.withColumn("_rank", F.row_number().over(newest_first))
-              .where(F.col("_rank") < F.lit(config.spec.context_len)).select(*FIELD_NAMES))
-    untouched = state[USERS].join(accepted.select("user_id").distinct(), "user_id", "left_anti")
-    first_seen = accepted.groupBy("item_id").agg(F.min(F.expr("event_ts div 1000")).alias("item_first_ts"))
-    items = (state[ITEMS].unionByName(first_seen).groupBy("item_id")
-             .agg(F.min("item_first_ts").alias("item_first_ts")))
+              .where(F.col("_rank") < F.lit(config.spec.context_len)).select(*fields))
+    untouched = state[USERS].join(accepted.select(USER_ID).distinct(), USER_ID, "left_anti")
+    items = None
+    if schema.item_age_field:
+        item = schema.item_age_field
+        first_seen = accepted.groupBy(item).agg(F.min(F.expr(f"{EVENT_TS} div 1000")).alias(ITEM_FIRST_TS))
+        items = (state[ITEMS].unionByName(first_seen).groupBy(item)
+                 .agg(F.min(ITEM_FIRST_TS).alias(ITEM_FIRST_TS)))
     horizon_ms = watermark - config.incremental.allowed_lateness_s * 1000
-    seen = (state[SEEN].unionByName(accepted.select("event_id", "event_ts"))
-            .where(F.col("event_ts") >= F.lit(horizon_ms)))
-    return {USERS: recent.unionByName(untouched.select(*FIELD_NAMES)), ITEMS: items, SEEN: seen}
+    seen = (state[SEEN].unionByName(accepted.select(EVENT_ID, EVENT_TS))
+            .where(F.col(EVENT_TS) >= F.lit(horizon_ms)))
+    return {USERS: recent.unionByName(untouched.select(*fields)), ITEMS: items, SEEN: seen}
 
 
 # --- state -------------------------------------------------------------------------------------
 
-def _load_state(spark: SparkSession, out: DatasetFiles, manifest: dict[str, Any]) -> dict[str, Any]:
+def _items_ddl(schema: EventSchema) -> str:
+    return f"{schema.item_age_field} STRING, {ITEM_FIRST_TS} BIGINT"
+
+
+def _load_state(spark: SparkSession, out: DatasetFiles, manifest: dict[str, Any],
+                schema: EventSchema) -> dict[str, Any]:
     root = f"{out.root}/{manifest['state']}"
-    return {USERS: spark.read.schema(spark_ddl()).parquet(f"{root}/{USERS}"),
-            ITEMS: spark.read.schema(ITEMS_DDL).parquet(f"{root}/{ITEMS}"),
+    items = spark.read.schema(_items_ddl(schema)).parquet(f"{root}/{ITEMS}") if schema.item_age_field else None
+    return {USERS: spark.read.schema(schema.canonical_ddl()).parquet(f"{root}/{USERS}"), ITEMS: items,
             SEEN: spark.read.schema(SEEN_DDL).parquet(f"{root}/{SEEN}"),
             "consumed": json.loads(out.read_text(f"{root}/{CONSUMED}"))}
 
 
-def _bootstrap_state(spark: SparkSession, manifest: dict[str, Any], config: FeaturesConfig) -> dict[str, Any]:
+def _bootstrap_state(spark: SparkSession, manifest: dict[str, Any], config: FeaturesConfig,
+                     schema: EventSchema) -> dict[str, Any]:
     """The state after the full run, rebuilt from the raw files it read (once per dataset)."""
     files = manifest.get("input_files")
     if not files:
@@ -337,12 +372,13 @@ def _bootstrap_state(spark: SparkSession, manifest: dict[str, Any], config: Feat
     raw_files = DatasetFiles(spark, config.raw)
     qualified = [raw_files.qualify(path) for path in files]
     raw = spark.read.option("basePath", raw_files.root).parquet(*qualified)
-    events = deduplicate(valid_events(validate(raw, config.contract, manifest["processing_ms"])))
-    empty_users = spark.createDataFrame([], spark_ddl())
-    nothing = {USERS: empty_users, ITEMS: spark.createDataFrame([], ITEMS_DDL),
+    validated = validate(raw, schema, config.contract, manifest["processing_ms"])
+    events = deduplicate(valid_events(validated, schema), schema)
+    nothing = {USERS: spark.createDataFrame([], schema.canonical_ddl()),
+               ITEMS: spark.createDataFrame([], _items_ddl(schema)) if schema.item_age_field else None,
                SEEN: spark.createDataFrame([], SEEN_DDL)}
     timeline = events.withColumn(HISTORY_COLUMN, F.lit(False))
-    state = _next_state(nothing, timeline, events, config, manifest["watermark_ms"] or 0)
+    state = _next_state(nothing, timeline, events, config, schema, manifest["watermark_ms"] or 0)
     return {**state, "consumed": qualified}
 
 
@@ -350,7 +386,8 @@ def _write_state(spark: SparkSession, out: DatasetFiles, state: dict[str, Any], 
                  target: str) -> None:
     with stage("write state"):
         for key in (USERS, ITEMS, SEEN):
-            state[key].write.parquet(f"{target}/{key}")
+            if state[key] is not None:
+                state[key].write.parquet(f"{target}/{key}")
         out.write_text(f"{target}/{CONSUMED}", json.dumps(consumed, indent=0) + "\n")
 
 

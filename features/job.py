@@ -19,6 +19,7 @@ from common.logs import configure_logging
 from features.full import run
 from features.hadoop import FeatureJobError
 from features.incremental import run_incremental
+from features.schema import SchemaError
 from features.settings import parse_job_arguments
 from features.spark import build_session
 
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
             run_incremental(spark, config)
         else:
             run(spark, config)
-    except FeatureJobError as error:
+    except (FeatureJobError, SchemaError) as error:  # SchemaError: an incremental run's other schema
         logger.error("%s", error)
         return 1
     except Locked as error:

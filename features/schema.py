@@ -20,8 +20,11 @@ A rejected event is never dropped: it carries the first failing reason, one of :
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import zipfile
+import zipimport
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
@@ -258,7 +261,20 @@ def schema_path(name_or_path: str) -> Path:
 
 
 def shipped_schemas() -> tuple[str, ...]:
-    return tuple(sorted(path.stem for path in SCHEMAS_DIR.glob("*.yaml")))
+    folder = _readable(SCHEMAS_DIR, directory=True)
+    return tuple(sorted(path.name[:-len(".yaml")] for path in folder.iterdir()
+                        if path.name.endswith(".yaml"))) if folder.is_dir() else ()
+
+
+def _readable(path: Path, directory: bool = False) -> Path | zipfile.Path:
+    """``path`` as something to read: itself, or where this module was imported from a zip (the
+    Spark jobs' ``--py-files``, which carries ``conf/schemas/`` too), the same path inside it."""
+    loader = globals().get("__loader__")
+    if isinstance(loader, zipimport.zipimporter):
+        archive = Path(loader.archive)
+        if path.is_relative_to(archive):
+            return zipfile.Path(archive, str(path.relative_to(archive)) + ("/" if directory else ""))
+    return path
 
 
 def load_schema(source: str | Mapping[str, Any] | "EventSchema" = DEFAULT_SCHEMA) -> "EventSchema":
@@ -267,20 +283,21 @@ def load_schema(source: str | Mapping[str, Any] | "EventSchema" = DEFAULT_SCHEMA
         return source
     if isinstance(source, str):
         path = schema_path(source)
-        if not path.is_file():
+        file = _readable(path)
+        if not file.is_file():
             shipped = ", ".join(shipped_schemas())
             raise SchemaError(f"config key 'spec.schema': no schema file {path} (shipped: {shipped})")
-        config = _load(path)
+        config = _load(path, text=file.read_text(encoding="utf-8"))
     else:
         config = _load(None, dict(source))
     return EventSchema(config)
 
 
-def _load(path: Path | None, values: dict[str, Any] | None = None) -> SchemaConfig:
+def _load(path: Path | None, values: dict[str, Any] | None = None, text: str = "") -> SchemaConfig:
     try:
         if path is not None:
             try:
-                values = OmegaConf.to_container(OmegaConf.load(path))
+                values = OmegaConf.to_container(OmegaConf.load(io.StringIO(text)))
             except yaml.YAMLError as error:
                 raise ConfigError(f"not valid YAML: {str(error).splitlines()[0]}") from None
             if not isinstance(values, dict):
@@ -505,8 +522,9 @@ class EventSchema:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the schema (16 hex digits)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """sha256 of the schema's JSON (16 hex digits). Keys stay in their order: the order of the
+        fields, tables and columns is part of the schema (the training columns follow it)."""
+        text = json.dumps(self.to_dict(), separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def with_buckets(self, buckets: Mapping[str, int]) -> "EventSchema":
@@ -622,6 +640,7 @@ def _validate(config: SchemaConfig) -> None:
                 require(index == len(value.transforms) - 1, step_key, "standardize must be the last step")
                 require((step.mean is None) == (step.std is None), f"{step_key}.std", "give both mean and std, or neither")
                 require(step.std is None or step.std > 0, f"{step_key}.std", "must be > 0")
+        _require_log1p_domain(key, value, fields[value.field])
 
     for name, value in config.numerics.items():
         value_of(f"numerics.{name}", value)
@@ -646,7 +665,7 @@ def _validate(config: SchemaConfig) -> None:
     require(known.delay_ms >= 0, "actions.known_after.delay_ms", "must be >= 0")
 
     for name, label in config.labels.items():
-        _validate_label(f"labels.{name}", label, field_of)
+        _validate_label(f"labels.{name}", label, field_of, fields)
     require(bool(config.tasks), "tasks", "must name at least one label to train on")
     for task, weight in config.tasks.items():
         require(task in config.labels, f"tasks.{task}",
@@ -689,7 +708,7 @@ def _label_kind(label: LabelConfig) -> str:
     return kinds[0] if len(kinds) == 1 else "field" if not kinds else "several"
 
 
-def _validate_label(key: str, label: LabelConfig, field_of: Any) -> None:
+def _validate_label(key: str, label: LabelConfig, field_of: Any, fields: Mapping[str, FieldConfig]) -> None:
     kind = _label_kind(label)
     require(kind != "several", key, "give exactly one of any_of, all_of, equals, at_least (or field alone)")
     if kind in ("any_of", "all_of"):
@@ -700,11 +719,50 @@ def _validate_label(key: str, label: LabelConfig, field_of: Any) -> None:
         field_of(f"{key}.field", label.field, ("bool",), "a bool field (or add equals / at_least)")
     elif kind == "equals":
         field_of(f"{key}.field", label.field, KINDS, "a field")
+        # Compared as the field's type (features.spec.label_values): the text must read as one.
+        kind_of_field = fields[label.field].type
+        if kind_of_field == "bool":
+            require(label.equals.lower() in ("true", "false"), f"{key}.equals",
+                    f"field '{label.field}' is bool: give true or false, got '{label.equals}'")
+        elif kind_of_field in NUMERIC_KINDS:
+            require(_is_number(label.equals), f"{key}.equals",
+                    f"field '{label.field}' is {kind_of_field}: give a number, got '{label.equals}'")
     else:
         field_of(f"{key}.field", label.field, NUMERIC_KINDS, "a numeric field")
     if label.by or label.thresholds:
         require(kind == "at_least", f"{key}.by", "by and thresholds go with at_least")
         field_of(f"{key}.by", label.by, ("string",), "a string field")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _require_log1p_domain(key: str, value: ValueConfig, field: FieldConfig) -> None:
+    """Every ``log1p`` step must see values > −1, judged from the field's range through the steps
+    before it: ``log1p`` is undefined below (Spark gives null where numpy gives nan, so the Spark
+    and Python paths would part)."""
+    if field.type == "bool":
+        low, high = 0.0, 1.0
+    else:
+        bounds = Field("", field.type, field.min, field.max)
+        low, high = float(bounds.lower), float(bounds.upper)
+    for index, step in enumerate(value.transforms):
+        if step.op == "clip":
+            if step.min is not None:
+                low, high = max(low, step.min), max(high, step.min)
+            if step.max is not None:
+                low, high = min(low, step.max), min(high, step.max)
+        elif step.op == "divide":
+            low, high = sorted((low / step.by, high / step.by))
+        elif step.op == "log1p":
+            require(low > -1, f"{key}.transforms.{index}",
+                    f"log1p needs values > -1, but field '{value.field}' reaches {low:g} here: clip "
+                    "first (clip min 0) or declare the field's min")
+            low, high = math.log1p(low), math.log1p(high)
 
 
 _ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "int32": pa.int32(), "bool": pa.bool_(),

@@ -36,6 +36,7 @@ previous token's actions where ``prev_actions_known`` is 0 and tells it that the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -79,7 +80,14 @@ class FeatureSpec:
         require(1 <= self.stride <= self.context_len, "spec.stride", "must be in [1, context_len]")
         for name, count in self.buckets.items():
             require(count >= 2, f"spec.buckets.{name}", "must be >= 2 (id 0 is padding)")
-        self._event_schema = load_schema(self.schema).with_buckets(self.buckets)
+        schema = load_schema(self.schema)
+        # A config rendered from the defaults (conf/features.yaml, or the dataclass defaults under
+        # spec.schema=OTHER) carries the default schema's table sizes: for a schema without those
+        # tables they are not overrides. Any other entry must name one of the schema's tables.
+        defaults = _default_tables()
+        overrides = {table: rows for table, rows in self.buckets.items()
+                     if table in schema.tables or defaults.get(table) != rows}
+        self._event_schema = schema.with_buckets(overrides)
         self.buckets = dict(self._event_schema.tables)
 
     def __eq__(self, other: object) -> bool:
@@ -97,6 +105,11 @@ class FeatureSpec:
     def with_schema(self, schema: EventSchema) -> "FeatureSpec":
         """This spec over another (e.g. fitted) schema."""
         return FeatureSpec(self.context_len, self.stride, schema.to_dict(), dict(schema.tables))
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tables() -> dict[str, int]:
+    return dict(load_schema(DEFAULT_SCHEMA).tables)
 
 
 def hash60(table: str, value: str) -> int:

@@ -12,6 +12,7 @@ of its own that dies with this command, SIGKILL included, and receives its SIGIN
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -26,6 +27,7 @@ from common.concurrency import EXIT_LOCKED, process_group
 from common.config import ConfigError, to_yaml
 from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import session_settings
+from features.spec import FeatureSpec
 from features.summary import describe
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 JOB_SCRIPT = PACKAGE_DIR / "job.py"
 JOB_PACKAGES = ("common", "features")
 """The packages the job imports, shipped to the driver and executors as one zip (``--py-files``)."""
+SCHEMA_FILES = "conf/schemas"
+"""The shipped event schemas, zipped with the packages (``features.schema`` reads them from there)."""
 
 
 def spark_submit_executable() -> Path:
@@ -41,11 +45,14 @@ def spark_submit_executable() -> Path:
 
 
 def build_package_zip(target: Path) -> Path:
-    """Zip the packages of :data:`JOB_PACKAGES` (their ``.py`` files) for ``--py-files``."""
+    """Zip the packages of :data:`JOB_PACKAGES` (their ``.py`` files) and the shipped schemas
+    (:data:`SCHEMA_FILES`) for ``--py-files``."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for package in JOB_PACKAGES:
             for source in sorted((PACKAGE_DIR.parent / package).glob("*.py")):
                 archive.write(source, f"{package}/{source.name}")
+        for source in sorted((PACKAGE_DIR.parent / SCHEMA_FILES).glob("*.yaml")):
+            archive.write(source, f"{SCHEMA_FILES}/{source.name}")
     return target
 
 
@@ -64,9 +71,10 @@ def run_job(config: FeaturesConfig) -> int:
     """Submit the job and stream its log to stderr; returns ``spark-submit``'s exit code."""
     with tempfile.TemporaryDirectory(prefix="sirenfeed-features-") as work:
         work_dir = Path(work)
-        # The job reads exactly the configuration validated here, defaults and overrides resolved.
+        # The job reads exactly the configuration validated here, defaults and overrides resolved, the
+        # event schema included: a schema file given by path need not exist where the driver runs.
         config_file = work_dir / "features.yaml"
-        config_file.write_text(to_yaml(config))
+        config_file.write_text(to_yaml(dataclasses.replace(config, spec=FeatureSpec(**config.spec.record()))))
         command = spark_submit_command(config, build_package_zip(work_dir / "features.zip"), config_file)
         logger.info("running %s", " ".join(command))
         environment = {**os.environ}

@@ -1,25 +1,33 @@
 """The feature job's transformations: pure DataFrame → DataFrame functions, no I/O.
 
 raw rows ─ validate ─┬─ quarantine (rows with a ``reason``)
-                     └─ valid_events ─ deduplicate ─ token_features ─ cut_windows ─ training rows
+                     └─ valid_events ─ deduplicate ─┬─ token_features ─ cut_windows ─ training rows
+                                                    └─ standardize_partials (full job, when the
+                                                       schema still needs its statistics)
 
-Every value is a Spark column expression (no Python UDF) and computes what its Python definition in
-:mod:`features.spec` computes; parity tests hold them equal.
+Everything is generic over the event schema (:mod:`features.schema`): canonical events carry the
+role fields as ``event_id``, ``user_id`` and ``event_ts`` (ms) and the other fields under their own
+names. Every value is a Spark column expression (no Python UDF) and computes what its Python
+definition in :mod:`features.spec` computes, in the same operation order and precision; parity tests
+hold them equal for every shipped schema.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from pyspark.sql import Column, DataFrame, Window, WindowSpec
 from pyspark.sql import functions as F
 
-from features.schema import ACTION_FIELDS, FIELD_NAMES, FIELDS, ContractConfig
+from features.schema import (
+    EVENT_ID, EVENT_TS, INT64_MAX, INT64_MIN, INTEGER_KINDS, LOG_GAP_COLUMN, LOG_ITEM_AGE_COLUMN,
+    USER_ID, ContractConfig, EventSchema, LabelConfig, TransformConfig,
+)
 from features.spec import (
-    HASH_HEX_DIGITS, HASH_SEPARATOR, ID_COLUMNS, LABEL_COLUMNS, LOSS_MASK_COLUMN, PARTITION_COLUMN,
-    PREV_ACTIONS_KNOWN_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK, TOKEN_COLUMNS,
-    TOKEN_FLOAT_COLUMNS, TS_COLUMN, FeatureSpec,
+    HASH_HEX_DIGITS, HASH_SEPARATOR, LOSS_MASK_COLUMN, PARTITION_COLUMN, PREV_ACTIONS_KNOWN_COLUMN,
+    SECONDS_PER_DAY, TS_COLUMN, FeatureSpec,
 )
 from features.validation import spark_reason, spark_value
 
@@ -29,69 +37,137 @@ WINDOW_COLUMN = "window"
 """Index of a window among the windows of its user and split, in time order."""
 TRAIN, EVAL = "train", "eval"
 MILLIS_PER_DAY = SECONDS_PER_DAY * 1000
+ITEM_FIRST_TS = "item_first_ts"
+"""Column of the first impression (epoch seconds) of a value of the item-age field."""
+FIT_BUCKETS = 1024
+"""Groups the train events are split into to fit standardize statistics deterministically."""
 
-_TOKEN_TYPES = {TS_COLUMN: "bigint", **{name: "bigint" for name in ID_COLUMNS},
-                **{name: "float" for name in TOKEN_FLOAT_COLUMNS}}
+
+def token_types(schema: EventSchema) -> dict[str, str]:
+    """Spark type of every token column: ``ts`` and the ids bigint, the rest float."""
+    return {TS_COLUMN: "bigint", **{name: "bigint" for name in schema.id_columns},
+            **{name: "float" for name in schema.token_float_columns}}
 
 
 # --- validation and deduplication -------------------------------------------------------------
 
-def validate(raw: DataFrame, contract: ContractConfig, processing_ms: int) -> DataFrame:
+def validate(raw: DataFrame, schema: EventSchema, contract: ContractConfig, processing_ms: int) -> DataFrame:
     """Every raw row with a ``reason`` column: the first rule it breaks, null for a valid event."""
-    return raw.withColumn(REASON_COLUMN, spark_reason(raw.schema, contract, processing_ms))
+    return raw.withColumn(REASON_COLUMN, spark_reason(raw.schema, schema, contract, processing_ms))
 
 
-def valid_events(validated: DataFrame) -> DataFrame:
-    """The valid rows as exactly the contract's columns and types (extra columns dropped)."""
+def valid_events(validated: DataFrame, schema: EventSchema) -> DataFrame:
+    """The valid rows as canonical events: exactly the schema's fields with their types, the role
+    fields renamed, ``event_ts = time field × time_unit_ms`` (extra columns dropped). The product
+    cannot overflow: validation bounds the time field by the processing time."""
     types = {column.name: column.dataType for column in validated.schema.fields}
-    return validated.where(F.col(REASON_COLUMN).isNull()).select(
-        *[spark_value(field, types.get(field.name)).alias(field.name) for field in FIELDS])
+    columns = []
+    for field in schema.fields:
+        value = spark_value(field, types.get(field.name))
+        if field.name == schema.time_field:
+            value = value * F.lit(schema.time_unit_ms)
+        columns.append(value.alias(schema.canonical_names[field.name]))
+    return validated.where(F.col(REASON_COLUMN).isNull()).select(*columns)
 
 
-def deduplicate(events: DataFrame) -> DataFrame:
-    """One event per ``event_id``: the first by ``event_ts``, ties broken by the other columns in
-    contract order. That is a total order on valid events (no nulls), so a re-run keeps the same copy.
-    The minimum of a struct aggregates partially before the shuffle: one copy per id and input
-    partition crosses it."""
-    order = ["event_ts"] + [name for name in FIELD_NAMES if name not in ("event_id", "event_ts")]
-    first = events.groupBy("event_id").agg(F.min(F.struct(*order)).alias("first"))
-    return first.select(*[F.col(name) if name == "event_id" else F.col("first")[name].alias(name)
-                          for name in FIELD_NAMES])
+def deduplicate(events: DataFrame, schema: EventSchema) -> DataFrame:
+    """One canonical event per ``event_id``: the first by ``event_ts``, ties broken by the other
+    fields in schema order (``schema.dedup_order``). That is a total order on valid events (no nulls,
+    no NaN), so a re-run keeps the same copy. The minimum of a struct aggregates partially before the
+    shuffle: one copy per id and input partition crosses it."""
+    first = events.groupBy(EVENT_ID).agg(F.min(F.struct(*schema.dedup_order)).alias("first"))
+    return first.select(*[F.col(name) if name == EVENT_ID else F.col("first")[name].alias(name)
+                          for name in schema.canonical_field_names])
 
 
 # --- per-event features -----------------------------------------------------------------------
 
-def spark_hash60(column_name: str, value: Column) -> Column:
-    """:func:`features.spec.hash60`: the first 60 bits of ``md5(column_name + "\\x1f" + value)``."""
-    digest = F.md5(F.concat(F.lit(column_name + HASH_SEPARATOR), value))
+def spark_hash60(table: str, value: Column) -> Column:
+    """:func:`features.spec.hash60`: the first 60 bits of ``md5(table + "\\x1f" + value)``."""
+    digest = F.md5(F.concat(F.lit(table + HASH_SEPARATOR), value))
     return F.conv(F.substring(digest, 1, HASH_HEX_DIGITS), 16, 10).cast("bigint")
 
 
-def spark_hash_id(column_name: str, value: Column, buckets: int) -> Column:
+def spark_hash_id(table: str, value: Column, buckets: int) -> Column:
     """:func:`features.spec.hash_id`: an id in ``[1, buckets)``, 0 being padding."""
-    return (F.lit(1) + spark_hash60(column_name, value) % F.lit(buckets - 1)).cast("bigint")
+    return (F.lit(1) + spark_hash60(table, value) % F.lit(buckets - 1)).cast("bigint")
 
 
-def long_dwell_threshold(spec: FeatureSpec, content_type: Column) -> Column:
-    """:func:`features.spec.long_dwell_threshold` as a column."""
-    threshold = F.lit(spec.default_long_dwell_ms)
-    for name, value in sorted(spec.long_dwell_ms.items(), reverse=True):
-        threshold = F.when(content_type == F.lit(name), F.lit(value)).otherwise(threshold)
-    return threshold
+def spark_transform(value: Column, steps: Sequence[TransformConfig]) -> Column:
+    """:func:`features.spec.transform` as a double column, step by step in the same order:
+    ``clip`` = ``min(max(x, min), max)``, ``divide`` = ``x / by``, ``log1p``, ``standardize`` =
+    ``(x − mean) / std``. The schema guarantees ``log1p`` sees values > −1, where Spark's (null
+    below) and numpy's (nan) agree."""
+    x = value.cast("double")
+    for step in steps:
+        if step.op == "clip":
+            x = x if step.min is None else F.greatest(x, F.lit(float(step.min)))
+            x = x if step.max is None else F.least(x, F.lit(float(step.max)))
+        elif step.op == "divide":
+            x = x / F.lit(float(step.by))
+        elif step.op == "log1p":
+            x = F.log1p(x)
+        elif step.op == "standardize":
+            if step.mean is None or step.std is None:
+                raise ValueError("standardize has no statistics yet: the full feature job fits them")
+            x = (x - F.lit(float(step.mean))) / F.lit(float(step.std))
+        else:
+            raise ValueError(f"unknown transform {step.op!r}")
+    return x
 
 
-def spark_action_available_ms(spec: FeatureSpec) -> Column:
-    """:func:`features.spec.action_available_ms`: ``event_ts + dwell_ms + action_log_delay_ms``."""
-    dwell = F.greatest(F.col("dwell_ms"), F.lit(0)).cast("bigint")
-    return F.col("event_ts") + dwell + F.lit(spec.action_log_delay_ms).cast("bigint")
+def spark_label(label: LabelConfig, schema: EventSchema) -> Column:
+    """:func:`features.spec.label_values` as a boolean column of canonical events."""
+    if label.any_of:
+        return functools.reduce(lambda a, b: a | b, [F.col(name) for name in label.any_of])
+    if label.all_of:
+        return functools.reduce(lambda a, b: a & b, [F.col(name) for name in label.all_of])
+    value, kind = F.col(label.field), schema.field(label.field).kind
+    if label.equals is not None:
+        if kind == "string":
+            return value == F.lit(label.equals)
+        if kind == "bool":
+            return value == F.lit(label.equals.lower() == "true")
+        return value.cast("double") == F.lit(float(label.equals))
+    if label.at_least is not None:
+        check = _at_least(value, kind, label.at_least)
+        if label.by:
+            by = F.col(label.by)
+            cases = None
+            for name, threshold in label.thresholds.items():
+                condition, result = by == F.lit(name), _at_least(value, kind, threshold)
+                cases = F.when(condition, result) if cases is None else cases.when(condition, result)
+            check = check if cases is None else cases.otherwise(check)
+        return check
+    return value
 
 
-def spark_prev_actions_known(spec: FeatureSpec, timeline: WindowSpec,
+def _at_least(value: Column, kind: str, threshold: float) -> Column:
+    """``value ≥ threshold`` exactly as Python compares an int or a float with a float: an integer
+    field against the integer ``⌈threshold⌉`` (no rounding of large values through a double)."""
+    if kind not in INTEGER_KINDS:
+        return value.cast("double") >= F.lit(float(threshold))
+    bound = math.ceil(threshold)
+    if bound > INT64_MAX:
+        return F.lit(False)
+    return F.lit(True) if bound <= INT64_MIN else value >= F.lit(bound)
+
+
+def spark_action_available_ms(schema: EventSchema) -> Column:
+    """:func:`features.spec.action_available_ms`: ``event_ts + max(duration, 0) + delay_ms``, the
+    duration being the schema's ``actions.known_after.duration`` field (0 where it names none)."""
+    available = F.col(EVENT_TS)
+    if schema.known_after_field:
+        available = available + F.greatest(F.col(schema.known_after_field), F.lit(0)).cast("bigint")
+    return available + F.lit(schema.action_delay_ms).cast("bigint")
+
+
+def spark_prev_actions_known(schema: EventSchema, timeline: WindowSpec,
                              as_of_ms: Column | None = None) -> Column:
     """:func:`features.spec.prev_actions_known` as a float column: the previous event in ``timeline``
     had its actions known at ``as_of_ms`` (default: this event's ``event_ts``); 0 for the first."""
-    previous_available = F.lag(spark_action_available_ms(spec)).over(timeline)
-    as_of = F.col("event_ts") if as_of_ms is None else as_of_ms
+    previous_available = F.lag(spark_action_available_ms(schema)).over(timeline)
+    as_of = F.col(EVENT_TS) if as_of_ms is None else as_of_ms
     return F.coalesce(previous_available <= as_of, F.lit(False)).cast("float")
 
 
@@ -99,23 +175,28 @@ def user_row_order(history: str | None = None) -> WindowSpec:
     """A user's events in the order of their training rows: context-only ``history`` events first,
     then by (``event_ts``, ``event_id``); without history, simply time order."""
     is_history = F.col(history) if history else F.lit(False)
-    return Window.partitionBy("user_id").orderBy(is_history.desc(), "event_ts", "event_id")
+    return Window.partitionBy(USER_ID).orderBy(is_history.desc(), EVENT_TS, EVENT_ID)
 
 
-def _cycle(ts: Column, period: int, function: Callable[[Column], Column]) -> Column:
-    # Same operation order as features.spec.cyclical, in float64, rounded to float32 at the end.
-    return function(F.lit(2.0 * math.pi) * F.pmod(ts, F.lit(period)) / F.lit(float(period)))
+def _cycle(t: Column, period: float, function: Callable[[Column], Column]) -> Column:
+    # Same operation order as features.spec.cyclical, in float64, rounded to float32 at the end. An
+    # integral period stays an integer literal: pmod of integers is exact (and what the job always
+    # computed); numpy's float64 mod of integers below 2^53 gives the same value.
+    modulus = F.lit(int(period)) if float(period).is_integer() else F.lit(float(period))
+    return function(F.lit(2.0 * math.pi) * F.pmod(t, modulus) / F.lit(float(period)))
 
 
 def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame | None = None,
                    carry: Sequence[str] = (), history: str | None = None) -> DataFrame:
-    """Deduplicated valid events → one row per event with its token columns (hashed ids, times,
-    continuous-time and cyclical features, actions, whether the previous actions were known,
-    labels), keyed by ``user_id`` and ordered within a user by (``event_ts``, ``event_id``).
+    """Deduplicated canonical events → one row per event with its token columns (hashed ids, times,
+    continuous-time features, numerics, cyclical features, actions, whether the previous actions
+    were known, labels; ``spec.event_schema.token_columns`` but ``loss_mask``), keyed by ``user_id``
+    and ordered within a user by (``event_ts``, ``event_id``); :func:`features.spec.token_values`
+    is the Python definition.
 
-    ``item_history`` (``item_id``, ``item_first_ts``: items seen by earlier runs) lets an incremental
-    run age items from their first impression ever, not in this batch; ``carry`` names extra input
-    columns passed through unchanged.
+    ``item_history`` (the item-age field and ``item_first_ts``: values seen by earlier runs) lets an
+    incremental run age items from their first impression ever, not in this batch; ``carry`` names
+    extra input columns passed through unchanged.
 
     ``history`` names the boolean column of an incremental run's context-only events, which
     :func:`cut_windows` places before the new ones. ``prev_actions_known`` refers to the previous
@@ -123,42 +204,106 @@ def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame
     so a late event placed after later context sees none of that context's actions. And a context
     event counts actions as known only as of the earliest new event of its user: every new token
     attends to it, and must not learn through it what was unknown at its own time."""
-    ts = F.expr("event_ts div 1000")  # integral division: event_ts >= 0, so this is the floor
-    user_timeline = Window.partitionBy("user_id").orderBy("event_ts", "event_id")
+    schema = spec.event_schema
+    config = schema.config
+    ts = F.expr(f"{EVENT_TS} div 1000")  # integral division: event_ts >= 0, so this is the floor
+    user_timeline = Window.partitionBy(USER_ID).orderBy(EVENT_TS, EVENT_ID)
     with_ts = events.withColumn(TS_COLUMN, ts)
-    item_first_seen = with_ts.groupBy("item_id").agg(F.min(TS_COLUMN).alias("item_first_ts"))
-    if item_history is not None:
-        item_first_seen = (item_first_seen.unionByName(item_history.select("item_id", "item_first_ts"))
-                           .groupBy("item_id").agg(F.min("item_first_ts").alias("item_first_ts")))
-    gap = F.col(TS_COLUMN) - F.lag(TS_COLUMN).over(user_timeline)
-    age = F.col(TS_COLUMN) - F.col("item_first_ts")
-    dwell = F.greatest(F.col("dwell_ms").cast("double"), F.lit(0.0)) / F.lit(1000.0)
-    contribution = F.col("like") | F.col("comment") | F.col("share")
-    long_dwell = F.col("dwell_ms") >= long_dwell_threshold(spec, F.col("content_type"))
+    columns: dict[str, Column] = {TS_COLUMN: F.col(TS_COLUMN)}
+    for name in schema.id_columns:
+        table = schema.column_tables[name]
+        columns[name] = spark_hash_id(table, F.col(name), spec.buckets[table])
+    if config.time_features.gap:
+        gap = F.col(TS_COLUMN) - F.lag(TS_COLUMN).over(user_timeline)
+        columns[LOG_GAP_COLUMN] = F.log1p(F.greatest(F.coalesce(gap, F.lit(0)).cast("double"), F.lit(0.0)))
+    if schema.item_age_field:
+        item = schema.item_age_field
+        first_seen = with_ts.groupBy(item).agg(F.min(TS_COLUMN).alias(ITEM_FIRST_TS))
+        if item_history is not None:
+            first_seen = (first_seen.unionByName(item_history.select(item, ITEM_FIRST_TS))
+                          .groupBy(item).agg(F.min(ITEM_FIRST_TS).alias(ITEM_FIRST_TS)))
+        with_ts = with_ts.join(first_seen, item)
+        age = F.col(TS_COLUMN) - F.col(ITEM_FIRST_TS)
+        columns[LOG_ITEM_AGE_COLUMN] = F.log1p(F.greatest(age.cast("double"), F.lit(0.0)))
+    for name, value in config.numerics.items():
+        columns[name] = spark_transform(F.col(value.field), value.transforms)
+    local = F.col(TS_COLUMN)
+    if schema.utc_offset_field:
+        local = local + F.col(schema.utc_offset_field).cast("bigint") * F.lit(schema.utc_offset_unit_s)
+    for name, period in schema.periods.items():
+        columns[f"{name}_sin"] = _cycle(local, period, F.sin)
+        columns[f"{name}_cos"] = _cycle(local, period, F.cos)
+    for name, value in config.actions.columns.items():
+        columns[name] = spark_transform(F.col(value.field), value.transforms)
     as_of = None
     if history:
-        earliest_new = F.min(F.when(~F.col(history), F.col("event_ts"))).over(Window.partitionBy("user_id"))
-        as_of = F.when(F.col(history), F.least(F.col("event_ts"), earliest_new)).otherwise(F.col("event_ts"))
-    columns = {
-        TS_COLUMN: F.col(TS_COLUMN),
-        **{name: spark_hash_id(name, F.col(name), spec.buckets[name]) for name in ID_COLUMNS},
-        "log_gap": F.log1p(F.greatest(F.coalesce(gap, F.lit(0)).cast("double"), F.lit(0.0))),
-        "log_item_age": F.log1p(F.greatest(age.cast("double"), F.lit(0.0))),
-        "tod_sin": _cycle(F.col(TS_COLUMN), SECONDS_PER_DAY, F.sin),
-        "tod_cos": _cycle(F.col(TS_COLUMN), SECONDS_PER_DAY, F.cos),
-        "dow_sin": _cycle(F.col(TS_COLUMN), SECONDS_PER_WEEK, F.sin),
-        "dow_cos": _cycle(F.col(TS_COLUMN), SECONDS_PER_WEEK, F.cos),
-        **{name: F.col(name) for name in ACTION_FIELDS},
-        "log_dwell": F.log1p(dwell),
-        PREV_ACTIONS_KNOWN_COLUMN: spark_prev_actions_known(spec, user_row_order(history), as_of),
-        "contribution": contribution,
-        "long_dwell": long_dwell,
-    }
-    assert set(columns) == set(TOKEN_COLUMNS) - {LOSS_MASK_COLUMN}, "a token column lacks a definition"
-    return (with_ts.join(item_first_seen, "item_id")
-            .select("user_id", "event_id", "event_ts", *carry,
-                    spark_hash60("user_id", F.col("user_id")).alias("user_key"),
-                    *[value.cast(_TOKEN_TYPES[name]).alias(name) for name, value in columns.items()]))
+        earliest_new = F.min(F.when(~F.col(history), F.col(EVENT_TS))).over(Window.partitionBy(USER_ID))
+        as_of = F.when(F.col(history), F.least(F.col(EVENT_TS), earliest_new)).otherwise(F.col(EVENT_TS))
+    columns[PREV_ACTIONS_KNOWN_COLUMN] = spark_prev_actions_known(schema, user_row_order(history), as_of)
+    for name in schema.label_columns:
+        # A label named like an action is that action's bool column (the schema checks it).
+        columns.setdefault(name, spark_label(config.labels[name], schema))
+    types = token_types(schema)
+    return with_ts.select(EVENT_ID, USER_ID, EVENT_TS, *carry,
+                          spark_hash60("user_id", F.col(USER_ID)).alias("user_key"),
+                          *[columns[name].cast(types[name]).alias(name) for name in schema.token_columns
+                            if name != LOSS_MASK_COLUMN])
+
+
+# --- standardize statistics -------------------------------------------------------------------
+
+def columns_to_fit(schema: EventSchema) -> list[str]:
+    """The numerics whose standardize step still lacks its statistics."""
+    return [name for name, step in schema.standardize_steps() if step.mean is None or step.std is None]
+
+
+def standardize_partials(events: DataFrame, schema: EventSchema, split_ms: int) -> DataFrame:
+    """Partial statistics of the value before standardize (``x``, the field through the steps before
+    it) of every numeric of :func:`columns_to_fit`, over the train split's events
+    (``event_ts < split_ms``): per column and group ``b`` of events (``FIT_BUCKETS`` groups by a hash
+    of ``event_id``), ``n_b``, ``s_b = Σ x`` and ``m2_b = Σ (x − s_b/n_b)²``, each summed over the
+    group's values in sorted order. So the sums never depend on partitioning or task order and a
+    re-run fits the same bits; :func:`fitted_statistics` combines the groups."""
+    train = events.where(F.col(EVENT_TS) < F.lit(split_ms))
+    bucket = F.pmod(F.xxhash64(F.col(EVENT_ID)), F.lit(FIT_BUCKETS))
+    numerics = schema.config.numerics
+    parts = []
+    for name in columns_to_fit(schema):
+        value = numerics[name]
+        x = spark_transform(F.col(value.field), value.transforms[:-1])
+        grouped = (train.select(bucket.alias("bucket"), x.alias("x")).groupBy("bucket")
+                   .agg(F.array_sort(F.collect_list("x")).alias("values")))
+        sums = grouped.select(F.lit(name).alias("column"), "bucket", "values",
+                              F.size("values").cast("bigint").alias("n"),
+                              F.aggregate("values", F.lit(0.0), lambda total, v: total + v).alias("total"))
+        parts.append(sums.select(
+            "column", "bucket", "n", "total",
+            F.aggregate("values", F.lit(0.0), lambda total, v: total + (v - F.col("total") / F.col("n"))
+                        * (v - F.col("total") / F.col("n"))).alias("m2")))
+    return functools.reduce(DataFrame.unionByName, parts)
+
+
+def fitted_statistics(schema: EventSchema, partials: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float, float]]:
+    """(mean, population std) per column from the rows of :func:`standardize_partials`, combined in
+    group order (exact sums by ``math.fsum``)::
+
+        N = Σ_b n_b      mean = Σ_b s_b / N
+        M2 = Σ_b [m2_b + n_b · (s_b/n_b − mean)²]      std = √(M2 / N)
+
+    A column without train values gets mean 0; a std of 0 (a constant, or no values) becomes 1, so
+    standardize only centres it."""
+    rows: dict[str, list[Mapping[str, Any]]] = {name: [] for name in columns_to_fit(schema)}
+    for row in partials:
+        rows[row["column"]].append(row)
+    statistics = {}
+    for name, groups in rows.items():
+        groups = sorted(groups, key=lambda row: row["bucket"])
+        count = sum(row["n"] for row in groups)
+        mean = math.fsum(row["total"] for row in groups) / count if count else 0.0
+        m2 = math.fsum(row["m2"] + row["n"] * (row["total"] / row["n"] - mean) ** 2 for row in groups)
+        std = math.sqrt(m2 / count) if count else 0.0
+        statistics[name] = (mean, std if std > 0 else 1.0)
+    return statistics
 
 
 # --- windows ----------------------------------------------------------------------------------
@@ -170,7 +315,8 @@ def split_ts_ms(watermark_ms: int, eval_days: int) -> int:
 
 def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
                 history: str | None = None) -> DataFrame:
-    """Token rows → training rows (the contract's columns plus ``date``, ``split`` and ``window``).
+    """Token rows → training rows (the schema's training columns plus ``date``, ``split`` and
+    ``window``).
 
     Per user, events sorted by (``event_ts``, ``event_id``) have positions 0..n−1; train events
     (before ``split_ms``) are positions ``[0, n_train)`` and eval events ``[n_train, n)``. Each split's
@@ -190,10 +336,12 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     event is placed after the history it arrived after, and they never bear a label.
     """
     stride, context = spec.stride, spec.context_len
+    token_columns = spec.event_schema.token_columns
+    types = token_types(spec.event_schema)
     is_history = F.col(history) if history else F.lit(False)
     user_timeline = user_row_order(history)
-    whole_user = Window.partitionBy("user_id")
-    is_train = (F.col("event_ts") < F.lit(split_ms)) & ~is_history
+    whole_user = Window.partitionBy(USER_ID)
+    is_train = (F.col(EVENT_TS) < F.lit(split_ms)) & ~is_history
     positioned = tokens.select(
         "*",
         (F.row_number().over(user_timeline) - 1).alias("position"),
@@ -202,7 +350,7 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
         F.count(F.lit(1)).over(whole_user).alias("n_events"),
     )
     position = F.col("position")
-    token_fields = [name for name in TOKEN_COLUMNS if name != LOSS_MASK_COLUMN]
+    token_fields = [name for name in token_columns if name != LOSS_MASK_COLUMN]
 
     def memberships(split: str, lo: Column, hi: Column) -> DataFrame:
         """(event, window of ``split`` holding it) rows, with the event's loss mask in that window."""
@@ -212,7 +360,7 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
         last = F.when(hi <= position + F.lit(context - 1), groups - F.lit(1)).otherwise(
             F.floor((position + F.lit(context - stride) - lo) / F.lit(stride)))
         exploded = positioned.where((position <= hi) & (first <= last)).select(
-            "user_id", "user_key", "position", *token_fields, own_group.alias("own_group"),
+            USER_ID, "user_key", "position", *token_fields, own_group.alias("own_group"),
             F.lit(split).alias(SPLIT_COLUMN), F.explode(F.sequence(first, last)).alias(WINDOW_COLUMN))
         is_label = F.col("own_group") == F.col(WINDOW_COLUMN)
         return exploded.withColumn(LOSS_MASK_COLUMN, is_label.cast("float")).drop("own_group")
@@ -221,31 +369,32 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     train = memberships(TRAIN, first_new, first_new + F.col("n_train") - F.lit(1))
     evaluation = memberships(EVAL, first_new + F.col("n_train"), F.col("n_events") - F.lit(1))
     windows = (train.unionByName(evaluation)
-               .groupBy("user_id", "user_key", SPLIT_COLUMN, WINDOW_COLUMN)
+               .groupBy(USER_ID, "user_key", SPLIT_COLUMN, WINDOW_COLUMN)
                # Sorting by position (the struct's first field) restores the time order.
-               .agg(F.sort_array(F.collect_list(F.struct("position", *TOKEN_COLUMNS))).alias("tokens")))
+               .agg(F.sort_array(F.collect_list(F.struct("position", *token_columns))).alias("tokens")))
     last_ts = F.element_at(F.col("tokens"), -1)[TS_COLUMN]
     last_day = F.floor(last_ts / F.lit(SECONDS_PER_DAY)).cast("int")
     return windows.select(
         "user_key",
         F.size("tokens").cast("int").alias("length"),
-        *[_left_padded(F.col("tokens"), name, context) for name in TOKEN_COLUMNS],
+        *[_left_padded(F.col("tokens"), name, types[name], context) for name in token_columns],
         F.date_add(F.lit("1970-01-01").cast("date"), last_day).cast("string").alias(PARTITION_COLUMN),
         SPLIT_COLUMN, WINDOW_COLUMN,
     )
 
 
-def _left_padded(tokens: Column, name: str, context: int) -> Column:
+def _left_padded(tokens: Column, name: str, data_type: str, context: int) -> Column:
     """One token column as an array of exactly ``context`` elements, zeros in front."""
-    zero = F.lit(0).cast(_TOKEN_TYPES[name])
+    zero = F.lit(0).cast(data_type)
     # coalesce only tells Spark the elements are non-null (they are by construction), so the Parquet
     # lists carry non-null elements; it never fills anything.
     values = F.transform(tokens, lambda token: F.coalesce(token[name], zero))
     return F.concat(F.array_repeat(zero, F.lit(context) - F.size(tokens)), values).alias(name)
 
 
-def split_statistics(windows: DataFrame) -> DataFrame:
-    """Per split: rows, real tokens, label tokens and, per label, the label tokens that are positive."""
+def split_statistics(windows: DataFrame, schema: EventSchema) -> DataFrame:
+    """Per split: rows, real tokens, label tokens and, per task label, the label tokens that are
+    positive."""
     def masked_sum(values: Column) -> Column:
         return F.sum(F.aggregate(values, F.lit(0.0), lambda total, value: total + value))
 
@@ -255,5 +404,5 @@ def split_statistics(windows: DataFrame) -> DataFrame:
         F.sum("length").alias("tokens"),
         masked_sum(mask).alias("label_tokens"),
         *[masked_sum(F.zip_with(mask, F.col(label), lambda m, y: m * y)).alias(f"positive_{label}")
-          for label in LABEL_COLUMNS],
+          for label in schema.label_columns],
     )

@@ -1,23 +1,39 @@
-"""The two interpreters of the event contract's rules (:mod:`features.schema`).
+"""The two interpreters of an event schema's rules (:mod:`features.schema`).
 
 :func:`check_message` / :func:`check_record` validate one Kafka message / one decoded record in
 Python; :func:`spark_reason` builds the same checks as one Spark column expression. Both return the
-first failing reason (``None`` / null for a valid event), checked in the order of
-:data:`features.schema.FIELDS`, each field's checks in the order: missing, bad type, empty, too long,
-out of range, then the timestamp window.
+first failing reason (``None`` / null for a valid event), checked in the order of the schema's
+fields, each field's checks in the order: missing, bad type, empty, too long, not allowed (strings),
+out of range (numbers), then the timestamp window.
+
+The rules per type:
+
+- ``string``: a string, non-empty, at most ``contract.max_string_len`` characters, one of the
+  field's ``values`` where it lists some;
+- ``bool``: a boolean;
+- ``int32`` / ``int64``: an integer (not a boolean, not a float) in ``[field.lower, field.upper]``,
+  the declared range within the type's own;
+- ``float64``: an integer or a float (not a boolean) whose float64 value is finite and in
+  ``[field.lower, field.upper]``.
+
+The timestamp window: with the time field ``T`` in units of ``u = schema.time_unit_ms``
+milliseconds, ``T·u ≥ contract.epoch_ms`` and ``T·u ≤ processing_ms + contract.max_future_ms``.
+Both interpreters compare ``T`` with the bounds divided by ``u`` (``T ≥ ⌈epoch/u⌉``,
+``T ≤ ⌊limit/u⌋``, the same for integers), so no product ever overflows a 64-bit integer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
 from features.schema import (
-    FIELDS, INT32_MAX, REASON_BAD_TYPE, REASON_EMPTY, REASON_MISSING, REASON_NOT_AN_OBJECT,
-    REASON_NOT_JSON, REASON_OUT_OF_RANGE, REASON_OVERSIZE, REASON_TOO_LONG, REASON_TS_BEFORE_EPOCH,
-    REASON_TS_IN_FUTURE, REASON_UNKNOWN_SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, ContractConfig,
-    Field,
+    INT64_MAX, INT64_MIN, INTEGER_KINDS, REASON_BAD_TYPE, REASON_EMPTY, REASON_MISSING,
+    REASON_NOT_ALLOWED, REASON_NOT_AN_OBJECT, REASON_NOT_JSON, REASON_OUT_OF_RANGE, REASON_OVERSIZE,
+    REASON_TOO_LONG, REASON_TS_BEFORE_EPOCH, REASON_TS_IN_FUTURE, REASON_UNKNOWN_SCHEMA_VERSION,
+    SUPPORTED_SCHEMA_VERSIONS, ContractConfig, EventSchema, Field,
 )
 
 if TYPE_CHECKING:
@@ -29,9 +45,23 @@ def now_ms(contract: ContractConfig) -> int:
     return contract.now_ms or int(time.time() * 1000)
 
 
-def check_message(raw: bytes, contract: ContractConfig,
+def time_window(schema: EventSchema, contract: ContractConfig, processing_ms: int | None) -> tuple[int, int]:
+    """The first and last valid value of the time field, in its own unit: ``⌈epoch_ms/u⌉`` and
+    ``⌊(processing_ms + max_future_ms)/u⌋``."""
+    unit = schema.time_unit_ms
+    limit = (processing_ms if processing_ms is not None else now_ms(contract)) + contract.max_future_ms
+    return -(-contract.epoch_ms // unit), limit // unit
+
+
+def integer_bounds(field: Field) -> tuple[int, int]:
+    """``[field.lower, field.upper]`` as integers: ``value ≥ lower ⇔ value ≥ ⌈lower⌉`` for an integer."""
+    return math.ceil(field.lower), math.floor(field.upper)
+
+
+def check_message(raw: bytes, schema: EventSchema, contract: ContractConfig,
                   processing_ms: int | None = None) -> tuple[dict[str, Any] | None, str | None]:
-    """Decode and validate one message. Returns ``(event, None)`` or ``(None, reason)``."""
+    """Decode and validate one message. Returns ``(event, None)``, the event being the record's
+    schema fields under their raw names (extra keys dropped), or ``(None, reason)``."""
     if len(raw) > contract.max_message_bytes:
         return None, REASON_OVERSIZE
     try:
@@ -40,27 +70,27 @@ def check_message(raw: bytes, contract: ContractConfig,
         return None, REASON_NOT_JSON
     if not isinstance(record, dict):
         return None, REASON_NOT_AN_OBJECT
-    reason = check_record(record, contract, processing_ms)
+    reason = check_record(record, schema, contract, processing_ms)
     if reason is not None:
         return None, reason
-    return {f.name: record[f.name] for f in FIELDS}, None
+    return {name: record[name] for name in schema.field_names}, None
 
 
-def check_record(record: Mapping[str, Any], contract: ContractConfig,
+def check_record(record: Mapping[str, Any], schema: EventSchema, contract: ContractConfig,
                  processing_ms: int | None = None) -> str | None:
-    """First failing reason of a decoded record, or ``None`` when it is a valid event."""
+    """First failing reason of a decoded raw record, or ``None`` when it is a valid event."""
     version = record.get("schema_version", 1)
     if isinstance(version, bool) or version not in SUPPORTED_SCHEMA_VERSIONS:
         return REASON_UNKNOWN_SCHEMA_VERSION
-    for field in FIELDS:
+    for field in schema.fields:
         reason = _check_value(field, record.get(field.name), contract)
         if reason is not None:
             return f"{reason}:{field.name}"
-    ts = record["event_ts"]
-    if ts < contract.epoch_ms:
+    first, last = time_window(schema, contract, processing_ms)
+    ts = record[schema.time_field]
+    if ts < first:
         return REASON_TS_BEFORE_EPOCH
-    limit = (processing_ms if processing_ms is not None else now_ms(contract)) + contract.max_future_ms
-    if ts > limit:
+    if ts > last:
         return REASON_TS_IN_FUTURE
     return None
 
@@ -75,35 +105,48 @@ def _check_value(field: Field, value: Any, contract: ContractConfig) -> str | No
             return REASON_EMPTY
         if len(value) > contract.max_string_len:
             return REASON_TOO_LONG
+        if field.values and value not in field.values:
+            return REASON_NOT_ALLOWED
     elif field.kind == "bool":
         if not isinstance(value, bool):
             return REASON_BAD_TYPE
-    else:
+    elif field.kind in INTEGER_KINDS:
         if isinstance(value, bool) or not isinstance(value, int):
             return REASON_BAD_TYPE
-        if field.kind == "int32" and not 0 <= value <= INT32_MAX:
+        low, high = integer_bounds(field)
+        if not low <= value <= high:
             return REASON_OUT_OF_RANGE
-        if field.kind == "int64" and not 0 <= value < 2**63:
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return REASON_BAD_TYPE
+        try:
+            number = float(value)  # what a float64 column holds; Spark casts other numbers alike
+        except OverflowError:  # an integer beyond every float64
+            return REASON_BAD_TYPE
+        if not math.isfinite(number):
+            return REASON_BAD_TYPE
+        if not field.lower <= number <= field.upper:
             return REASON_OUT_OF_RANGE
     return None
 
 
 # The Spark interpreter. pyspark is imported inside the functions: the Kafka ingest uses this module
 # without Spark.
-_FIELDS_BY_NAME: dict[str, Field] = {field.name: field for field in FIELDS}
-_SPARK_TYPE_NAMES = {"string": "string", "int64": "bigint", "int32": "int", "bool": "boolean"}
+_SPARK_TYPE_NAMES = {"string": "string", "int64": "bigint", "int32": "int", "bool": "boolean",
+                     "float64": "double"}
 
 
-def spark_reason(input_schema: StructType, contract: ContractConfig,
+def spark_reason(input_schema: StructType, schema: EventSchema, contract: ContractConfig,
                  processing_ms: int | None = None) -> Column:
     """First failing reason of each row of a DataFrame with ``input_schema``; null for a valid event.
 
     The Spark interpreter of the rules :func:`check_record` applies, with the same reasons in the same
     order. A row at rest is read the way its JSON would be decoded: a null is an absent value, and a
-    column whose Spark type is of another family than the contract's (a string ``event_ts``, an
-    integer ``click``, a fractional ``dwell_ms``) holds values of the wrong type. Integers of any width
-    are integers, so a 64-bit ``dwell_ms`` is range-checked rather than rejected. A contract column
-    absent from the input makes every row ``missing:<field>``; extra columns are ignored.
+    column whose Spark type is of another family than the field's (a string time, an integer bool, a
+    fractional integer field) holds values of the wrong type. Integers of any width are integers, so
+    a 64-bit ``int32`` field is range-checked rather than rejected; a ``float64`` field takes any
+    numeric column. A field absent from the input makes every row ``missing:<field>``; extra columns
+    are ignored.
     """
     from pyspark.sql import functions as F
 
@@ -111,20 +154,20 @@ def spark_reason(input_schema: StructType, contract: ContractConfig,
     checks = []
     if "schema_version" in columns:
         checks.append(_spark_version_reason(columns["schema_version"]))
-    for field in FIELDS:
+    for field in schema.fields:
         checks.append(_spark_field_reason(field, columns.get(field.name), contract))
-    ts = spark_value(_FIELDS_BY_NAME["event_ts"], columns.get("event_ts"))
-    limit = (processing_ms if processing_ms is not None else now_ms(contract)) + contract.max_future_ms
-    checks.append(F.when(ts < F.lit(contract.epoch_ms), F.lit(REASON_TS_BEFORE_EPOCH)))
-    checks.append(F.when(ts > F.lit(limit), F.lit(REASON_TS_IN_FUTURE)))
+    ts = spark_value(schema.field(schema.time_field), columns.get(schema.time_field))
+    first, last = time_window(schema, contract, processing_ms)
+    checks.append(F.when(ts < F.lit(first), F.lit(REASON_TS_BEFORE_EPOCH)))
+    checks.append(F.when(ts > F.lit(last), F.lit(REASON_TS_IN_FUTURE)))
     return F.coalesce(*checks)
 
 
 def spark_value(field: Field, data_type: DataType | None) -> Column:
-    """The column of ``field`` as its contract type; null where it is absent or of another type family.
+    """The column of ``field`` as its schema type; null where it is absent or of another type family.
 
     Exact for every row :func:`spark_reason` accepts (their integers are in range), so the valid
-    events of a DataFrame are ``select(spark_value(f, ...).alias(f.name) for f in FIELDS)``.
+    events of a DataFrame are ``select(spark_value(f, ...).alias(f.name) for f in schema.fields)``.
     """
     from pyspark.sql import functions as F
 
@@ -141,11 +184,14 @@ def _in_family(field: Field, data_type: DataType) -> bool:
         return isinstance(data_type, T.StringType)
     if field.kind == "bool":
         return isinstance(data_type, T.BooleanType)
-    return isinstance(data_type, (T.ByteType, T.ShortType, T.IntegerType, T.LongType))
+    if field.kind in INTEGER_KINDS:
+        return isinstance(data_type, (T.ByteType, T.ShortType, T.IntegerType, T.LongType))
+    return isinstance(data_type, T.NumericType)
 
 
 def _spark_field_reason(field: Field, data_type: DataType | None, contract: ContractConfig) -> Column:
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     def reason(name: str) -> Column:
         return F.lit(f"{name}:{field.name}")
@@ -159,10 +205,27 @@ def _spark_field_reason(field: Field, data_type: DataType | None, contract: Cont
     if field.kind == "string":
         check = check.when(value == F.lit(""), reason(REASON_EMPTY))
         check = check.when(F.length(value) > F.lit(contract.max_string_len), reason(REASON_TOO_LONG))
-    elif field.kind == "int32":
-        check = check.when((value < 0) | (value > F.lit(INT32_MAX)), reason(REASON_OUT_OF_RANGE))
-    elif field.kind == "int64":
-        check = check.when(value < 0, reason(REASON_OUT_OF_RANGE))
+        if field.values:
+            check = check.when(~value.isin(*field.values), reason(REASON_NOT_ALLOWED))
+    elif field.kind in INTEGER_KINDS:
+        low, high = integer_bounds(field)
+        if low > INT64_MAX or high < INT64_MIN:  # a declared range no 64-bit integer meets
+            check = check.otherwise(reason(REASON_OUT_OF_RANGE))
+        else:
+            # A bound at the 64-bit limit holds for every value of an integer column.
+            if low > INT64_MIN:
+                check = check.when(value < F.lit(low), reason(REASON_OUT_OF_RANGE))
+            if high < INT64_MAX:
+                check = check.when(value > F.lit(high), reason(REASON_OUT_OF_RANGE))
+    elif field.kind == "float64":
+        number = value.cast("double")
+        if isinstance(data_type, (T.FloatType, T.DoubleType)):
+            infinite = (number == F.lit(math.inf)) | (number == F.lit(-math.inf))
+            check = check.when(F.isnan(number) | infinite, reason(REASON_BAD_TYPE))
+        if field.lower > -math.inf:
+            check = check.when(number < F.lit(float(field.lower)), reason(REASON_OUT_OF_RANGE))
+        if field.upper < math.inf:
+            check = check.when(number > F.lit(float(field.upper)), reason(REASON_OUT_OF_RANGE))
     return check
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures of the feature tests: one real local SparkSession, and raw events built by hand."""
+"""Shared fixtures of the feature tests: one real local SparkSession, and raw events built by hand
+(:mod:`feature_support` builds them for any schema)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.schema import RAW_ARROW_SCHEMA, spark_ddl
+from feature_support import BASE_MS, FEED, Event, raw_ddl
+from features.schema import EventSchema
 from features.settings import SparkConfig
 from features.spark import build_session
-
-BASE_MS = 1_780_272_000_000
-"""2026-06-01T00:00:00Z, a Monday: the default ``event_ts`` of :func:`new_event`."""
-
-Event = dict[str, Any]
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +28,7 @@ def spark() -> Iterator[Any]:
 
 @pytest.fixture
 def new_event() -> Callable[..., Event]:
-    """A valid raw event with a fresh ``event_id``; keyword arguments override fields."""
+    """A valid raw feed event with a fresh ``event_id``; keyword arguments override fields."""
     serial = itertools.count()
 
     def make(**fields: Any) -> Event:
@@ -46,29 +43,32 @@ def new_event() -> Callable[..., Event]:
 
 
 @pytest.fixture
-def events_frame(spark: Any) -> Callable[[list[Event]], Any]:
-    """Raw events (contract columns and types) as a Spark DataFrame."""
-    def make(events: list[Event]) -> Any:
-        return spark.createDataFrame(events, schema=spark_ddl())
+def events_frame(spark: Any) -> Callable[..., Any]:
+    """Raw events (a schema's raw columns and types, the feed's by default) as a Spark DataFrame. For
+    the feed raw events are canonical events too: its role fields have the canonical names."""
+    def make(events: list[Event], schema: EventSchema = FEED) -> Any:
+        return spark.createDataFrame(events, schema=raw_ddl(schema))
 
     return make
 
 
 @pytest.fixture(scope="session")
-def write_landing() -> Callable[[Path, list[Event]], None]:
-    """Writes events in the ingest landing-zone layout ``date=YYYY-MM-DD/hour=HH/part-0.parquet``
-    (by the UTC hour of ``event_ts``; events without one go to the first hour), plus what a reader
-    must skip: a hidden in-progress file next to each part and an ``_``-prefixed folder."""
-    def write(root: Path, events: list[Event]) -> None:
+def write_landing() -> Callable[..., None]:
+    """Writes raw events (of the feed, or of ``schema``) in the ingest landing-zone layout
+    ``date=YYYY-MM-DD/hour=HH/part-0.parquet`` (by the UTC hour of the event time; events without a
+    usable one go to the first hour), plus what a reader must skip: a hidden in-progress file next
+    to each part and an ``_``-prefixed folder."""
+    def write(root: Path, events: list[Event], schema: EventSchema = FEED) -> None:
         by_hour: dict[dt.datetime, list[Event]] = {}
         for event in events:
-            ts = event["event_ts"] if isinstance(event["event_ts"], int) and event["event_ts"] > 0 else BASE_MS
+            value = event[schema.time_field]
+            ts = value * schema.time_unit_ms if isinstance(value, int) and value > 0 else BASE_MS
             hour = dt.datetime.fromtimestamp(ts // 3_600_000 * 3_600, dt.timezone.utc)
             by_hour.setdefault(hour, []).append(event)
         for hour, rows in by_hour.items():
             folder = root / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}"
             folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows, schema=RAW_ARROW_SCHEMA), folder / "part-0.parquet")
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema.raw_arrow_schema), folder / "part-0.parquet")
             (folder / ".part-1.parquet.inprogress").write_bytes(b"half-written")
         (root / "_offsets").mkdir(parents=True, exist_ok=True)
         (root / "_offsets" / "partition-0.parquet").write_bytes(b"not parquet at all")

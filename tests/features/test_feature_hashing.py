@@ -1,4 +1,5 @@
-"""Categorical ids: Spark's hash expression equals features.spec.hash_id, value for value, forever."""
+"""Categorical ids: Spark's hash expression equals features.spec.hash_id, value for value, forever; the
+feed's ids and column order are exactly what the job wrote before schema files."""
 
 from __future__ import annotations
 
@@ -6,8 +7,26 @@ import random
 
 from pyspark.sql import functions as F
 
-from features.spec import hash60, hash_id, user_key
-from features.transforms import spark_hash60, spark_hash_id
+from features.schema import load_schema
+from features.spec import FeatureSpec, hash60, hash_id, user_key
+from features.transforms import cut_windows, deduplicate, spark_hash60, spark_hash_id, token_features
+
+# Computed with the feature code before schema files (commit 2ec6173, features/spec.py: hash_id(column,
+# value, spec.buckets[column]) with the default buckets): a change would re-map every trained row.
+FEED_IDS = {
+    ("item_id", "item-42"): 54_838,
+    ("author_id", "author-7"): 4_362,
+    ("content_type", "video"): 37,
+    ("topic", "news"): 437,
+    ("surface", "feed"): 26,
+    ("item_id", "ü🙂"): 24_768,
+}
+FEED_USER_KEYS = {"u1": 911_187_269_344_732_372, "user-123": 984_397_443_861_860_697}
+FEED_TRAINING_COLUMNS = [
+    "user_key", "length", "ts", "item_id", "author_id", "content_type", "topic", "surface", "log_gap",
+    "log_item_age", "tod_sin", "tod_cos", "dow_sin", "dow_cos", "click", "like", "comment", "share",
+    "log_dwell", "prev_actions_known", "contribution", "long_dwell", "loss_mask"]
+"""features.spec.TRAINING_COLUMNS at that commit."""
 
 
 def test_hash_golden_values(spark):
@@ -20,6 +39,33 @@ def test_hash_golden_values(spark):
         spark_hash_id("item_id", F.col("item"), 200_003).alias("item_id"),
         spark_hash60("user_id", F.col("user")).alias("user_key")).first()
     assert (row["item_id"], row["user_key"]) == (54_838, 0xCA52FFE6926A4D4)
+
+
+def test_feed_ids_and_columns_are_unchanged_by_the_schema_file(events_frame, new_event):
+    spec = FeatureSpec()
+    schema = spec.event_schema
+    events = [new_event(event_id="a", user_id="u1", **{column: value for column, value in FEED_IDS if value != "ü🙂"}),
+              new_event(event_id="b", user_id="user-123", item_id="ü🙂")]
+    tokens = {row["event_id"]: row for row in token_features(deduplicate(events_frame(events), schema), spec).collect()}
+    for (column, value), expected in FEED_IDS.items():
+        row = tokens["b"] if value == "ü🙂" else tokens["a"]
+        assert row[column] == expected == hash_id(column, value, spec.buckets[column]), column
+    assert [tokens[event]["user_key"] for event in "ab"] == list(FEED_USER_KEYS.values())
+    assert {user: user_key(user) for user in FEED_USER_KEYS} == FEED_USER_KEYS
+    assert list(schema.training_columns) == FEED_TRAINING_COLUMNS
+    windows = cut_windows(token_features(deduplicate(events_frame(events), schema), spec), spec, 0)
+    assert windows.columns[:len(FEED_TRAINING_COLUMNS)] == FEED_TRAINING_COLUMNS
+
+
+def test_a_shared_table_hashes_by_its_table(spark):
+    """``origin_post_id`` reads ``post_id``'s table, so the same value is the same row of it."""
+    watch = load_schema("watch")
+    assert watch.column_tables["origin_post_id"] == "post_id"
+    frame = spark.createDataFrame([("p-1",), ("p-2",)], "value string")
+    buckets = watch.tables["post_id"]
+    rows = frame.select(spark_hash_id(watch.column_tables["origin_post_id"], F.col("value"), buckets).alias("id")).collect()
+    assert [row["id"] for row in rows] == [hash_id("post_id", value, buckets) for value in ("p-1", "p-2")]
+    assert hash_id("post_id", "p-1", buckets) != hash_id("origin_post_id", "p-1", buckets)
 
 
 def test_spark_hash_equals_python_hash_on_many_values_including_unicode(spark):

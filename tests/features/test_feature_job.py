@@ -15,10 +15,13 @@ from py4j.protocol import Py4JJavaError
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, read_manifest
 from features.full import run
 from features.hadoop import FeatureJobError
-from features.schema import FIELD_NAMES, ContractConfig
+from feature_support import raw_events
+from features.schema import ContractConfig, load_schema
 from features.settings import FeaturesConfig
-from features.spec import TOKEN_COLUMNS, TRAINING_COLUMNS, FeatureSpec
+from features.spec import FEATURE_SPEC_VERSION, FeatureSpec, transform
 from features.summary import describe
+
+FEED = load_schema("feed")
 
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
@@ -59,8 +62,8 @@ def raw(tmp_path_factory, write_landing):
     return {"root": root, "good": good, "bad": bad}
 
 
-def job_config(raw_dir: Path, out: Path) -> FeaturesConfig:
-    return FeaturesConfig(raw=str(raw_dir), out=str(out), spec=FeatureSpec(context_len=C, stride=C),
+def job_config(raw_dir: Path, out: Path, schema: str = "feed") -> FeaturesConfig:
+    return FeaturesConfig(raw=str(raw_dir), out=str(out), spec=FeatureSpec(context_len=C, stride=C, schema=schema),
                           contract=ContractConfig(now_ms=NOW_MS), eval_days=1, train_files=2, eval_files=2)
 
 
@@ -96,15 +99,17 @@ def test_manifest_counts_every_input_event(first_run, raw):
         assert splits[split]["rows"] == len(first_run[split])
         assert splits[split]["positives"]["contribution"] == sum(
             sum(y * m for y, m in zip(row["contribution"], row["loss_mask"])) for row in first_run[split])
-    assert manifest["spec"]["context_len"] == C and manifest["feature_spec_version"] == "2"
+    assert manifest["spec"]["context_len"] == C and manifest["feature_spec_version"] == FEATURE_SPEC_VERSION == "3"
+    assert manifest["spec"] == FeatureSpec(context_len=C, stride=C).record()
+    assert manifest["schema_fingerprint"] == FEED.fingerprint
     assert manifest["config"]["contract"]["now_ms"] == NOW_MS
-    assert [name for name, _ in manifest["columns"]] == [*TRAINING_COLUMNS, "date"]
+    assert [name for name, _ in manifest["columns"]] == [*FEED.training_columns, "date"]
     assert dict(manifest["columns"])["ts"] == "array<bigint>" and dict(manifest["columns"])["length"] == "int"
 
 
 def test_quarantine_keeps_original_columns_and_reason(first_run, raw):
     table = pq.read_table(first_run["out"] / "quarantine")
-    assert set(table.column_names) == {*FIELD_NAMES, "date", "hour", "reason"}
+    assert set(table.column_names) == {*FEED.field_names, "date", "hour", "reason"}
     rows = table.to_pylist()
     by_reason = {row["reason"]: row for row in rows}
     assert sorted(by_reason) == sorted(BAD)
@@ -127,7 +132,7 @@ def test_training_rows_respect_the_column_contract(first_run):
     for split in ("train", "eval"):
         for row in first_run[split]:
             assert 1 <= row["length"] <= C
-            assert all(len(row[name]) == C for name in TOKEN_COLUMNS)
+            assert all(len(row[name]) == C for name in FEED.token_columns)
             labelled = [ts for ts, mask in zip(row["ts"], row["loss_mask"]) if mask == 1.0]
             assert labelled and all((ts >= split_s) == (split == "eval") for ts in labelled)
             if split == "train":
@@ -151,7 +156,7 @@ def test_petastorm_reads_the_output_as_fixed_length_arrays(first_run):
     from petastorm import make_batch_reader
 
     rows = 0
-    with make_batch_reader(f"file://{first_run['out'] / 'train'}", schema_fields=list(TRAINING_COLUMNS),
+    with make_batch_reader(f"file://{first_run['out'] / 'train'}", schema_fields=list(FEED.training_columns),
                            reader_pool_type="dummy", num_epochs=1) as reader:
         for batch in reader:
             n = len(batch.user_key)
@@ -202,3 +207,52 @@ def test_refuses_to_replace_what_it_did_not_write(spark, raw, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
     with pytest.raises(FeatureJobError, match="raw input not found"):
         run(spark, job_config(tmp_path / "nowhere", tmp_path / "out"))
+
+
+WATCH_BAD = {  # field overrides of a watch event → its reason
+    "not_allowed:format": {"format": "reel"},
+    "out_of_range:tz_offset_min": {"tz_offset_min": 900},
+    "out_of_range:video_s": {"video_s": -1.5},
+    "missing:viewer": {"viewer": None},
+    "ts_before_epoch": {"ts": 1_500_000_000},
+}
+
+
+@pytest.mark.slow
+def test_another_schema_runs_the_same_job_and_records_its_fitted_schema(spark, tmp_path, write_landing):
+    """The watch schema end to end: its own reasons, columns and tasks, and the manifest's spec
+    carries the standardize statistics fitted on the train split alone."""
+    watch = load_schema("watch")
+    good = raw_events(watch, users=5, per_user=9, seed=2)
+    bad = [{**good[0], "impression_id": f"bad-{n}", **fields} for n, fields in enumerate(WATCH_BAD.values())]
+    raw = tmp_path / "raw"
+    write_landing(raw, good + bad, watch)
+    manifest = run(spark, job_config(raw, tmp_path / "features", schema="watch"))
+
+    assert manifest["quarantined_by_reason"] == {reason: 1 for reason in sorted(WATCH_BAD)}
+    unique = {}
+    for event in good:  # the job keeps the earliest copy: raw_events adds a later one
+        unique.setdefault(event["impression_id"], event)
+    assert manifest["events"] == len(unique) and manifest["duplicates"] == len(good) - len(unique)
+    assert manifest["watermark_ms"] == max(event["ts"] for event in good) * 1000
+    spec = FeatureSpec(**manifest["spec"])
+    recorded = spec.event_schema
+    assert not recorded.needs_fit and recorded.fingerprint == manifest["schema_fingerprint"]
+    assert [name for name, _ in manifest["columns"]] == [*watch.training_columns, "date"]
+    assert set(manifest["splits"]["train"]["positives"]) == {"follow", "watched"}
+
+    steps = watch.config.numerics["log_video_s"].transforms
+    train = [event for event in unique.values() if event["ts"] * 1000 < manifest["split_ts_ms"]]
+    x = transform([event["video_s"] for event in train], steps[:-1])
+    ((_, step),) = recorded.standardize_steps()
+    assert (step.mean, step.std) == pytest.approx((x.mean(), x.std()), rel=1e-12)
+    # The rows hold the numeric standardized with those statistics.
+    by_ts = {event["ts"]: event for event in train}
+    rows = read_rows(tmp_path / "features" / "train")
+    row, position = next((row, position) for row in rows for position, mask in enumerate(row["loss_mask"])
+                         if mask == 1.0)
+    event = by_ts[row["ts"][position]]
+    assert row["log_video_s"][position] == np.float32(transform([event["video_s"]], recorded.config.numerics[
+        "log_video_s"].transforms)[0])
+    text = describe(tmp_path / "features")
+    assert "schema watch" in text and "follow rate" in text and f"standardize log_video_s: mean {step.mean:.6g}" in text

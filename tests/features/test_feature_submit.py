@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, read_manifest
-from features.spec import TRAINING_COLUMNS
+from features.spec import FeatureSpec
 from features.synth import SynthConfig, write_synthetic_logs
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def test_features_command_writes_splits_manifest_and_quarantine(submitted):
         assert dates and all(name.startswith("date=") for name in dates)
         table = pq.read_table(out / split)
         assert table.num_rows == manifest["splits"][split]["rows"] > 0
-        assert set(table.column_names) == {*TRAINING_COLUMNS, "date"}
+        assert set(table.column_names) == {*FeatureSpec().event_schema.training_columns, "date"}
     assert len(list((out / "eval").iterdir())) == 1, "one eval day"
 
 

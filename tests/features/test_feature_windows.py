@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from features.spec import TOKEN_COLUMNS, FeatureSpec, user_key
+from features.spec import FeatureSpec, user_key
 from features.transforms import EVAL, TRAIN, cut_windows, deduplicate, split_ts_ms, token_features
 
 MONDAY = 1_780_272_000_000
@@ -55,12 +55,13 @@ def test_windows_match_the_reference(events_frame, events, stride):
     spec = FeatureSpec(context_len=C, stride=stride)
     split_ms = split_ts_ms(max(e["event_ts"] for e in events), eval_days=1)
     assert split_ms == EVAL_DAY
-    rows = cut_windows(token_features(deduplicate(events_frame(events)), spec), spec, split_ms).collect()
+    events_of_users = deduplicate(events_frame(events), spec.event_schema)
+    rows = cut_windows(token_features(events_of_users, spec), spec, split_ms).collect()
 
     actual = {}
     for row in rows:
         length, padding = row["length"], C - row["length"]
-        for name in TOKEN_COLUMNS:
+        for name in spec.event_schema.token_columns:
             assert len(row[name]) == C, name
             assert all(value == 0 for value in row[name][:padding]), f"{name} is not left-padded with 0"
         actual[(row["user_key"], row["split"], row["window"])] = (row["ts"][padding:], row["loss_mask"][padding:])

@@ -14,12 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.dataset import read_manifest
+from feature_support import raw_events
+from features.dataset import MANIFEST_NAME, read_manifest
 from features.full import run
+from features.hadoop import FeatureJobError
 from features.incremental import REASON_TOO_LATE, pending_raw_files, run_incremental
-from features.schema import RAW_ARROW_SCHEMA, ContractConfig
+from features.schema import ContractConfig, EventSchema, SchemaError, load_schema
 from features.settings import FeaturesConfig, IncrementalConfig
-from features.spec import FeatureSpec, user_key
+from features.spec import FeatureSpec, transform, user_key
 from lifecycle.view import NothingNew, select
 
 MONDAY = 1_780_272_000_000
@@ -54,23 +56,23 @@ def events_of_day(day: int, users: int = 5, per_user: int = 4) -> list[dict]:
     return rows
 
 
-def write_raw(root: Path, name: str, events: list[dict], date: str) -> None:
+def write_raw(root: Path, name: str, events: list[dict], date: str, schema: EventSchema = SPEC.event_schema) -> None:
     folder = root / f"date={date}" / "hour=00"
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(events, schema=RAW_ARROW_SCHEMA), folder / f"{name}.parquet")
+    pq.write_table(pa.Table.from_pylist(events, schema=schema.raw_arrow_schema), folder / f"{name}.parquet")
 
 
 def date_of(day: int) -> str:
     return str(np.datetime64(MONDAY + day * DAY_MS, "ms").astype("datetime64[D]"))
 
 
-def config(raw: Path, out: Path, **incremental) -> FeaturesConfig:
-    return FeaturesConfig(raw=str(raw), out=str(out), spec=SPEC, train_files=2, eval_files=1,
+def config(raw: Path, out: Path, spec: FeatureSpec = SPEC, **incremental) -> FeaturesConfig:
+    return FeaturesConfig(raw=str(raw), out=str(out), spec=spec, train_files=2, eval_files=1,
                           contract=ContractConfig(now_ms=MONDAY + 30 * DAY_MS),
                           incremental=IncrementalConfig(enabled=bool(incremental), **incremental))
 
 
-def label_tokens(out: Path, files: list[str] | None = None) -> Counter:
+def label_tokens(out: Path, files: list[str] | None = None, fields: tuple[str, ...] = LABEL_FIELDS) -> Counter:
     """Multiset of (user, ts, item, labels) over every loss_mask=1 position of the given files
     (default: every visible data file of both splits)."""
     paths = [out / name for name in files] if files is not None else \
@@ -78,11 +80,11 @@ def label_tokens(out: Path, files: list[str] | None = None) -> Counter:
          if not path.name.startswith(".")]
     tokens: Counter = Counter()
     for path in paths:
-        table = pq.read_table(path, columns=[*LABEL_FIELDS, "loss_mask"]).to_pylist()
+        table = pq.read_table(path, columns=[*fields, "loss_mask"]).to_pylist()
         for row in table:
             for position, mask in enumerate(row["loss_mask"]):
                 if mask == 1.0:
-                    tokens[(row["user_key"], *(row[name][position] for name in LABEL_FIELDS[1:]))] += 1
+                    tokens[(row["user_key"], *(row[name][position] for name in fields[1:]))] += 1
     return tokens
 
 
@@ -218,3 +220,68 @@ def test_late_too_late_redelivered_events_and_a_crashed_append(spark, appended, 
         out, manifest["batches"][2]["files"]["train"])
     with pytest.raises(NothingNew):
         select(out, 2)
+
+
+def test_a_run_with_another_spec_fails_naming_the_difference(spark, appended):
+    """Checked before the run reads anything: the dataset is left as it was."""
+    raw, out = appended["raw"], appended["out"]
+    before = (out / MANIFEST_NAME).read_text()
+    resized = FeatureSpec(context_len=4, stride=2, buckets={**SPEC.buckets, "topic": 8})
+    with pytest.raises(SchemaError, match=r"categoricals\.topic\.buckets: 7 vs 8"):
+        run_incremental(spark, config(raw, out, resized, allowed_lateness_s=60))
+    with pytest.raises(SchemaError, match=r"holds schema 'feed'.*name: 'feed' vs 'watch'"):
+        run_incremental(spark, config(raw, out, FeatureSpec(context_len=4, stride=2, schema="watch"),
+                                      allowed_lateness_s=60))
+    with pytest.raises(FeatureJobError, match="spec.context_len=4, this run has 5"):
+        run_incremental(spark, config(raw, out, FeatureSpec(context_len=5, stride=2, buckets=SPEC.buckets),
+                                      allowed_lateness_s=60))
+    assert (out / MANIFEST_NAME).read_text() == before
+
+
+WATCH = load_schema("watch")
+WATCH_SPEC = FeatureSpec(context_len=4, stride=2, schema="watch", buckets={"post_id": 97, "creator_id": 11})
+WATCH_LABELS = ("user_key", "ts", "post_id", "origin_post_id", "follow", "watched", "prev_actions_known")
+
+
+@pytest.mark.slow
+def test_another_schema_appends_with_its_recorded_fitted_schema(spark, tmp_path):
+    """The watch schema (time in seconds, a shared table, item ages by post, a standardized numeric):
+    a full run of the first days plus an incremental run of the last equals one full run, and the
+    batch uses the standardize statistics the full run fitted, not a re-fit."""
+    events = raw_events(WATCH, users=5, per_user=10, seed=3)
+    by_date: dict[str, list[dict]] = {}
+    for event in events:
+        by_date.setdefault(str(np.datetime64(event["ts"], "s").astype("datetime64[D]")), []).append(event)
+    *first_days, last_day = sorted(by_date)
+    raw, raw_all, out, full_dir = (tmp_path / name for name in ("raw", "raw_all", "features", "full"))
+    for date in first_days:
+        write_raw(raw, "part-0", by_date[date], date, WATCH)
+    for date in by_date:
+        write_raw(raw_all, "part-0", by_date[date], date, WATCH)
+    run(spark, config(raw, out, WATCH_SPEC))
+    fitted = read_manifest(out)["spec"]
+    write_raw(raw, "part-0", by_date[last_day], last_day, WATCH)
+    manifest = run_incremental(spark, config(raw, out, WATCH_SPEC, allowed_lateness_s=6 * 3600))
+    run(spark, config(raw_all, full_dir, WATCH_SPEC))
+
+    assert manifest["spec"] == fitted and manifest["newest_batch"] == 1
+    full, incremental = label_tokens(full_dir, fields=WATCH_LABELS), label_tokens(out, fields=WATCH_LABELS)
+    assert sum(full.values()) == len({event["impression_id"] for event in events})
+    assert incremental == full
+
+    state = out / manifest["state"]
+    assert pq.read_schema(next((state / "users").glob("*.parquet"))).names == list(WATCH.canonical_field_names)
+    assert pq.read_schema(next((state / "items").glob("*.parquet"))).names == ["post_id", "item_first_ts"]
+    recorded = FeatureSpec(**fitted).event_schema.config.numerics["log_video_s"].transforms
+    assert recorded[-1].mean is not None
+    batch = manifest["batches"][1]
+    rows = [row for name in batch["files"]["eval"] for row in pq.read_table(out / name).to_pylist()]
+    video_s = {event["ts"]: event["video_s"] for event in by_date[last_day]}
+    checked = 0
+    for row in rows:
+        for position, mask in enumerate(row["loss_mask"]):
+            if mask == 1.0 and row["ts"][position] in video_s:
+                expected = transform([video_s[row["ts"][position]]], recorded)[0]
+                assert row["log_video_s"][position] == np.float32(expected)
+                checked += 1
+    assert checked > 3

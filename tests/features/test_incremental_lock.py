@@ -24,7 +24,7 @@ from common.config import load_config
 from features.dataset import MANIFEST_NAME, read_manifest
 from features.full import run
 from features.incremental import run_incremental
-from features.schema import RAW_ARROW_SCHEMA
+from features.schema import load_schema
 from features.settings import FeaturesConfig
 from lifecycle import cycle as retrain
 from lifecycle.config import RetrainConfig
@@ -54,7 +54,8 @@ def events_of_day(day: int, users: int = 6, per_user: int = 5) -> list[dict]:
 def write_day(raw: Path, day: int) -> None:
     folder = raw / f"date={time.strftime('%Y-%m-%d', time.gmtime((MONDAY + day * DAY_MS) / 1000))}" / "hour=00"
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(events_of_day(day), schema=RAW_ARROW_SCHEMA), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(events_of_day(day), schema=load_schema("feed").raw_arrow_schema),
+                   folder / "part-0.parquet")
 
 
 def features_config(raw: Path, out: Path, incremental: bool = True) -> FeaturesConfig:

@@ -111,6 +111,10 @@ DELETE = object()
     ("numerics", {"ts": {"field": "dwell_ms"}}, "numerics.ts"),
     ("fields.colour", {"type": "string", "min": 1}, "fields.colour.min"),
     ("surprise", 1, "surprise"),
+    ("numerics", {"gap": {"field": "dwell_ms", "transforms": [{"op": "divide", "by": -1}, {"op": "log1p"}]}},
+     "numerics.gap.transforms.1"),
+    ("labels.like", {"field": "dwell_ms", "equals": "long"}, "labels.like.equals"),
+    ("labels.like", {"field": "like", "equals": "yes"}, "labels.like.equals"),
 ])
 def test_a_bad_schema_names_the_key(path, value, key):
     with pytest.raises(SchemaError, match=f"'{key}'"):
@@ -127,6 +131,13 @@ def test_a_bad_schema_file_fails_before_any_work(tmp_path):
         FeatureSpec(schema=str(path))
     with pytest.raises(SchemaError, match="shipped: .*feed"):
         FeatureSpec(schema="no_such_schema")
+
+
+def test_the_fingerprint_follows_the_order_of_the_columns():
+    values = feed_values()
+    swapped = dict(values, categoricals=dict(reversed(list(values["categoricals"].items()))))
+    assert load_schema(swapped).id_columns == tuple(reversed(load_schema(values).id_columns))
+    assert load_schema(swapped).fingerprint != load_schema(values).fingerprint
 
 
 def test_differences_name_the_keys():

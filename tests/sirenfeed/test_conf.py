@@ -13,6 +13,7 @@ from omegaconf import MISSING, OmegaConf
 
 from common.conf_files import render_defaults
 from common.config import ConfigError, field_names, load_config
+from features.movielens import MovieLensConfig
 from features.settings import FeaturesConfig
 from features.synth import SynthConfig
 from ingest.config import IngestConfig
@@ -175,6 +176,7 @@ PRINT_CONFIG = {
     "ingest": (IngestConfig, []),
     "retrain": (RetrainConfig, required(RetrainConfig)),
     "demo": (DemoConfig, []),
+    "movielens": (MovieLensConfig, ["--out", "raw"]),
 }
 """Every command that takes a configuration, with the options it cannot start without."""
 TRAIN_MODES = {

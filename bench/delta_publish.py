@@ -29,7 +29,7 @@ import torch
 from common.config import add_config_arguments, config_from_args, load_config, require, to_dict
 from common.files import write_json
 from common.logs import configure_logging
-from features.spec import ID_COLUMNS, FeatureSpec
+from features.spec import FeatureSpec
 from lifecycle.registry import publish
 from trainer.config import TrainConfig
 from trainer.export import DELTA_FILE, MODEL_FILE, export_model, load_state
@@ -97,8 +97,8 @@ def measure(rows: int, shares: list[float], root: Path) -> list[dict]:
         identical = loaded.keys() == expected.keys() and all(
             torch.equal(loaded[key], expected[key]) and loaded[key].dtype == expected[key].dtype for key in expected)
         delta_bytes = (target / DELTA_FILE).stat().st_size
-        found = sum(torch.load(target / DELTA_FILE, weights_only=True)["tables"][f"id_embeddings.{column}.weight"]
-                    ["ids"].numel() for column in ID_COLUMNS)
+        found = sum(torch.load(target / DELTA_FILE, weights_only=True)["tables"][f"id_embeddings.{table}.weight"]
+                    ["ids"].numel() for table in spec.buckets)
         results.append({"item_rows": rows, "changed_share": share, "rows_changed": changed, "rows_in_delta": found,
                         "delta_bytes": delta_bytes, "full_bytes": full_bytes,
                         "delta_over_full": delta_bytes / full_bytes, "publish_s": published_s, "load_s": load_s,

@@ -80,7 +80,7 @@ from common.concurrency import process_group
 from common.config import add_config_arguments, config_from_args, load_config, require, to_dict
 from common.files import write_json
 from common.logs import DATE_FORMAT, LOG_FORMAT, configure_logging, configure_rank_logging
-from features.spec import ID_COLUMNS, LOSS_MASK_COLUMN, FeatureSpec
+from features.spec import LOSS_MASK_COLUMN, FeatureSpec
 from trainer.config import EMBEDDING_SHARDINGS, TrainConfig, deepspeed_config
 from trainer.distributed import init_distributed, remove_leftover_segments
 from trainer.embeddings import ShardedTables, describe_plan
@@ -346,7 +346,7 @@ def train_step(trainee: Trainee, batch: dict[str, torch.Tensor], config: TrainCo
     dist.all_reduce(all_tokens)  # the trainer's loss weighting (trainer.train.Trainer._token_share)
     tables = trainee.tables
     logits = trainee.engine(batch, tables(batch) if tables is not None else None)
-    loss, _ = masked_multitask_loss(logits, batch, config.model.task_weights)
+    loss, _ = masked_multitask_loss(logits, batch, trainee.model.task_weights)
     trainee.engine.backward(loss * tokens * world / all_tokens.clamp_min(1.0))
     if last and tables is None:  # DeepSpeed frees the gradients in its step
         trainee.gradient_bytes = sum(_tensor_bytes(parameter.grad) for table in trainee.model.id_embeddings.values()
@@ -396,7 +396,7 @@ def worker(bench: EmbeddingsBenchConfig, run: RunSpec, scratch: Path, result_fil
                 log.info("%s, %s: step %d/%d, loss %.4f", run.name, trainee.design, step + 1, total_steps,
                          loss.item())
         if timed:
-            ids_looked_up += int(batch["length"].sum()) * len(ID_COLUMNS)
+            ids_looked_up += int(batch["length"].sum()) * len(spec.event_schema.id_columns)
     counter.uninstall()
     records = []
     for trainee in trainees:

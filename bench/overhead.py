@@ -56,7 +56,7 @@ def build(variant: str, context_len: int, seed: int = 0) -> tuple[GenerativeRank
 
 def train_step(model: GenerativeRanker, optimizer: torch.optim.Optimizer, batch: dict) -> None:
     model.train()
-    loss, _ = masked_multitask_loss(model(batch), batch, model.config.task_weights)
+    loss, _ = masked_multitask_loss(model(batch), batch, model.task_weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

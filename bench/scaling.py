@@ -34,7 +34,6 @@ for the dense design, whose fp32 table gradients DeepSpeed all-reduces with the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -97,10 +96,10 @@ def write_dataset(root: Path, spec: FeatureSpec, rows: int, row_group: int) -> P
     """Synthetic training rows in the feature job's layout (train and a one-group eval split)."""
     batch = synthetic_batch(spec, rows, seed=0, start_seconds=T_REF_SECONDS - 30 * 86_400)
     columns = {name: tensor.numpy() for name, tensor in batch.items()}
-    write_training_rows(root / "train" / "date=2024-05-01" / "part-00000.parquet", columns, row_group)
+    write_training_rows(root / "train" / "date=2024-05-01" / "part-00000.parquet", columns, spec, row_group)
     write_training_rows(root / "eval" / "date=2024-05-02" / "part-00000.parquet",
-                        {name: values[:row_group] for name, values in columns.items()}, row_group)
-    write_manifest(root, {"spec": dataclasses.asdict(spec),
+                        {name: values[:row_group] for name, values in columns.items()}, spec, row_group)
+    write_manifest(root, {"spec": spec.record(),
                           "feature_spec_version": FEATURE_SPEC_VERSION, "watermark_ms": T_REF_SECONDS * 1000,
                           "splits": {"train": {"rows": rows}}})
     return root
@@ -126,7 +125,7 @@ def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_fi
     names = ("data", "compute", "communication", "optimizer", "step")
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
-    with TrainStream(features, spec.context_len, bench.batch_size, config.data.shuffle_buffer,
+    with TrainStream(features, spec, bench.batch_size, config.data.shuffle_buffer,
                      config.data.seed, rank, world) as stream:
         for step in range(bench.warmup_steps + bench.steps):
             dist.barrier()  # every step starts together, so each part is timed on its own
@@ -134,7 +133,7 @@ def worker(bench: ScalingBenchConfig, features: Path, zero_stage: int, result_fi
             batch = next(stream)
             marks.append((time.perf_counter(), time.process_time()))
             looked_up = tables(batch) if tables is not None else None
-            loss, _ = masked_multitask_loss(engine(batch, looked_up), batch, config.model.task_weights)
+            loss, _ = masked_multitask_loss(engine(batch, looked_up), batch, model.task_weights)
             tokens = batch[LOSS_MASK_COLUMN].sum()
             all_tokens = tokens.clone()
             dist.all_reduce(all_tokens)  # the trainer's loss weighting (trainer.train.Trainer._token_share)

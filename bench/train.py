@@ -72,7 +72,7 @@ class StepTimer:
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
         """(forward + backward seconds, whole step seconds)."""
         started = time.perf_counter()
-        loss, _ = masked_multitask_loss(self.model(batch), batch, self.config.task_weights)
+        loss, _ = masked_multitask_loss(self.model(batch), batch, self.model.task_weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         backward_done = time.perf_counter()
@@ -116,9 +116,9 @@ def measure_data_wait(config: TrainBenchConfig) -> dict:
         for index in range(files):
             rows = synthetic_batch(spec, rows_per_file, seed=index, start_seconds=T_REF_SECONDS - 86_400)
             write_training_rows(Path(root) / "train" / "date=2023-11-13" / f"part-{index:05d}.parquet",
-                                rows, config.data_row_group)
+                                rows, spec, config.data_row_group)
 
-        with TrainStream(root, spec.context_len, config.data_batch_size, 4096, 0, 0, 1) as stream:
+        with TrainStream(root, spec, config.data_batch_size, 4096, 0, 0, 1) as stream:
             started = time.perf_counter()
             for _ in range(config.data_steps):
                 next(stream)
@@ -126,7 +126,7 @@ def measure_data_wait(config: TrainBenchConfig) -> dict:
 
         timer = StepTimer("siren", spec)
         waited = total = 0.0
-        with TrainStream(root, spec.context_len, config.data_batch_size, 4096, 0, 0, 1) as stream:
+        with TrainStream(root, spec, config.data_batch_size, 4096, 0, 0, 1) as stream:
             timer.step(next(stream))  # first step pays one-off costs; not part of the steady state
             for _ in range(config.data_steps):
                 started = time.perf_counter()

@@ -102,4 +102,6 @@ class RetrainConfig:
         require(self.nproc >= 1, "nproc", "must be >= 1")
         require(self.keep_published >= 1, "keep_published", "must be >= 1")
         require(0 <= self.telemetry_port <= 65535, "telemetry_port", "must be in [0, 65535]")
+        # The gate compares the tasks of the features' schema: a misnamed one fails before any cycle.
+        self.gate.tolerances(self.features.spec.event_schema)
         self.features.incremental.enabled = True

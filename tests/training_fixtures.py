@@ -1,9 +1,13 @@
-"""Shared fixtures for the trainer and lifecycle tests: a tiny feature dataset written (pyarrow) in exactly the
-Spark job's layout (``{train,eval}/date=YYYY-MM-DD/part-*.parquet`` + ``_MANIFEST.json`` +
-``_SUCCESS``), and one real 2-rank ``deepspeed`` training run that several test modules inspect.
+"""Shared fixtures for the trainer and lifecycle tests: tiny feature datasets of any event schema
+written (pyarrow) in exactly the Spark job's layout (``{train,eval}/date=YYYY-MM-DD/part-*.parquet``
++ ``_MANIFEST.json`` + ``_SUCCESS``), and one real 2-rank ``deepspeed`` training run that several
+test modules inspect.
 
-The rows carry a learnable signal: an item's id decides its contribution/like rate and its content
-type its long-dwell rate, so a model that learns embeddings lowers the loss within a few steps.
+The rows carry a learnable signal: task k's label rate is high (0.85) where the id of the schema's
+k-th id column (cycling) is a multiple of 3 and low (0.08) elsewhere (the feed: contribution by
+item, like by author, long_dwell by content type), so a model that learns embeddings lowers the
+loss within a few steps. Everything else is random in the columns' ranges, the time features
+computed from the event times as the feature job computes them.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from common.repo import REPO_ROOT
-from features.dataset import write_manifest
+from common.files import visible_files
+from features.dataset import read_manifest, write_manifest
+from features.schema import LOG_GAP_COLUMN, LOG_ITEM_AGE_COLUMN, LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN
 from features.spec import (
-    FEATURE_SPEC_VERSION, ID_COLUMNS, PREV_ACTIONS_KNOWN_COLUMN, TOKEN_FLOAT_COLUMNS, FeatureSpec,
-    cyclical, log_dwell, log_gap, prev_actions_known, user_key,
+    FEATURE_SPEC_VERSION, FeatureSpec, cyclical, log_gap, prev_actions_known, transform, user_key,
 )
 from trainer.checkpoint import weights_only_loads
 from trainer.data import write_training_rows
@@ -38,6 +43,10 @@ FIRST_DAY = 1_714_521_600  # 2024-05-01 00:00 UTC
 TINY_SPEC = FeatureSpec(
     context_len=8, stride=8,
     buckets={"item_id": 31, "author_id": 11, "content_type": 5, "topic": 7, "surface": 3})
+TINY_WATCH_SPEC = FeatureSpec(
+    context_len=8, stride=8, schema="watch",
+    buckets={"post_id": 31, "creator_id": 11, "format": 4, "country": 7})
+"""The watch log's tables as small (``origin_post_id`` reads ``post_id``'s)."""
 
 TRAIN_FILES = [(0, 96, 32), (1, 96, 32), (2, 40, 40)]
 """(day, rows, row-group size): 7 row groups, so 2 ranks get uneven shards (4 and 3)."""
@@ -48,52 +57,66 @@ TINY_MODEL = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.
 """A model small enough that a CPU step takes milliseconds."""
 
 
+def dataset_spec(spec: FeatureSpec) -> FeatureSpec:
+    """``spec`` as the full feature job records it: standardize steps without statistics fitted. The
+    fixture's numerics are drawn standardized already, N(0, 1), so their statistics are (0, 1)."""
+    schema = spec.event_schema
+    if not schema.needs_fit:
+        return spec
+    return spec.with_schema(schema.fitted({name: (0.0, 1.0) for name, _ in schema.standardize_steps()}))
+
+
 def _rows(rng: np.random.Generator, spec: FeatureSpec, count: int, day: int) -> dict[str, np.ndarray]:
     """``count`` left-padded windows of random users with a learnable label signal."""
+    schema = spec.event_schema
     width = spec.context_len
     columns: dict[str, np.ndarray] = {
         "user_key": np.array([user_key(f"user{u}") for u in rng.integers(0, 40, count)], np.int64),
         "length": rng.integers(2, width + 1, count).astype(np.int32),
         "ts": np.zeros((count, width), np.int64),
-        **{name: np.zeros((count, width), np.int64) for name in ID_COLUMNS},
-        **{name: np.zeros((count, width), np.float32) for name in TOKEN_FLOAT_COLUMNS},
+        **{name: np.zeros((count, width), np.int64) for name in schema.id_columns},
+        **{name: np.zeros((count, width), np.float32) for name in schema.token_float_columns},
     }
     for row in range(count):
         length = int(columns["length"][row])
         real = slice(width - length, width)
         ts = FIRST_DAY + day * DAY + rng.integers(0, DAY // 2) + np.cumsum(rng.integers(30, 3600, length))
-        items = rng.integers(1, spec.buckets["item_id"], length)
-        content = rng.integers(1, spec.buckets["content_type"], length)
-        contribution = rng.random(length) < np.where(items % 3 == 0, 0.85, 0.08)
-        like = contribution & (rng.random(length) < np.where(items % 2 == 0, 0.9, 0.3))
-        long_dwell = rng.random(length) < np.where(content <= 2, 0.75, 0.1)
-        dwell_ms = np.where(long_dwell, 20_000, 2_000) + rng.integers(0, 1_000, length)
         columns["ts"][row, real] = ts
-        columns["item_id"][row, real] = items
-        columns["author_id"][row, real] = 1 + items % (spec.buckets["author_id"] - 1)
-        columns["content_type"][row, real] = content
-        columns["topic"][row, real] = rng.integers(1, spec.buckets["topic"], length)
-        columns["surface"][row, real] = rng.integers(1, spec.buckets["surface"], length)
-        columns["log_gap"][row, real] = log_gap(ts)
-        columns["log_item_age"][row, real] = np.log1p(rng.integers(0, 30 * DAY, length))
-        for name, values in cyclical(ts).items():
+        for name in schema.id_columns:
+            columns[name][row, real] = rng.integers(1, spec.buckets[schema.column_tables[name]], length)
+        for index, task in enumerate(schema.label_columns):
+            signal = columns[schema.id_columns[index % len(schema.id_columns)]][row, real]
+            columns[task][row, real] = rng.random(length) < np.where(signal % 3 == 0, 0.85, 0.08)
+        duration_ms = rng.integers(1_000, 30_000, length)
+        for name, value in schema.config.actions.columns.items():
+            if name in schema.label_columns:
+                continue  # the label's own column, drawn above
+            if schema.field(value.field).kind == "bool":
+                columns[name][row, real] = rng.random(length) < 0.3
+            else:  # a numeric outcome: the duration actions wait for, where it is that field
+                raw = duration_ms if value.field == schema.known_after_field else rng.exponential(8_000.0, length)
+                columns[name][row, real] = transform(raw, value.transforms)
+        for name in schema.continuous_columns:
+            if name == LOG_GAP_COLUMN:
+                columns[name][row, real] = log_gap(ts)
+            elif name == LOG_ITEM_AGE_COLUMN:
+                columns[name][row, real] = np.log1p(rng.integers(0, 30 * DAY, length))
+            else:  # a numeric, standardized
+                columns[name][row, real] = rng.standard_normal(length)
+        offset = np.full(length, rng.integers(-12, 15) * 3600) if schema.utc_offset_field else None
+        for name, values in cyclical(ts, schema.periods, offset).items():
             columns[name][row, real] = values
-        columns["click"][row, real] = contribution | (rng.random(length) < 0.3)
-        columns["like"][row, real] = like
-        columns["comment"][row, real] = contribution & (rng.random(length) < 0.3)
-        columns["share"][row, real] = contribution & ~like
-        columns["log_dwell"][row, real] = log_dwell(dwell_ms)
         columns[PREV_ACTIONS_KNOWN_COLUMN][row, real] = prev_actions_known(
-            ts * 1000, dwell_ms, spec.action_log_delay_ms)
-        columns["contribution"][row, real] = contribution
-        columns["long_dwell"][row, real] = long_dwell
-        columns["loss_mask"][row, real] = 1.0
+            ts * 1000, duration_ms if schema.known_after_field else None, schema.action_delay_ms)
+        columns[LOSS_MASK_COLUMN][row, real] = 1.0
     return columns
 
 
 def write_features(root: Path, spec: FeatureSpec = TINY_SPEC,
                    train_files=TRAIN_FILES, eval_files=EVAL_FILES, seed: int = 0) -> Path:
-    """A feature dataset in the Spark job's layout; returns ``root``."""
+    """A feature dataset of ``spec``'s schema in the Spark job's layout; returns ``root``. Its
+    manifest records :func:`dataset_spec` (``read_feature_manifest`` gives that back)."""
+    spec = dataset_spec(spec)
     rng = np.random.default_rng(seed)
     rows = {}
     for split, files in (("train", train_files), ("eval", eval_files)):
@@ -101,14 +124,27 @@ def write_features(root: Path, spec: FeatureSpec = TINY_SPEC,
         for index, (day, count, group_rows) in enumerate(files):
             date = np.datetime64(FIRST_DAY + day * DAY, "s").astype("datetime64[D]")
             write_training_rows(root / split / f"date={date}" / f"part-{index:05d}.parquet",
-                                _rows(rng, spec, count, day), group_rows)
+                                _rows(rng, spec, count, day), spec, group_rows)
             rows[split] += count
     split_day = min(day for day, _, _ in eval_files)
     write_manifest(root, {  # the keys features/job.py writes that the trainer reads
-        "spec": dataclasses.asdict(spec), "feature_spec_version": FEATURE_SPEC_VERSION,
+        "spec": spec.record(), "feature_spec_version": FEATURE_SPEC_VERSION,
         "watermark_ms": (FIRST_DAY + (split_day + 1) * DAY) * 1000,
         "split_ts_ms": (FIRST_DAY + split_day * DAY) * 1000,
         "splits": {split: {"rows": count} for split, count in rows.items()}})
+    return root
+
+
+def as_next_batch(root: Path) -> Path:
+    """Catalogue a written feature dataset as feature batch 1, the layout an incremental append
+    leaves, so a warm start from a checkpoint trained through batch 0 trains on it."""
+    manifest = read_manifest(root)
+    files = {split: [str(path.relative_to(root)) for path in visible_files(root / split)]
+             for split in ("train", "eval")}
+    manifest["batches"] = [{"index": 1, "name": "b000001", "watermark_ms": manifest["watermark_ms"],
+                            "max_event_ms": manifest["watermark_ms"], "split_ts_ms": manifest["split_ts_ms"],
+                            "files": files}]
+    write_manifest(root, manifest)
     return root
 
 
@@ -117,6 +153,10 @@ def tiny_features(tmp_path_factory) -> Path:
     return write_features(tmp_path_factory.mktemp("features"))
 
 
+@pytest.fixture(scope="session")
+def tiny_watch_features(tmp_path_factory) -> Path:
+    """:func:`write_features` of the watch schema (:data:`TINY_WATCH_SPEC`)."""
+    return write_features(tmp_path_factory.mktemp("watch-features"), TINY_WATCH_SPEC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +185,7 @@ def checkpoint_weights(tag_dir: Path, scratch: Path) -> dict[str, "torch.Tensor"
     converted = scratch / f"{tag_dir.parent.parent.name}-{tag_dir.name}-tables.pt"
     dcp_to_torch_save(tag_dir / TABLES_DIR, converted)
     for name, table in torch.load(converted, weights_only=True)["weights"].items():
-        weights["id_" + name] = table  # embeddings.<column>.weight -> id_embeddings.<column>.weight
+        weights["id_" + name] = table  # embeddings.<table>.weight -> id_embeddings.<table>.weight
     return weights
 
 
@@ -175,6 +215,12 @@ def trained_run(tiny_features, tmp_path_factory) -> LaunchedRun:
 @pytest.fixture(scope="session")
 def tiny_spec() -> FeatureSpec:
     return TINY_SPEC
+
+
+@pytest.fixture(scope="session")
+def tiny_watch_spec() -> FeatureSpec:
+    """:data:`TINY_WATCH_SPEC` as its dataset records it (fitted)."""
+    return dataset_spec(TINY_WATCH_SPEC)
 
 
 @pytest.fixture(scope="session")

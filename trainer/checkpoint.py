@@ -8,13 +8,19 @@ Layout of one checkpoint (``tag = step00001234``)::
     checkpoints/step00001234/tables/            the sharded id tables and their fused optimizer
                                                 state (trainer.embeddings; every rank its shards)
     checkpoints/step00001234/_COMPLETE          written by rank 0 after every rank finished saving:
-                                                {"step", "world", "data"} (the data position)
+                                                {"step", "world", "data", "spec"}: the data position
+                                                and the feature spec (event schema included) the
+                                                weights were trained on
     checkpoints/step00001234/universal/         DeepSpeed's universal form, made when first needed
     checkpoints/latest                          the newest complete tag (atomic rewrite)
 
 A directory without ``_COMPLETE`` is a save that crashed midway: resume ignores it and the next
 prune removes it. Resume walks complete checkpoints newest first; if any rank fails to load one
 (a corrupt file), all ranks agree to fall back to the previous one.
+
+Another event schema. A checkpoint's tables, heads and projections are shaped by its schema, so a
+resume or warm start on a dataset of another schema cannot continue it: planning (before anything
+is loaded) stops with ``SchemaError`` naming the differing schema keys (the dataset's value first).
 
 Another world size. Without ZeRO partitioning (ZeRO-0 in fp32) DeepSpeed's files hold the whole
 optimizer state and load on any number of ranks. With ZeRO-1/2 (or bf16, whose optimizer DeepSpeed
@@ -61,6 +67,8 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from common.files import atomic_write_text, replace_directory, write_json
+from features.schema import EventSchema, require_same_schema
+from features.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,8 @@ class Saved:
     step: int
     world: int
     data: dict[str, int]
+    spec: dict[str, Any]
+    """The feature spec the weights were trained on, as :meth:`FeatureSpec.record` gives it."""
     partitioned: bool
     """Its optimizer state is split over its ranks: another world size needs the universal form."""
 
@@ -134,7 +144,7 @@ def saved_checkpoints(run_dir: str | Path) -> list[Saved]:
     for tag in complete_tags(run_dir):
         try:
             marker = json.loads((root / tag / COMPLETE_MARKER).read_text())
-            saved.append(Saved(tag, marker["step"], marker["world"], marker["data"],
+            saved.append(Saved(tag, marker["step"], marker["world"], marker["data"], marker["spec"],
                                any((root / tag).glob(PARTITIONED_FILES))))
         except (KeyError, TypeError, ValueError) as error:
             log.warning("ignoring checkpoint %s/%s: its %s is not one this version writes (%r)",
@@ -142,12 +152,18 @@ def saved_checkpoints(run_dir: str | Path) -> list[Saved]:
     return saved
 
 
-def plan_resume(run_dir: str | Path, world: int) -> ResumePlan:
-    """Which checkpoints a resume on ``world`` ranks can load, and whether through the universal form."""
+def plan_resume(run_dir: str | Path, world: int, schema: EventSchema) -> ResumePlan:
+    """Which checkpoints a resume on ``world`` ranks can load, and whether through the universal
+    form. ``schema`` is the event schema of the data the run continues on: a checkpoint trained on
+    another raises ``SchemaError`` naming the differences."""
     saved = saved_checkpoints(run_dir)
     if not saved:
         raise CheckpointError(f"train.resume is set but {checkpoint_root(run_dir)} holds no complete "
                               "checkpoint")
+    for checkpoint in reversed(saved):  # newest first: the one a resume would load is named
+        require_same_schema(schema, checkpoint.spec["schema"],
+                            f"checkpoint {checkpoint_root(run_dir) / checkpoint.tag} (differences: the "
+                            "feature dataset's value vs the checkpoint's)")
     universal = saved[-1].partitioned and saved[-1].world != world
     candidates = []
     for checkpoint in reversed(saved):
@@ -175,11 +191,11 @@ def _rng_file(root: Path, tag: str, rank: int) -> Path:
 
 
 def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], data: dict[str, int],
-         keep: int, tables=None) -> str:
+         spec: FeatureSpec, keep: int, tables=None) -> str:
     """Save on every rank (collective); rank 0 marks it complete, moves ``latest`` and prunes.
 
-    ``data`` (the data position) goes into the marker as well as the client state, so a resume
-    can plan from the markers alone."""
+    ``data`` (the data position) goes into the marker as well as the client state, and ``spec``
+    (what the weights were trained on) into the marker, so a resume can plan from the markers alone."""
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     rank = _rank()
@@ -197,8 +213,9 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict[str, Any], d
                _rng_file(root, tag, rank))
     dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
-        marker = {"step": step, "world": _world(), "data": data}
-        write_json(root / tag / COMPLETE_MARKER, marker, indent=None)
+        marker = {"step": step, "world": _world(), "data": data, "spec": spec.record()}
+        # Keys in order (not write_json's sorted ones): the schema's mappings are ordered.
+        atomic_write_text(root / tag / COMPLETE_MARKER, json.dumps(marker) + "\n")
         atomic_write_text(root / LATEST, tag + "\n")
         _prune(root, keep)
         log.info("checkpoint %s complete", root / tag)
@@ -330,11 +347,12 @@ def load(engine, run_dir: str | Path, plan: ResumePlan, tables=None) -> tuple[Sa
     raise CheckpointError(f"no checkpoint in {root} could be loaded by every rank")
 
 
-def load_latest(engine, run_dir: str | Path, tables=None) -> tuple[str, dict[str, Any]]:
+def load_latest(engine, run_dir: str | Path, schema: EventSchema, tables=None) -> tuple[str, dict[str, Any]]:
     """Load ``run_dir``'s newest complete checkpoint natively (a warm start from another run);
-    returns ``(tag, client_state)``. One written by another world size with a partitioned
-    optimizer needs its universal form, which only a resume (``train.resume``) sets up."""
-    plan = plan_resume(run_dir, _world())
+    returns ``(tag, client_state)``. ``schema``: the event schema of the data it continues on
+    (another one is a ``SchemaError``, :func:`plan_resume`). One written by another world size with a
+    partitioned optimizer needs its universal form, which only a resume (``train.resume``) sets up."""
+    plan = plan_resume(run_dir, _world(), schema)
     if plan.universal:
         raise CheckpointError(
             f"{checkpoint_root(run_dir) / plan.newest.tag} was written by {plan.newest.world} ranks with a "

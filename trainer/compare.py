@@ -19,15 +19,21 @@ and the relative NE change ``100·(NE_v,s / NE_base,s − 1)``; their mean, the 
 ``SE = std(d)/√n``, and whether ``|mean| > 2·SE`` (roughly a 95 % two-sided interval excluding 0;
 with n = 3 a t-interval would need 4.3·SE, so "exceeds 2 SE" is a screening mark, not a test).
 
-With ``truth`` (the synthetic logs' directory), the Bayes-optimal metrics of the eval events, scored
-with the generator's true probabilities (``RAW_DIR/_truth``), are the floor no model can beat. The
-truth also splits the eval events into the *relational* slice, where the planted relational effect
-is active (``relational_logit > relational_threshold``: a recent, observable engagement with the
-same author, :mod:`features.synth`), and the rest. Each run's exported model scores the eval tokens
-again (one process, matched to the events by user, second and item id), and per slice every metric
-gets the same statistics as overall, the Bayes floor included; per variant, the paired contrast
-``ΔNE%_relational,s − ΔNE%_rest,s`` says whether it gains on the relational events more than on the
-others, i.e. whether it captures the relational mechanism rather than an absolute one.
+The tasks are those of the feature dataset's event schema.
+
+With ``truth`` (the synthetic logs' directory, written by ``sirenfeed synth`` for the same schema),
+the Bayes-optimal metrics of the eval events, scored with the generator's true probabilities
+(``RAW_DIR/_truth``: an ``event_id`` and a ``p_<task>`` column per task), are the floor no model can
+beat; the labels are computed from the raw events by the schema (:func:`features.spec.label_values`).
+Where the truth also has ``relational_logit`` (the feed simulator's planted relational effect: a
+recent, observable engagement with the same author, :mod:`features.synth`), it splits the eval
+events into the *relational* slice, where the effect is active (``relational_logit >
+relational_threshold``), and the rest. Each run's exported model scores the eval tokens again (one
+process, matched to the events by user, second and the id of the schema's item column), and per
+slice every metric gets the same statistics as overall, the Bayes floor included; per variant, the
+paired contrast ``ΔNE%_relational,s − ΔNE%_rest,s`` says whether it gains on the relational events
+more than on the others, i.e. whether it captures the relational mechanism rather than an absolute
+one. Truth without that column (a simulator that plants no relational effect) gives no slice.
 
 Writes ``OUT/compare.json`` (every number) and ``OUT/compare.md`` (the tables) and prints the tables.
 """
@@ -58,16 +64,13 @@ from common.files import atomic_write_text, visible_files, write_json
 from common.logs import configure_logging
 from common.repo import REPO_ROOT
 from features.dataset import read_manifest
-from features.schema import ContractConfig
-from features.spec import (
-    LABEL_COLUMNS, LOSS_MASK_COLUMN, TS_COLUMN, FeatureSpec, hash_id, long_dwell_threshold,
-    user_key,
-)
-from features.synth import TRUTH_COLUMNS, TRUTH_DIR
+from features.schema import EVENT_ID, EVENT_TS, LOSS_MASK_COLUMN, TS_COLUMN, USER_ID, ContractConfig, EventSchema
+from features.spec import hash_id, label_values, user_key
+from features.synth import TRUTH_DIR
 from features.validation import check_record
 from trainer.checkpoint import complete_tags
 from trainer.config import TrainConfig
-from trainer.data import eval_batches
+from trainer.data import eval_batches, read_feature_manifest
 from trainer.evaluate import METRICS_FILE
 from trainer.export import export_root, load_exported, verify_export
 from trainer.launcher import TRAIN_SCRIPT, run_with_config
@@ -247,7 +250,8 @@ def _value(runs: dict[int, dict[str, Any]], seed: int, task: str, metric: str) -
     return math.nan if number is None else float(number)
 
 
-def summarize(results: dict[str, dict[int, dict[str, Any]]], baseline: str) -> dict[str, Any]:
+def summarize(results: dict[str, dict[int, dict[str, Any]]], baseline: str,
+              tasks: tuple[str, ...]) -> dict[str, Any]:
     """Per variant and task: mean ± std of each metric, and the paired differences to ``baseline``."""
     summary: dict[str, Any] = {}
     base = results[baseline]
@@ -255,7 +259,7 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], baseline: str) -> d
         seeds = sorted(by_seed)
         pairs = [seed for seed in seeds if seed in base]
         summary[variant] = {}
-        for task in LABEL_COLUMNS:
+        for task in tasks:
             entry: dict[str, Any] = {metric: mean_std([_value(by_seed, s, task, metric) for s in seeds])
                                      for metric in SUMMARY_METRICS}
             if variant != baseline:
@@ -269,8 +273,10 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]], baseline: str) -> d
 
 # --- the Bayes-optimal floor ------------------------------------------------------------------
 
-RAW_COLUMNS = ("event_id", "user_id", "item_id", "author_id", "content_type", "topic", "surface",
-               "event_ts", "dwell_ms", "click", "like", "comment", "share")
+def key_column(schema: EventSchema) -> str:
+    """The id column that, with the user and the second, matches a token to its event: the item
+    whose age the schema tracks, else its first categorical."""
+    return schema.item_age_field or schema.id_columns[0]
 
 
 def _parquet_table(root: Path, columns: list[str] | None = None) -> pa.Table:
@@ -283,7 +289,8 @@ class EvalTruth:
     """The eval split's events, each once, with their labels and the generator's ground truth."""
 
     keys: list[tuple[int, int, int]]
-    """Per event ``(user_key, ts, item_id)`` as the feature rows hold them: how a token is matched."""
+    """Per event ``(user_key, ts, id)`` as the feature rows hold them, the id that of
+    :func:`key_column`: how a token is matched."""
     users: np.ndarray
     labels: dict[str, np.ndarray]
     probability: dict[str, np.ndarray]
@@ -293,47 +300,48 @@ class EvalTruth:
 
 
 def eval_truth(raw_dir: str | Path, features_dir: str | Path) -> EvalTruth:
-    """The generator's truth on exactly the eval split's events: the valid (contract),
-    deduplicated events at or after the split time of the feature dataset."""
+    """The generator's truth on exactly the eval split's events: the valid (contract, the dataset's
+    schema), deduplicated events at or after the split time of the feature dataset."""
     raw_dir = Path(raw_dir)
     if not (raw_dir / TRUTH_DIR).is_dir():
         raise FileNotFoundError(f"{raw_dir / TRUTH_DIR} not found: 'truth' must be synthetic logs "
                                 "written by `sirenfeed synth`")
     read_manifest(raw_dir)
-    manifest = read_manifest(features_dir)
-    spec = FeatureSpec(**manifest["spec"])
+    manifest, spec = read_feature_manifest(features_dir)
+    schema = spec.event_schema
+    tasks = schema.label_columns
     contract = ContractConfig(**manifest["config"]["contract"])
     split_ms = manifest["split_ts_ms"]
-    events = _parquet_table(raw_dir, list(RAW_COLUMNS)).to_pylist()
-    seen: set[str] = set()
+    records = _parquet_table(raw_dir, list(schema.field_names)).to_pylist()
+    valid = [schema.canonical(record) for record in records
+             if check_record(record, schema, contract, manifest["processing_ms"]) is None]
+    # The copy of a duplicated event the feature job keeps: the first in the schema's dedup order.
     kept: dict[str, dict[str, Any]] = {}
-    for event in sorted((e for e in events if (e["event_ts"] or 0) >= split_ms),
-                        key=lambda e: (e["event_ts"], e["event_id"] or "")):
-        if event["event_id"] in seen or check_record(event, contract, manifest["processing_ms"]) is not None:
-            continue
-        seen.add(event["event_id"])
-        kept[event["event_id"]] = event
+    for event in sorted((e for e in valid if e[EVENT_TS] >= split_ms),
+                        key=lambda e: [e[name] for name in schema.dedup_order]):
+        kept.setdefault(event[EVENT_ID], event)
     truth = _parquet_table(raw_dir / TRUTH_DIR).to_pydict()
-    columns = [*TRUTH_COLUMNS, *([RELATIONAL_COLUMN] if RELATIONAL_COLUMN in truth else [])]
+    wanted = [f"p_{task}" for task in tasks]
+    absent = [column for column in wanted if column not in truth]
+    if absent:
+        raise ValueError(f"{raw_dir / TRUTH_DIR} has no {', '.join(absent)}: it is not the truth of logs of "
+                         f"schema '{schema.name}' (tasks {', '.join(tasks)})")
+    columns = [*wanted, *([RELATIONAL_COLUMN] if RELATIONAL_COLUMN in truth else [])]
     by_event = {event_id: row for event_id, *row in zip(truth["event_id"], *(truth[c] for c in columns))}
     missing = [event_id for event_id in kept if event_id not in by_event]
     if missing:
         raise ValueError(f"{len(missing)} eval events have no ground truth in {raw_dir / TRUTH_DIR}, "
                          f"e.g. {missing[:3]}")
     ordered = list(kept.values())
-    rows = np.array([by_event[e["event_id"]] for e in ordered], dtype=np.float64).reshape(len(ordered), len(columns))
-    labels = {
-        "contribution": [e["like"] or e["comment"] or e["share"] for e in ordered],
-        "like": [e["like"] for e in ordered],
-        "long_dwell": [e["dwell_ms"] >= long_dwell_threshold(spec, e["content_type"]) for e in ordered],
-    }
-    item_buckets = spec.buckets["item_id"]
+    rows = np.array([by_event[e[EVENT_ID]] for e in ordered], dtype=np.float64).reshape(len(ordered), len(columns))
+    key = key_column(schema)
+    table = schema.column_tables[key]
     return EvalTruth(
-        keys=[(user_key(e["user_id"]), e["event_ts"] // 1000, hash_id("item_id", e["item_id"], item_buckets))
+        keys=[(user_key(e[USER_ID]), e[EVENT_TS] // 1000, hash_id(table, e[key], spec.buckets[table]))
               for e in ordered],
-        users=np.array([user_key(e["user_id"]) for e in ordered], dtype=np.int64),
-        labels={task: np.asarray(labels[task], dtype=np.float64) for task in LABEL_COLUMNS},
-        probability={task: rows[:, columns.index(f"p_{task}")] for task in LABEL_COLUMNS},
+        users=np.array([user_key(e[USER_ID]) for e in ordered], dtype=np.int64),
+        labels={task: label_values(schema.config.labels[task], ordered).astype(np.float64) for task in tasks},
+        probability={task: rows[:, columns.index(f"p_{task}")] for task in tasks},
         relational_logit=rows[:, columns.index(RELATIONAL_COLUMN)] if RELATIONAL_COLUMN in columns else None)
 
 
@@ -341,7 +349,7 @@ def bayes_floor(raw_dir: str | Path, features_dir: str | Path, bins: int = 15) -
     """Metrics per task of the generator's true probabilities on exactly the eval split's events."""
     truth = eval_truth(raw_dir, features_dir)
     return {task: binary_metrics(truth.probability[task], truth.labels[task], truth.users, bins)
-            for task in LABEL_COLUMNS}
+            for task in truth.labels}
 
 
 # --- the relational slice ---------------------------------------------------------------------
@@ -351,7 +359,7 @@ class EvalPredictions:
     """One model's prediction of every label-bearing eval token, in file order."""
 
     keys: list[tuple[int, int, int]]
-    """Per token ``(user_key, ts, item_id)``, as in :attr:`EvalTruth.keys`."""
+    """Per token ``(user_key, ts, id)``, as in :attr:`EvalTruth.keys`."""
     users: np.ndarray
     labels: dict[str, np.ndarray]
     pred: dict[str, np.ndarray]
@@ -359,17 +367,21 @@ class EvalPredictions:
 
 @torch.no_grad()
 def eval_predictions(run: str | Path, features_dir: str | Path) -> EvalPredictions:
-    """Score the eval split with the run's exported model, in this process."""
-    model, _, spec = load_exported(export_root(run) / "latest")
+    """Score the eval split with the run's exported model, in this process (refused, naming the
+    differences, when the run was trained on another event schema than the dataset's)."""
+    _, data_spec = read_feature_manifest(features_dir)
+    model, _, _ = load_exported(export_root(run) / "latest", expected_schema=data_spec.event_schema)
+    schema = data_spec.event_schema
+    key = key_column(schema)
     keys: list[tuple[int, int, int]] = []
-    users, labels, pred = [], {task: [] for task in LABEL_COLUMNS}, {task: [] for task in LABEL_COLUMNS}
-    for batch in eval_batches(features_dir, spec.context_len, PREDICT_BATCH_ROWS, 0, 1):
+    users, labels, pred = [], {task: [] for task in schema.label_columns}, {task: [] for task in schema.label_columns}
+    for batch in eval_batches(features_dir, data_spec, PREDICT_BATCH_ROWS, 0, 1):
         logits = model(batch)
         bearing = batch[LOSS_MASK_COLUMN] > 0
         row_users = batch["user_key"][:, None].expand_as(bearing)[bearing]
-        keys += zip(row_users.tolist(), batch[TS_COLUMN][bearing].tolist(), batch["item_id"][bearing].tolist())
+        keys += zip(row_users.tolist(), batch[TS_COLUMN][bearing].tolist(), batch[key][bearing].tolist())
         users.append(row_users.numpy())
-        for task in LABEL_COLUMNS:
+        for task in schema.label_columns:
             labels[task].append(batch[task][bearing].double().numpy())
             pred[task].append(torch.sigmoid(logits[task].float())[bearing].double().numpy())
     return EvalPredictions(keys, np.concatenate(users),
@@ -382,7 +394,7 @@ def slice_metrics(pred: dict[str, np.ndarray], labels: dict[str, np.ndarray], us
     """Metrics per slice (:data:`SLICES`) and task; ``relational`` marks the relational slice."""
     masks = {"relational": relational, "rest": ~relational}
     return {name: {task: binary_metrics(pred[task][mask], labels[task][mask], users[mask], bins)
-                   for task in LABEL_COLUMNS} for name, mask in masks.items()}
+                   for task in labels} for name, mask in masks.items()}
 
 
 def _relational_mask(truth: EvalTruth, predictions: EvalPredictions, threshold: float) -> np.ndarray:
@@ -392,7 +404,7 @@ def _relational_mask(truth: EvalTruth, predictions: EvalPredictions, threshold: 
     index = {key: position for position, key in enumerate(truth.keys)}
     unmatched = [key for key in predictions.keys if key not in index]
     if unmatched:
-        raise ValueError(f"{len(unmatched)} eval tokens have no ground truth event (user, ts, item), "
+        raise ValueError(f"{len(unmatched)} eval tokens have no ground truth event (user, ts, id), "
                          f"e.g. {unmatched[:3]}: is 'truth' the raw logs these features were built from?")
     active = truth.relational_logit > threshold
     return active[np.fromiter((index[key] for key in predictions.keys), np.int64, len(predictions.keys))]
@@ -404,10 +416,11 @@ def relational_slice(truth: EvalTruth, predictions: dict[str, dict[int, EvalPred
     :func:`summarize`), the Bayes floor per slice, and per variant the paired contrast
     ``ΔNE%_relational,s − ΔNE%_rest,s`` to ``baseline``."""
     active = truth.relational_logit > threshold
+    tasks = tuple(truth.labels)
     runs = {variant: {seed: slice_metrics(p.pred, p.labels, p.users, _relational_mask(truth, p, threshold), bins)
                       for seed, p in by_seed.items()} for variant, by_seed in predictions.items()}
     summary = {name: summarize({variant: {seed: slices[name] for seed, slices in by_seed.items()}
-                                for variant, by_seed in runs.items()}, baseline) for name in SLICES}
+                                for variant, by_seed in runs.items()}, baseline, tasks) for name in SLICES}
     contrast: dict[str, Any] = {}
     base = runs[baseline]
     for variant, by_seed in runs.items():
@@ -417,7 +430,7 @@ def relational_slice(truth: EvalTruth, predictions: dict[str, dict[int, EvalPred
         contrast[variant] = {task: paired([
             100.0 * (by_seed[s]["relational"][task]["ne"] / base[s]["relational"][task]["ne"]
                      - by_seed[s]["rest"][task]["ne"] / base[s]["rest"][task]["ne"]) for s in pairs])
-            for task in LABEL_COLUMNS}
+            for task in tasks}
     return {"column": RELATIONAL_COLUMN, "threshold": threshold,
             "events": {"relational": int(active.sum()), "rest": int((~active).sum())},
             "bayes_floor": slice_metrics(truth.probability, truth.labels, truth.users, active, bins),
@@ -441,11 +454,16 @@ def _signed(stats: dict[str, Any], digits: int) -> str:
     return f"{stats['mean']:+.{digits}f}{se}{' *' if stats['exceeds_2se'] else ''}"
 
 
+def _tasks(summary: dict[str, Any]) -> list[str]:
+    """The tasks of a :func:`summarize` record, in order (every variant has the same)."""
+    return list(next(iter(summary.values())))
+
+
 def format_markdown(summary: dict[str, Any], baseline: str, floor: dict[str, Any] | None) -> str:
     """One markdown table per task: mean ± std over seeds, paired ΔNE (absolute and %) to the baseline
     as mean ± SE, ``*`` where |mean| > 2 SE."""
     lines: list[str] = []
-    for task in LABEL_COLUMNS:
+    for task in _tasks(summary):
         lines += [f"### {task}", "",
                   f"| variant | n | NE | AUC | GAUC | ECE | ΔNE vs {baseline} | ΔNE % | ΔAUC |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -475,8 +493,10 @@ def format_slice_markdown(record: dict[str, Any], baseline: str) -> str:
     total = events["relational"] + events["rest"]
     share = 100.0 * events["relational"] / total if total else math.nan
     lines = [f"## Relational slice: {record['column']} > {record['threshold']:g} "
-             f"({events['relational']} of {total} eval events, {share:.1f} %)", ""]
-    for task in LABEL_COLUMNS:
+             f"({events['relational']} of {total} eval events, {share:.1f} %)", "",
+             "The simulator's planted relational effect (the synthetic feed's: a recent, observable "
+             "engagement with the same author) is active on the relational slice.", ""]
+    for task in _tasks(record["summary"]["relational"]):
         lines += [f"### {task} by slice", "",
                   f"| variant | NE relational | ΔNE % vs {baseline} | NE rest | ΔNE % vs {baseline} | "
                   "ΔNE % relational − rest |",
@@ -506,12 +526,13 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     check_train_configs(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    _, spec = read_feature_manifest(config.features)
     results = run_all(config)
-    summary = summarize(results, config.baseline)
+    summary = summarize(results, config.baseline, spec.event_schema.label_columns)
     truth = eval_truth(config.truth, config.features) if config.truth else None
     floor = None if truth is None else {
         task: binary_metrics(truth.probability[task], truth.labels[task], truth.users, config.bins)
-        for task in LABEL_COLUMNS}
+        for task in truth.labels}
     slices = None
     if truth is not None and truth.relational_logit is None:
         log.warning("%s has no %s column (written before it existed): no relational slice",

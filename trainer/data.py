@@ -1,9 +1,11 @@
 """Training input: Petastorm over the feature dataset, in a global order that no world size changes.
 
 This is the only module that imports Petastorm. It reads ``FEATURES_DIR/{train,eval}`` (the Spark
-job's output, columns :data:`features.spec.TRAINING_COLUMNS`) and yields batches as
-``dict[column, Tensor]``: ids, ``ts``, ``user_key`` and ``length`` int64, everything else float32,
-per-token columns shaped ``[B, C]``.
+job's output; its columns are the ``training_columns`` of the event schema the dataset's manifest
+records, :func:`read_feature_manifest`) and yields batches as ``dict[column, Tensor]``: ids, ``ts``,
+``user_key`` and ``length`` int64, everything else float32, per-token columns shaped ``[B, C]``.
+Every reader takes the dataset's :class:`~features.spec.FeatureSpec`, which says which columns
+there are and the context length ``C``.
 
 Epochs and logical shards. The training split holds ``N`` rows in row groups (sizes from the
 Parquet footers). Epoch ``e`` lays the row groups end to end in an order seeded by ``(seed, e)``
@@ -64,9 +66,7 @@ from petastorm import make_batch_reader
 from common.config import require
 from common.files import local_path, visible_files
 from features.dataset import read_manifest
-from features.spec import (
-    FEATURE_SPEC_VERSION, TOKEN_COLUMNS, TOKEN_FLOAT_COLUMNS, TRAINING_COLUMNS, FeatureSpec,
-)
+from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 
 log = logging.getLogger(__name__)
 # Petastorm warns on every reader it opens that pyarrow's legacy API it uses is deprecated; the pin
@@ -86,8 +86,9 @@ class DataError(ValueError):
 
 
 def read_feature_manifest(features_dir: str | Path) -> tuple[dict, FeatureSpec]:
-    """The dataset's manifest and feature spec; refuses an incomplete dataset
-    (``IncompleteDatasetError``) and one written under another feature spec version."""
+    """The dataset's manifest and feature spec, with the event schema the manifest records (its
+    columns, tables and tasks); refuses an incomplete dataset (``IncompleteDatasetError``) and one
+    written under another feature spec version."""
     manifest = read_manifest(features_dir)
     version = manifest.get("feature_spec_version")
     if version != FEATURE_SPEC_VERSION:
@@ -210,9 +211,10 @@ def _strides_rows(split_path: Path, groups: int, ranks: int) -> bool:
     return False
 
 
-def _eval_chunks(split_path: Path, shard: int, shards: int, stride: bool) -> Iterator[Columns]:
+def _eval_chunks(split_path: Path, names: Sequence[str], shard: int, shards: int,
+                 stride: bool) -> Iterator[Columns]:
     """One pass over one eval shard's rows, in file order: a dict of column arrays per row group."""
-    options = dict(schema_fields=list(TRAINING_COLUMNS), reader_pool_type="thread", workers_count=1,
+    options = dict(schema_fields=list(names), reader_pool_type="thread", workers_count=1,
                    results_queue_size=PREFETCH_ROW_GROUPS, seed=0, shuffle_row_groups=False, num_epochs=1)
     if shards > 1 and not stride:
         options.update(cur_shard=shard, shard_count=shards)
@@ -220,7 +222,7 @@ def _eval_chunks(split_path: Path, shard: int, shards: int, stride: bool) -> Ite
     try:
         seen = 0
         for chunk in reader:
-            chunk_columns = {name: getattr(chunk, name) for name in TRAINING_COLUMNS}
+            chunk_columns = {name: getattr(chunk, name) for name in names}
             count = _rows(chunk_columns)
             if stride:
                 chunk_columns = _take(chunk_columns, (seen + np.arange(count)) % shards == shard)
@@ -231,14 +233,14 @@ def _eval_chunks(split_path: Path, shard: int, shards: int, stride: bool) -> Ite
         reader.join()
 
 
-def _read_row_group(group: RowGroup) -> Columns:
+def _read_row_group(group: RowGroup, names: Sequence[str]) -> Columns:
     """One row group through Petastorm: its file as the dataset, the row group as its shard."""
     # A plain path in the URL: Petastorm does not undo the percent-encoding of ``date=…``.
-    reader = make_batch_reader(f"file://{group.path.resolve()}", schema_fields=list(TRAINING_COLUMNS),
+    reader = make_batch_reader(f"file://{group.path.resolve()}", schema_fields=list(names),
                                reader_pool_type="dummy", shuffle_row_groups=False, num_epochs=1,
                                cur_shard=group.index, shard_count=group.file_row_groups)
     try:
-        columns = _concat([{name: getattr(chunk, name) for name in TRAINING_COLUMNS} for chunk in reader])
+        columns = _concat([{name: getattr(chunk, name) for name in names} for chunk in reader])
     finally:
         reader.stop()
         reader.join()
@@ -248,13 +250,15 @@ def _read_row_group(group: RowGroup) -> Columns:
     return columns
 
 
-def _read_pieces(groups: Sequence[RowGroup], pieces: Sequence[Piece], prefetch: int) -> Iterator[Columns]:
-    """The rows of ``pieces`` in order, a background thread reading ``prefetch`` row groups ahead."""
+def _read_pieces(groups: Sequence[RowGroup], pieces: Sequence[Piece], prefetch: int,
+                 names: Sequence[str]) -> Iterator[Columns]:
+    """The rows of ``pieces`` in order (columns ``names``), a background thread reading ``prefetch``
+    row groups ahead."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-groups") as pool:
         pending = deque()
         try:
             for piece in pieces:
-                pending.append((piece, pool.submit(_read_row_group, groups[piece.group])))
+                pending.append((piece, pool.submit(_read_row_group, groups[piece.group], names)))
                 if len(pending) > prefetch:
                     yield _piece_rows(*pending.popleft())
             while pending:
@@ -339,13 +343,14 @@ def _skip_rows(pieces: Iterable[Columns], count: int) -> Iterator[Columns]:
         count = 0
 
 
-def padding_rows(count: int, context_len: int) -> Columns:
+def padding_rows(count: int, spec: FeatureSpec) -> Columns:
     """``count`` rows that fill a short last step of an epoch: windows of no tokens (``length`` 0,
     ``loss_mask`` 0, every column 0), so they carry no loss and no token weight, and count as no
     sample (:func:`real_rows`)."""
-    return {name: np.zeros((count, context_len) if name in TOKEN_COLUMNS else (count,),
-                           np.float32 if name in TOKEN_FLOAT_COLUMNS else np.int64)
-            for name in TRAINING_COLUMNS}
+    schema = spec.event_schema
+    return {name: np.zeros((count, spec.context_len) if name in schema.token_columns else (count,),
+                           np.float32 if name in schema.token_float_columns else np.int64)
+            for name in schema.training_columns}
 
 
 def real_rows(batch: Batch) -> torch.Tensor:
@@ -355,7 +360,7 @@ def real_rows(batch: Batch) -> torch.Tensor:
 
 
 def _shard_chunks(groups: Sequence[RowGroup], shard: int, shards: int, per_shard: int, seed: int,
-                  shuffle_buffer: int, first_step: int, prefetch: int, context_len: int) -> Iterator[Columns]:
+                  shuffle_buffer: int, first_step: int, prefetch: int, spec: FeatureSpec) -> Iterator[Columns]:
     """Shard ``shard``'s endless stream of chunks of ``per_shard`` rows, from global step
     ``first_step`` on: ``P`` chunks an epoch, its rows once each, then padding up to the epoch's end."""
     group_rows = [group.rows for group in groups]
@@ -363,41 +368,45 @@ def _shard_chunks(groups: Sequence[RowGroup], shard: int, shards: int, per_shard
     first_epoch, first_step_in_epoch = divmod(first_step, epoch_steps)
     for epoch in itertools.count(first_epoch):
         pieces = epoch_assignment(group_rows, shards, seed, epoch)[shard]
-        rows = _mixed(_read_pieces(groups, pieces, prefetch), shuffle_buffer,
+        rows = _mixed(_read_pieces(groups, pieces, prefetch, spec.event_schema.training_columns), shuffle_buffer,
                       np.random.default_rng([seed, shard, epoch]))
         done = first_step_in_epoch if epoch == first_epoch else 0
         for chunk in _rechunk(_skip_rows(rows, done * per_shard), per_shard, keep_partial=True):
             short = per_shard - _rows(chunk)
-            yield _concat([chunk, padding_rows(short, context_len)]) if short else chunk
+            yield _concat([chunk, padding_rows(short, spec)]) if short else chunk
             done += 1
         for _ in range(done, epoch_steps):
-            yield padding_rows(per_shard, context_len)
+            yield padding_rows(per_shard, spec)
 
 
-def to_tensors(columns: Columns, context_len: int) -> Batch:
-    """Column arrays → tensors in the dtypes the model expects, checking the token axis is ``C``."""
+def to_tensors(columns: Mapping[str, np.ndarray], spec: FeatureSpec) -> Batch:
+    """The spec's training columns → tensors in the dtypes the model expects, checking the token
+    axis is ``C`` (``spec.context_len``)."""
+    schema = spec.event_schema
     batch: Batch = {}
-    for name in TRAINING_COLUMNS:
+    for name in schema.training_columns:
         values = columns[name]
-        if name in TOKEN_COLUMNS and (values.ndim != 2 or values.shape[1] != context_len):
-            raise DataError(f"column {name!r} has shape {values.shape}; expected [rows, {context_len}] "
+        if name in schema.token_columns and (values.ndim != 2 or values.shape[1] != spec.context_len):
+            raise DataError(f"column {name!r} has shape {values.shape}; expected [rows, {spec.context_len}] "
                             "(the feature spec's context_len)")
-        dtype = np.float32 if name in TOKEN_FLOAT_COLUMNS else np.int64
+        dtype = np.float32 if name in schema.token_float_columns else np.int64
         # Arrays read straight from Arrow are read-only; torch wants writable memory.
         batch[name] = torch.from_numpy(np.require(values, dtype=dtype, requirements=["C", "W"]))
     return batch
 
 
-def write_training_rows(path: Path, columns: Mapping[str, np.ndarray | torch.Tensor],
+def write_training_rows(path: Path, columns: Mapping[str, np.ndarray | torch.Tensor], spec: FeatureSpec,
                         row_group_size: int) -> None:
-    """Write rows the way the Spark job does (per-token columns as Parquet lists), for tests and
-    benchmarks that need a dataset without running Spark; ``features/job.py`` writes the real ones."""
+    """Write the spec's training columns the way the Spark job does (per-token columns as Parquet
+    lists), for tests and benchmarks that need a dataset without running Spark; ``features/job.py``
+    writes the real ones."""
+    schema = spec.event_schema
     arrays = {}
-    for name in TRAINING_COLUMNS:
+    for name in schema.training_columns:
         values = np.asarray(columns[name])
-        dtype = np.float32 if name in TOKEN_FLOAT_COLUMNS else np.int32 if name == "length" else np.int64
+        dtype = np.float32 if name in schema.token_float_columns else np.int32 if name == "length" else np.int64
         values = values.astype(dtype)
-        if name in TOKEN_COLUMNS:
+        if name in schema.token_columns:
             offsets = np.arange(0, values.size + 1, values.shape[1], dtype=np.int32)
             arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1)))
         else:
@@ -409,12 +418,13 @@ def write_training_rows(path: Path, columns: Mapping[str, np.ndarray | torch.Ten
 class TrainStream:
     """The endless, deterministic stream of one rank's micro batches: its share of each global batch.
 
+    ``spec`` is the dataset's (:func:`read_feature_manifest`): its columns and context length.
     ``batch_size`` is the global batch; ``shards`` the logical shards (0 = ``world``). Iterate it
     for batches; ``steps`` counts global batches handed out (including skipped ones): that number,
     stored in a checkpoint, is the data position to resume from on any world size dividing ``shards``.
     """
 
-    def __init__(self, features_dir: str | Path, context_len: int, batch_size: int,
+    def __init__(self, features_dir: str | Path, spec: FeatureSpec, batch_size: int,
                  shuffle_buffer: int, seed: int, rank: int, world: int, shards: int = 0,
                  skip_steps: int = 0):
         shards = shards or world
@@ -429,16 +439,16 @@ class TrainStream:
         owned = shards_of_rank(rank, world, shards)
         prefetch = max(1, PREFETCH_ROW_GROUPS // len(owned))
         self._shards = [_shard_chunks(groups, shard, shards, per_shard, seed, shuffle_buffer, skip_steps,
-                                      prefetch, context_len)
+                                      prefetch, spec)
                         for shard in owned]
-        self._context_len = context_len
+        self._spec = spec
         self.steps = skip_steps
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        batch = to_tensors(_concat([next(shard) for shard in self._shards]), self._context_len)
+        batch = to_tensors(_concat([next(shard) for shard in self._shards]), self._spec)
         self.steps += 1
         return batch
 
@@ -453,15 +463,16 @@ class TrainStream:
         self.close()
 
 
-def eval_batches(features_dir: str | Path, context_len: int, batch_size: int, rank: int,
+def eval_batches(features_dir: str | Path, spec: FeatureSpec, batch_size: int, rank: int,
                  world: int) -> Iterator[Batch]:
-    """This rank's disjoint share of the eval split, each row exactly once, in file order."""
+    """This rank's disjoint share of the eval split, each row exactly once, in file order (``spec``:
+    the dataset's)."""
     path = split_dir(features_dir, "eval")
     _, groups = count_rows(path)
     stride = _strides_rows(path, groups, world)
-    chunks = _eval_chunks(path, rank, world, stride)
+    chunks = _eval_chunks(path, spec.event_schema.training_columns, rank, world, stride)
     try:
         for columns in _rechunk(chunks, batch_size, keep_partial=True):
-            yield to_tensors(columns, context_len)
+            yield to_tensors(columns, spec)
     finally:
         chunks.close()

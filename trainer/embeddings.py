@@ -1,10 +1,13 @@
 """The id tables: TorchRec embedding tables sharded across the ranks, their optimizer fused into backward.
 
-Every categorical column of the feature spec (``features.spec.ID_COLUMNS``, rows = its hash buckets)
-is one table ``E_c ∈ R^{buckets_c × d_model}``. Token i of a row reads ``E_c[id_{i,c}]`` for every
-column c, and the ranker adds them (``GenerativeRanker.embed``, in column order). Id 0 is padding:
-it is never looked up (only real tokens are), its row stays zero, and padding tokens get a zero
-vector, as ``nn.Embedding(padding_idx=0)`` gives them in the exported model.
+Every table of the event schema (``spec.buckets``: table → rows, the hash buckets) is one table
+``E_t ∈ R^{rows_t × d_model}``, read by the id columns that hash into it (``column_tables``; the
+feed: each column its own table of its name; the watch log: ``post_id`` and ``origin_post_id`` both
+read ``post_id``'s, one TorchRec table with two feature names). Token i of a row reads
+``E_{table(c)}[id_{i,c}]`` for every id column c, and the ranker adds them (``GenerativeRanker.embed``,
+in column order). Id 0 is padding: it is never looked up (only real tokens are), its row stays
+zero, and padding tokens get a zero vector, as ``nn.Embedding(padding_idx=0)`` gives them in the
+exported model.
 
 Training splits the model in two:
 
@@ -24,7 +27,7 @@ divides the gradients it carries back to a row's owner by W (its comm ops' gradi
 default), so both parts follow the gradient of the same global loss, and a run trains the same way
 on any number of ranks (tests/trainer/test_embeddings.py holds it to that).
 
-Initialisation is a function of (seed, table, row) only: every row block of ``INIT_BLOCK_ROWS``
+Initialisation is a function of (seed, table name, row) only: every row block of ``INIT_BLOCK_ROWS``
 rows is drawn from its own seeded generator, ``E_c[r] ~ N(0, 0.02²)``, ``E_c[0] = 0``, so the
 initial tables are the same on 1 or N ranks whatever the plan, and no rank ever materialises a
 table it does not hold.
@@ -57,7 +60,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 
 from common.config import require
-from features.spec import ID_COLUMNS, FeatureSpec
+from features.spec import FeatureSpec
 from trainer.config import CPU_OPTIMIZERS, EmbeddingsConfig
 from trainer.model import INIT_STD, real_tokens
 
@@ -72,9 +75,11 @@ TABLES_DIR = "tables"
 """``checkpoints/<tag>/tables/``: the shards and the fused optimizer state (torch.distributed.checkpoint)."""
 
 
-def table_rows(spec: FeatureSpec) -> dict[str, int]:
-    """One table per categorical column of the spec, its rows the column's hash buckets."""
-    return {column: spec.buckets[column] for column in ID_COLUMNS}
+def table_features(spec: FeatureSpec) -> dict[str, tuple[str, ...]]:
+    """Table → the id columns that read it, in the schema's column order (TorchRec's feature names)."""
+    schema = spec.event_schema
+    return {table: tuple(column for column in schema.id_columns if schema.column_tables[column] == table)
+            for table in spec.buckets}
 
 
 def initial_rows(seed: int, table: str, first: int, count: int, dim: int) -> Tensor:
@@ -130,16 +135,20 @@ class ShardedTables:
     def __init__(self, config: EmbeddingsConfig, spec: FeatureSpec, dim: int, device: torch.device,
                  seed: int):
         self.config = config
-        self.rows = table_rows(spec)
-        self.columns = tuple(self.rows)
+        self.rows = dict(spec.buckets)
+        """Table → rows."""
+        self.features = table_features(spec)
+        self.columns = tuple(column for columns in self.features.values() for column in columns)
+        """The id columns looked up, grouped by table (the order of the lookup's keys)."""
         self.dim = dim
         self.world = dist.get_world_size()
         if device.type == "cpu":
             require(config.optimizer in CPU_OPTIMIZERS, "embeddings.optimizer",
                     f"'{config.optimizer}' needs GPU ranks; on CPU use one of {', '.join(CPU_OPTIMIZERS)}")
         collection = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=column, num_embeddings=rows, embedding_dim=dim, feature_names=[column])
-                    for column, rows in self.rows.items()],
+            tables=[EmbeddingConfig(name=table, num_embeddings=rows, embedding_dim=dim,
+                                    feature_names=list(self.features[table]))
+                    for table, rows in self.rows.items()],
             device=torch.device("meta"))
         fused = {"optimizer": OPTIMIZER_KERNELS[config.optimizer], "learning_rate": config.lr, "eps": config.eps}
         if config.optimizer == "adam":
@@ -164,26 +173,27 @@ class ShardedTables:
         if self.config.sharding == "column_wise":
             require(self.dim % shard_dim == 0, "embeddings.column_shard_dim",
                     f"must divide d_model ({self.dim})")
-        return {column: ParameterConstraints(sharding_types=kinds, compute_kernels=["fused"],
-                                             min_partition=shard_dim if kinds == ["column_wise"] else None)
-                for column in self.columns}
+        return {table: ParameterConstraints(sharding_types=kinds, compute_kernels=["fused"],
+                                            min_partition=shard_dim if kinds == ["column_wise"] else None)
+                for table in self.rows}
 
     def _weights(self) -> dict[str, "torch.distributed._shard.sharded_tensor.ShardedTensor"]:
-        return {column: self.module.state_dict()[f"embeddings.{column}.weight"] for column in self.columns}
+        return {table: self.module.state_dict()[f"embeddings.{table}.weight"] for table in self.rows}
 
     @torch.no_grad()
     def _initialise(self, seed: int) -> None:
-        for column, weight in self._weights().items():
+        for table, weight in self._weights().items():
             for shard in weight.local_shards():
                 (first, column_start), (count, width) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                for offset, rows in _initial_blocks(seed, column, first, count, self.dim):
+                for offset, rows in _initial_blocks(seed, table, first, count, self.dim):
                     shard.tensor[offset:offset + len(rows)].copy_(rows[:, column_start:column_start + width])
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Every column's embeddings ``[B, C, d]`` (zeros at padding), from the ranks holding the rows."""
+        """Every id column's embeddings ``[B, C, d]`` (zeros at padding), keyed by column, from the
+        ranks holding the rows of its table."""
         real = real_tokens(batch["length"], batch[self.columns[0]].shape[1])
         looked_up = self.module(lookup_input(batch, self.columns, real))
         real = real.unsqueeze(-1)
@@ -234,10 +244,10 @@ class ShardedTables:
                         "embeddings.column_shard_dim it was trained with)")
 
     def gather(self, into: dict[str, Tensor] | None) -> None:
-        """Copy every whole table into ``into[column]`` (fp32 ``[rows, d]``) on rank 0; other ranks pass
+        """Copy every whole table into ``into[table]`` (fp32 ``[rows, d]``) on rank 0; other ranks pass
         ``None`` (collective)."""
-        for column, weight in self._weights().items():
-            weight.gather(dst=0, out=None if into is None else into[column])
+        for table, weight in self._weights().items():
+            weight.gather(dst=0, out=None if into is None else into[table])
 
 
 def _tensors(group, prefix: str = "") -> Iterator[tuple[str, Tensor]]:

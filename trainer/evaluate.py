@@ -9,7 +9,9 @@ the same on 1 or N ranks.
 ``sirenfeed evaluate --run RUN_DIR [--features FEATURES_DIR] [--nproc N]`` evaluates
 ``RUN_DIR/export/latest`` (on the features the run was trained on unless told otherwise), prints the
 metrics table and writes ``RUN_DIR/metrics.json``. ``--nproc 1`` runs in this process; more ranks
-go through the ``deepspeed`` launcher and give the same numbers.
+go through the ``deepspeed`` launcher and give the same numbers. Features of another event schema
+than the model's are refused naming the differences (``SchemaError``), features of the same schema
+but another spec (context length, stride) with a ``DataError``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from torch import nn
 from common.config import add_config_arguments, config_from_args, require
 from common.files import write_json
 from common.logs import configure_rank_logging
-from features.spec import LABEL_COLUMNS, LOSS_MASK_COLUMN
+from features.schema import LOSS_MASK_COLUMN, require_same_schema
+from features.spec import FeatureSpec
 from trainer.data import DataError, eval_batches, read_feature_manifest
 from trainer.distributed import init_distributed
 from trainer.export import export_root, load_exported
@@ -62,20 +65,21 @@ class EvaluateConfig:
         require(self.bins >= 1, "bins", "must be >= 1")
 
 
-def evaluate_split(model: nn.Module, features_dir: str | Path, context_len: int, batch_size: int,
+def evaluate_split(model: nn.Module, features_dir: str | Path, spec: FeatureSpec, batch_size: int,
                    rank: int, world: int, device: torch.device | str, bins: int = 15,
                    autocast_dtype: torch.dtype | None = None, lockstep: bool = False) -> Metrics | None:
-    """Metrics per task over the whole eval split; every rank must call it (collective).
+    """Metrics per task of ``spec``'s schema over the whole eval split (``spec``: the dataset's);
+    every rank must call it (collective).
 
     Returns the metrics on rank 0 and ``None`` elsewhere.
     """
-    tokens = evaluate_tokens(model, features_dir, context_len, batch_size, rank, world, device, autocast_dtype,
+    tokens = evaluate_tokens(model, features_dir, spec, batch_size, rank, world, device, autocast_dtype,
                              lockstep)
     return tokens.compute(bins=bins) if rank == 0 else None
 
 
 @torch.no_grad()
-def evaluate_tokens(model: nn.Module, features_dir: str | Path, context_len: int, batch_size: int,
+def evaluate_tokens(model: nn.Module, features_dir: str | Path, spec: FeatureSpec, batch_size: int,
                     rank: int, world: int, device: torch.device | str,
                     autocast_dtype: torch.dtype | None = None, lockstep: bool = False) -> EvalAccumulator:
     """Every label-bearing token of the eval split with its predictions, gathered from all ranks
@@ -85,18 +89,19 @@ def evaluate_tokens(model: nn.Module, features_dir: str | Path, context_len: int
     batches in step, and a rank whose share ran out calls ``model.idle`` until all are done."""
     was_training = model.training
     model.eval()
-    accumulator = EvalAccumulator(LABEL_COLUMNS)
+    tasks = spec.event_schema.label_columns
+    accumulator = EvalAccumulator(tasks)
     device = torch.device(device)
-    for batch in _in_step(eval_batches(features_dir, context_len, batch_size, rank, world), lockstep, device):
+    for batch in _in_step(eval_batches(features_dir, spec, batch_size, rank, world), lockstep, device):
         if batch is None:
-            model.idle(context_len)
+            model.idle(spec.context_len)
             continue
         batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits = model(batch)
-        accumulator.add({task: torch.sigmoid(logits[task].float()) for task in LABEL_COLUMNS},
-                        {task: batch[task] for task in LABEL_COLUMNS}, batch[LOSS_MASK_COLUMN],
+        accumulator.add({task: torch.sigmoid(logits[task].float()) for task in tasks},
+                        {task: batch[task] for task in tasks}, batch[LOSS_MASK_COLUMN],
                         batch["user_key"])
     merged = accumulator.gather()
     model.train(was_training)
@@ -126,6 +131,20 @@ def write_metrics(run_dir: str | Path, metrics: Metrics, **context: Any) -> Path
     return target
 
 
+def check_features_fit(model_spec: FeatureSpec, data_spec: FeatureSpec, features: str | Path,
+                       model_source: str | Path) -> None:
+    """Refuse a feature dataset the model cannot be scored on: another event schema than the
+    model's (``SchemaError`` naming the differences, the model's value first; re-fitted
+    standardize statistics are no difference), or windows of another length or stride
+    (``DataError``)."""
+    require_same_schema(model_spec.event_schema, data_spec.event_schema,
+                        f"the feature dataset {features} (scored by the model {model_source})")
+    if (data_spec.context_len, data_spec.stride) != (model_spec.context_len, model_spec.stride):
+        raise DataError(f"{features} was built with another feature spec than the model in {model_source}: "
+                        f"context_len {data_spec.context_len}, stride {data_spec.stride} vs "
+                        f"{model_spec.context_len}, {model_spec.stride}")
+
+
 def _evaluate(config: EvaluateConfig) -> Metrics | None:
     """Evaluate ``run/export/latest`` on this process's rank (1 rank without torch.distributed);
     returns the metrics on rank 0, ``None`` on the others."""
@@ -140,10 +159,8 @@ def _evaluate(config: EvaluateConfig) -> Metrics | None:
     model, train_config, spec = load_exported(export)
     features = config.features or train_config.features
     _, data_spec = read_feature_manifest(features)
-    if data_spec != spec:
-        raise DataError(f"{features} was built with another feature spec than the model in {export}: "
-                        f"{data_spec} vs {spec}")
-    metrics = evaluate_split(model.to(device), features, spec.context_len, config.batch_size,
+    check_features_fit(spec, data_spec, features, export)
+    metrics = evaluate_split(model.to(device), features, data_spec, config.batch_size,
                              rank, world, device, bins=config.bins)
     if rank == 0:
         target = write_metrics(config.run, metrics, source=str(export.resolve()), features=features,

@@ -4,9 +4,11 @@
 
 - ``model.pt``: the fp32 state dict (tensors only, loadable with ``weights_only=True``)
 - ``config.yaml`` and ``config.json``: the resolved :class:`~trainer.config.TrainConfig`
-- ``feature_spec.json``: the feature spec, its version and the time reference ``t_ref_seconds``:
-  the T_ref the weights use, read from the model's own buffer (a warm start keeps its checkpoint's
-  anchor, whatever the new data's watermark), null for a model without time features
+- ``feature_spec.json``: the feature spec (:meth:`FeatureSpec.record`, the whole event schema
+  included), its version, the schema's ``schema_fingerprint`` (equal schemas, equal fingerprints)
+  and the time reference ``t_ref_seconds``: the T_ref the weights use, read from the model's own
+  buffer (a warm start keeps its checkpoint's anchor, whatever the new data's watermark), null for
+  a model without time features
 - ``_MANIFEST.json`` (sha256 of every file above) and ``_SUCCESS``, written last
   (:func:`features.dataset.write_manifest`)
 
@@ -33,7 +35,6 @@ weights loads. Only the registry writes deltas; run exports are always full.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ import torch
 from common.config import load_config, to_dict, to_yaml
 from common.files import atomic_write_text, point_symlink, staged_directory, write_json
 from features.dataset import IncompleteDatasetError, read_manifest, write_manifest
+from features.schema import EventSchema, require_same_schema
 from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 from trainer.config import TrainConfig
 from trainer.model import GenerativeRanker
@@ -112,8 +114,12 @@ def export_model(model: GenerativeRanker, config: TrainConfig, spec: FeatureSpec
         torch.save(state, staging / MODEL_FILE)
         atomic_write_text(staging / CONFIG_YAML, to_yaml(config))
         write_json(staging / CONFIG_JSON, to_dict(config))
-        write_json(staging / SPEC_FILE, {"spec": dataclasses.asdict(spec), "version": FEATURE_SPEC_VERSION,
-                                         "t_ref_seconds": model.time_reference()})
+        # Not write_json: its sorted keys would scramble the schema's ordered mappings (fields,
+        # tables, columns, tasks), whose order is the model's layout.
+        atomic_write_text(staging / SPEC_FILE, json.dumps(
+            {"spec": spec.record(), "version": FEATURE_SPEC_VERSION,
+             "schema_fingerprint": spec.event_schema.fingerprint, "t_ref_seconds": model.time_reference()},
+            indent=2) + "\n")
         write_manifest(staging, {"tag": tag, "step": step,
                                  "sha256": {name: sha256(staging / name) for name in EXPORT_FILES}})
     point_symlink(root / LATEST, tag)
@@ -197,20 +203,30 @@ def write_delta(source: Path, parent: Path, staging: Path) -> dict[str, int]:
     return record["changed_rows"]
 
 
-def load_exported(path: str | Path) -> tuple[GenerativeRanker, TrainConfig, FeatureSpec]:
+def load_exported(path: str | Path, expected_schema: EventSchema | None = None
+                  ) -> tuple[GenerativeRanker, TrainConfig, FeatureSpec]:
     """The exported model (eval mode, on CPU), its training config and feature spec.
 
     ``path`` is an export directory, a published model (a delta is read through its chain,
     :func:`load_state`) or a ``latest`` link; the link is resolved once, so a concurrent publish
     cannot mix two exports. The model's T_ref comes from the weights, which must agree with
     ``feature_spec.json``. Raises :class:`ExportError` when incomplete, corrupt (an ancestor of a
-    delta included) or when the two disagree.
+    delta included), of another feature spec version or when the two disagree; with
+    ``expected_schema`` (the event schema of the data it is to score), ``SchemaError`` naming the
+    differences when it was trained on another, before any weights are read.
     """
     path = Path(path).resolve()
-    state = load_state(path)
-    config = load_config(TrainConfig, path / CONFIG_YAML)
+    links = _chain(path)
     spec_record = json.loads((path / SPEC_FILE).read_text())
+    if spec_record.get("version") != FEATURE_SPEC_VERSION:
+        raise ExportError(f"{path} was exported under feature spec version {spec_record.get('version')!r}; "
+                          f"this version reads {FEATURE_SPEC_VERSION!r} exports")
     spec = FeatureSpec(**spec_record["spec"])
+    if expected_schema is not None:
+        require_same_schema(expected_schema, spec.event_schema,
+                            f"the export {path} (differences: the expected value vs the export's)")
+    state = _state(links)
+    config = load_config(TrainConfig, path / CONFIG_YAML)
     t_ref = spec_record["t_ref_seconds"]
     model = GenerativeRanker(config.model, spec, t_ref or 0)
     model.load_state_dict(state)

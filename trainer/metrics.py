@@ -36,11 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from features.spec import LABEL_COLUMNS
-
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = LABEL_COLUMNS
 PROB_EPSILON = 1e-7
 METRIC_NAMES: tuple[str, ...] = (
     "ne", "log_loss", "auc", "gauc", "calibration", "ece", "base_rate", "mean_pred", "count")
@@ -198,12 +195,13 @@ def _to_numpy(value: ArrayLike, dtype: np.dtype) -> np.ndarray:
 
 
 class EvalAccumulator:
-    """Every label-bearing token of an evaluation, per task, ready for exact metrics.
+    """Every label-bearing token of an evaluation, per task (the schema's, ``label_columns``),
+    ready for exact metrics.
 
     Call :meth:`add` per batch, :meth:`gather` once on every rank, then :meth:`compute`.
     """
 
-    def __init__(self, tasks: Sequence[str] = TASKS):
+    def __init__(self, tasks: Sequence[str]):
         self.tasks: tuple[str, ...] = tuple(tasks)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks}")

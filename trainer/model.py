@@ -1,13 +1,17 @@
 """The generative ranker: a causal transformer over a user's impressions, attention by SIREN-RoPE.
 
-Token i is one impression. Its input embedding is the sum of
+Token i is one event (for the feed, one impression). Which columns it has comes from the event
+schema (``spec.event_schema``, features.schema); its input embedding is the sum of
 
-- the hashed-id embeddings (item, author, content type, topic, surface): rows of this module's
-  ``nn.Embedding`` tables, or in training rows of the sharded tables of trainer.embeddings,
-- a projection of its continuous features (log gap, log item age),
-- a projection of the PREVIOUS token's actions (click, like, comment, share, log dwell) and of a
-  pending indicator: with ``m_i = prev_actions_known_i`` (features.spec: 1 iff
-  ``event_ts_{i−1} + dwell_{i−1} + delay ≤ event_ts_i``) the input is ``[m_i · a_{i−1}, 1 − m_i]``,
+- the hashed-id embeddings of its categorical columns, ``Σ_c E_{table(c)}[id_{i,c}]``: one table per
+  schema table (the feed: item, author, content type, topic, surface, each its own table; a column
+  that shares a table, like the watch log's ``origin_post_id``, reads the rows of ``post_id``'s),
+  rows of this module's ``nn.Embedding`` tables, or in training rows of the sharded tables of
+  trainer.embeddings,
+- a projection of its continuous columns (the feed: log gap, log item age; plus any numerics),
+- a projection of the PREVIOUS token's actions ``a`` (the feed: click, like, comment, share, log
+  dwell) and of a pending indicator: with ``m_i = prev_actions_known_i`` (features.spec: 1 iff
+  ``event_ts_{i−1} + duration_{i−1} + delay ≤ event_ts_i``) the input is ``[m_i · a_{i−1}, 1 − m_i]``,
   zeros for the first real token of a row. Token i's own actions and labels never reach its own
   prediction, and an earlier token's actions reach it only if they were known at its event time,
 - optionally (``time_in_embedding``) a projection of its time features x_i.
@@ -23,10 +27,11 @@ feature job judges that context as of its user's earliest new event, so the argu
 
 Pre-LN blocks with causal attention (token i attends to real tokens j ≤ i) rotate Q and K (never V)
 by the angles of one rotary encoding (trainer.rotary), computed once per forward and shared by
-every head and layer. Multi-task heads give per-token logits for ``contribution``, ``like`` and
-``long_dwell``; the loss is masked BCE (:func:`masked_multitask_loss`).
+every head and layer. One head per task of the schema gives per-token logits (the feed:
+``contribution``, ``like``, ``long_dwell``); the loss is masked BCE weighted per task
+(:func:`masked_multitask_loss`, weights :func:`resolve_task_weights`).
 
-Batches are dicts keyed by the column names of features.spec, rows left-padded to C tokens.
+Batches are dicts keyed by the column names of the schema's training rows, left-padded to C tokens.
 """
 
 from __future__ import annotations
@@ -42,14 +47,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import require
-from features.spec import (
-    ACTION_COLUMNS, CONTINUOUS_COLUMNS, ID_COLUMNS, LABEL_COLUMNS, LOSS_MASK_COLUMN,
-    PREV_ACTIONS_KNOWN_COLUMN, TS_COLUMN, FeatureSpec, cyclical, log_dwell, log_gap,
-    prev_actions_known,
+from features.schema import (
+    LOG_GAP_COLUMN, LOSS_MASK_COLUMN, PREV_ACTIONS_KNOWN_COLUMN, TS_COLUMN, EventSchema,
 )
+from features.spec import FeatureSpec, cyclical, log_gap, prev_actions_known, transform
 from trainer.rotary import (
-    TIME_FEATURE_COUNT, NoRotary, OrdinalRoPE, RotaryEncoding, SirenRoPE, TimeFeatures, TORoPE,
-    rotate, unit_rotations,
+    NoRotary, OrdinalRoPE, RotaryEncoding, SirenRoPE, TimeFeatures, TORoPE, rotate, unit_rotations,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,7 +86,8 @@ class ModelConfig:
     ordinal_term: bool = True
     """The λ · p · θ term on/off (siren only)."""
     categorical_input: bool = False
-    """content_type/topic/surface embeddings as extra input to f (siren only)."""
+    """Embeddings of the schema's ``rotary.categoricals`` (the feed: content_type, topic, surface) as
+    extra input to f (siren only)."""
     time_in_embedding: bool = False
     """Add a projection of the time features x_i to the token embeddings."""
     angles_per_pair: int = 0
@@ -93,8 +97,8 @@ class ModelConfig:
     """T_ref (epoch seconds) for t̃; 0 = the caller supplies it (the trainer: the dataset watermark)."""
     time_horizon_years: float = 2.0
     """t̃ is clamped to ± this many years around T_ref (trainer.rotary.TimeFeatures)."""
-    task_weights: dict[str, float] = field(
-        default_factory=lambda: {task: 1.0 for task in LABEL_COLUMNS})
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Loss weight overrides per task; a task not listed keeps its weight from the schema's ``tasks``."""
 
     @property
     def d_head(self) -> int:
@@ -126,11 +130,21 @@ class ModelConfig:
             for key in ("siren_branch", "dnn_branch", "ordinal_term"):
                 require(getattr(self, key), f"model.{key}", "can only be turned off with model.rotary=siren")
             require(not self.categorical_input, "model.categorical_input", "needs model.rotary=siren")
-        require(set(self.task_weights) == set(LABEL_COLUMNS), "model.task_weights",
-                f"must have exactly the keys {', '.join(LABEL_COLUMNS)}")
         for task, weight in self.task_weights.items():
             require(weight >= 0.0, f"model.task_weights.{task}", "must be >= 0")
-        require(sum(self.task_weights.values()) > 0.0, "model.task_weights", "must not all be 0")
+
+
+def resolve_task_weights(config: ModelConfig, schema: EventSchema) -> dict[str, float]:
+    """The loss weight of every task, in the schema's task order: the schema's ``tasks`` weights,
+    with ``model.task_weights`` overriding some (which tasks there are is the schema's to say, so a
+    key that names none is an error here, where the schema is known)."""
+    tasks = schema.task_weights
+    for task in config.task_weights:
+        require(task in tasks, f"model.task_weights.{task}",
+                f"not a task of schema '{schema.name}'; its tasks are {', '.join(tasks)}")
+    weights = {task: float(config.task_weights.get(task, weight)) for task, weight in tasks.items()}
+    require(sum(weights.values()) > 0.0, "model.task_weights", f"must not all be 0 (got {weights})")
+    return weights
 
 
 def build_rotary(config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float) -> RotaryEncoding:
@@ -140,13 +154,19 @@ def build_rotary(config: ModelConfig, spec: FeatureSpec, t_ref_seconds: float) -
         return OrdinalRoPE(config.d_head, config.rope_base)
     if config.rotary == "to_rope":
         return TORoPE(config.d_head, config.rope_base)
+    schema = spec.event_schema
+    if config.categorical_input:
+        require(bool(schema.rotary_categoricals), "model.categorical_input",
+                f"schema '{schema.name}' lists no rotary.categoricals to embed")
     return SirenRoPE(
         d_head=config.d_head, rope_base=config.rope_base, t_ref_seconds=t_ref_seconds,
         time_horizon_years=config.time_horizon_years, width=config.siren_width,
         siren_layers=config.siren_layers, dnn_layers=config.dnn_layers, omega0=config.omega0,
         siren_branch=config.siren_branch, dnn_branch=config.dnn_branch, ordinal_term=config.ordinal_term,
         angle_count=config.angles_per_pair or config.d_head // 2,
-        metadata_buckets=spec.buckets if config.categorical_input else None)
+        cyclical_columns=schema.rotary_cyclical_columns,
+        metadata_buckets={column: spec.buckets[schema.column_tables[column]]
+                          for column in schema.rotary_categoricals} if config.categorical_input else None)
 
 
 def real_tokens(length: Tensor, width: int) -> Tensor:
@@ -215,9 +235,11 @@ class Block(nn.Module):
 
 
 class GenerativeRanker(nn.Module):
-    """Per-token logits for every task from a batch of left-padded rows.
+    """Per-token logits for every task of the spec's schema from a batch of left-padded rows.
 
-    ``t_ref_seconds`` anchors t̃ unless ``config.t_ref_seconds`` is set, which wins. It is kept in a
+    The id tables are ``id_embeddings.<table>`` (for the feed, table = column name), the heads one
+    output per task in the schema's order, and :attr:`task_weights` the resolved loss weights
+    (:func:`resolve_task_weights`). ``t_ref_seconds`` anchors t̃ unless ``config.t_ref_seconds`` is set, which wins. It is kept in a
     persistent buffer, so loading a checkpoint restores the anchor the weights were trained with
     (:meth:`time_reference` reads it, the one source the export records); :meth:`set_time_reference`
     re-anchors.
@@ -227,21 +249,27 @@ class GenerativeRanker(nn.Module):
                  tables_outside: bool = False):
         super().__init__()
         self.config = config
+        self.schema = schema = spec.event_schema
+        self.task_weights = resolve_task_weights(config, schema)
         t_ref = config.t_ref_seconds or t_ref_seconds
         d_model = config.d_model
         # Training with sharded tables (trainer.embeddings) passes the looked-up rows to forward.
         self.id_embeddings = nn.ModuleDict({} if tables_outside else {
-            column: nn.Embedding(spec.buckets[column], d_model, padding_idx=0) for column in ID_COLUMNS})
-        self.continuous_projection = nn.Linear(len(CONTINUOUS_COLUMNS), d_model)
+            table: nn.Embedding(rows, d_model, padding_idx=0) for table, rows in spec.buckets.items()})
+        # A schema without continuous columns has nothing to project (a Linear over 0 inputs would
+        # be a learned constant the heads' biases already give).
+        self.continuous_projection = (nn.Linear(len(schema.continuous_columns), d_model)
+                                      if schema.continuous_columns else None)
         # The previous token's actions and the pending indicator (embed).
-        self.previous_action_projection = nn.Linear(len(ACTION_COLUMNS) + 1, d_model)
-        self.time_features = (TimeFeatures(t_ref, config.time_horizon_years)
+        self.previous_action_projection = nn.Linear(len(schema.action_columns) + 1, d_model)
+        self.time_features = (TimeFeatures(t_ref, config.time_horizon_years, schema.rotary_cyclical_columns)
                               if config.time_in_embedding else None)
-        self.time_projection = nn.Linear(TIME_FEATURE_COUNT, d_model) if config.time_in_embedding else None
+        self.time_projection = (nn.Linear(self.time_features.count, d_model)
+                                if config.time_in_embedding else None)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
-        self.heads = nn.Linear(d_model, len(LABEL_COLUMNS))
+        self.heads = nn.Linear(d_model, len(schema.label_columns))
         for child in self.children():
             child.apply(self._init_weights)
         for block in self.blocks:
@@ -284,19 +312,25 @@ class GenerativeRanker(nn.Module):
         return anchors.pop() if anchors else None
 
     def embed(self, batch: dict[str, Tensor], real: Tensor, looked_up: dict[str, Tensor] | None = None) -> Tensor:
+        schema = self.schema
         if looked_up is None:
-            looked_up = {column: self.id_embeddings[column](batch[column]) for column in ID_COLUMNS}
-        x = sum(looked_up[column] for column in ID_COLUMNS)
-        dtype = x.dtype
-        continuous = torch.stack([batch[column] for column in CONTINUOUS_COLUMNS], dim=-1).to(dtype)
-        x = x + self.continuous_projection(continuous)
-        actions = torch.stack([batch[column] for column in ACTION_COLUMNS], dim=-1).to(dtype)
+            looked_up = {column: self.id_embeddings[schema.column_tables[column]](batch[column])
+                         for column in schema.id_columns}
+        ids = [looked_up[column] for column in schema.id_columns]
+        x = sum(ids)  # 0 for a schema without categoricals; the projections below give the shape
+        dtype = ids[0].dtype if ids else self.previous_action_projection.weight.dtype
+        if self.continuous_projection is not None:
+            continuous = torch.stack([batch[column] for column in schema.continuous_columns], dim=-1).to(dtype)
+            x = x + self.continuous_projection(continuous)
+        known_column = batch[PREV_ACTIONS_KNOWN_COLUMN]
+        actions = (torch.stack([batch[column] for column in schema.action_columns], dim=-1)
+                   if schema.action_columns else known_column.new_zeros(*known_column.shape, 0)).to(dtype)
         real_column = real.unsqueeze(-1).to(dtype)
         # Shift right by one token: token i sees the actions of token i − 1, never its own.
         previous_actions = F.pad(actions * real_column, (0, 0, 1, -1))
         # Rows are left-padded, so a real previous token implies a real token i.
         has_previous = F.pad(real_column, (0, 0, 1, -1))
-        known = batch[PREV_ACTIONS_KNOWN_COLUMN].to(dtype).unsqueeze(-1) * has_previous
+        known = known_column.to(dtype).unsqueeze(-1) * has_previous
         # Pending is an input of its own: "not known yet" is not "no action".
         pending = has_previous - known
         x = x + self.previous_action_projection(torch.cat([previous_actions * known, pending], dim=-1))
@@ -309,8 +343,9 @@ class GenerativeRanker(nn.Module):
         return self.rotary(batch)
 
     def forward(self, batch: dict[str, Tensor], looked_up: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """``looked_up``: every id column's embeddings ``[B, C, d]``, zeros at padding, when the tables
-        live outside this module; otherwise this module's own tables are read."""
+        """Logits ``[B, C]`` keyed by task. ``looked_up``: every id column's embeddings ``[B, C, d]``
+        (keyed by column, a shared table's rows under each column reading it), zeros at padding, when
+        the tables live outside this module; otherwise this module's own tables are read."""
         real = real_tokens(batch["length"], batch[TS_COLUMN].shape[1])
         # Once per forward, in fp32; every head of every layer uses the same angles.
         rotations = unit_rotations(self.rotation_angles(batch))[:, :, None, None, :]
@@ -319,7 +354,7 @@ class GenerativeRanker(nn.Module):
         for block in self.blocks:
             x = block(x, rotations, mask)
         logits = self.heads(self.final_norm(x)).float()
-        return dict(zip(LABEL_COLUMNS, logits.unbind(dim=-1)))
+        return dict(zip(self.schema.label_columns, logits.unbind(dim=-1)))
 
 
 def masked_multitask_loss(logits: dict[str, Tensor], batch: dict[str, Tensor],
@@ -361,37 +396,62 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 def synthetic_batch(spec: FeatureSpec, batch_size: int, *, seed: int = 0,
                     start_seconds: int = 1_700_000_000) -> dict[str, Tensor]:
-    """Random rows in the training-row contract (left-padded, lengths 1 … C, features computed by
-    features.spec): for shape checks, export tracing and benchmarks, never for training."""
+    """Random rows in the training-row contract of the spec's schema (left-padded, lengths 1 … C):
+    for shape checks, export tracing and benchmarks, never for training.
+
+    Ids are uniform over their table's rows (so a step touches rows all over a table); event times
+    have exponential gaps of about an hour; ``log_gap``, the cyclical columns (with a random whole-
+    hour UTC offset where the schema has one), the actions and ``prev_actions_known`` are computed by
+    features.spec from those times and from random raw values of the fields they read (bool fields
+    true with probability 0.2, numeric ones exponential around 8000); the other continuous columns
+    are random, and every label is 0/1 with probability 0.2 (a label that is also an action column
+    is that column)."""
+    schema = spec.event_schema
+    config = schema.config
     rng = np.random.default_rng(seed)
     width = spec.context_len
+    shape = (batch_size, width)
     lengths = rng.integers(1, width + 1, size=batch_size)
     real = np.arange(width)[None, :] >= (width - lengths)[:, None]
-    gaps = rng.exponential(3_600.0, size=(batch_size, width)).astype(np.int64) + 1
+    gaps = rng.exponential(3_600.0, size=shape).astype(np.int64) + 1
     ts = start_seconds + np.cumsum(gaps, axis=1)
     ts = np.where(real, ts, 0)
     columns: dict[str, np.ndarray] = {TS_COLUMN: ts}
-    for column in ID_COLUMNS:
-        columns[column] = rng.integers(1, spec.buckets[column], size=(batch_size, width)) * real
-    columns["log_gap"] = np.zeros((batch_size, width), dtype=np.float32)
-    for row in range(batch_size):
-        columns["log_gap"][row, real[row]] = log_gap(ts[row, real[row]])
-    columns["log_item_age"] = np.log1p(rng.exponential(86_400.0, size=(batch_size, width)))
-    columns.update(cyclical(ts))
-    dwell_ms = rng.exponential(8_000.0, size=(batch_size, width))
-    columns[PREV_ACTIONS_KNOWN_COLUMN] = np.zeros((batch_size, width), dtype=np.float32)
+    for column in schema.id_columns:
+        columns[column] = rng.integers(1, spec.buckets[schema.column_tables[column]], size=shape) * real
+    raw: dict[str, np.ndarray] = {}
+
+    def field_values(name: str) -> np.ndarray:
+        """One random draw per raw field, shared by every column computed from it."""
+        if name not in raw:
+            raw[name] = (rng.random(size=shape) < 0.2 if schema.field(name).kind == "bool"
+                         else rng.exponential(8_000.0, size=shape))
+        return raw[name]
+
+    for column in schema.continuous_columns:
+        if column == LOG_GAP_COLUMN:
+            columns[column] = np.zeros(shape, dtype=np.float32)
+            for row in range(batch_size):
+                columns[column][row, real[row]] = log_gap(ts[row, real[row]])
+        else:
+            columns[column] = np.log1p(rng.exponential(86_400.0, size=shape))
+    offset = (rng.integers(-12, 15, size=shape) * 3_600) if schema.utc_offset_field else None
+    columns.update(cyclical(ts, schema.periods, offset))
+    for column, value in config.actions.columns.items():
+        columns[column] = transform(field_values(value.field), value.transforms)
+    duration = field_values(schema.known_after_field).astype(np.int64) if schema.known_after_field else None
+    columns[PREV_ACTIONS_KNOWN_COLUMN] = np.zeros(shape, dtype=np.float32)
     for row in range(batch_size):
         columns[PREV_ACTIONS_KNOWN_COLUMN][row, real[row]] = prev_actions_known(
-            ts[row, real[row]] * 1000, dwell_ms[row, real[row]].astype(np.int64), spec.action_log_delay_ms)
-    for column, rate in (("click", 0.3), ("like", 0.1), ("comment", 0.03), ("share", 0.02)):
-        columns[column] = rng.random(size=(batch_size, width)) < rate
-    columns["log_dwell"] = log_dwell(dwell_ms)
-    columns["contribution"] = columns["like"] | columns["comment"] | columns["share"]
-    columns["long_dwell"] = dwell_ms >= spec.default_long_dwell_ms
+            ts[row, real[row]] * 1000, None if duration is None else duration[row, real[row]],
+            schema.action_delay_ms)
+    for column in schema.label_columns:
+        if column not in columns:
+            columns[column] = rng.random(size=shape) < 0.2
     columns[LOSS_MASK_COLUMN] = real
+    integer = {TS_COLUMN, *schema.id_columns}
     batch = {column: torch.from_numpy(np.where(real, values, 0).astype(
-        np.int64 if column == TS_COLUMN or column in ID_COLUMNS else np.float32))
-        for column, values in columns.items()}
+        np.int64 if column in integer else np.float32)) for column, values in columns.items()}
     batch["length"] = torch.from_numpy(lengths.astype(np.int32))
     batch["user_key"] = torch.from_numpy(rng.integers(1, 2**60, size=batch_size, dtype=np.int64))
     return batch

@@ -9,11 +9,13 @@ it (``trainer.data.eval_batches``, the trainer's evaluation forward), and writes
     learning_curves.png    training loss, total and per task, and the learning rate, by step
     reliability.png        per task: mean prediction vs observed rate in equal-width bins
     ne_by_hour.png         per task: NE by UTC hour of day of the event
-    ne_by_gap.png          per task: NE by time since the user's previous event
+    ne_by_gap.png          per task: NE by time since the user's previous event (schemas with
+                           the ``log_gap`` feature)
     angles.png             SIREN-RoPE only: the learned temporal angle f(x)·ω_j of a few pairs j
                            over one week, and by day of week at a fixed hour
     lambda.png             SIREN-RoPE with the ordinal term: the gate λ by step
 
+The tasks are those of the model's event schema.
 NE of a bucket is the bucket's log loss over the entropy of the bucket's own base rate (how much the
 model beats a constant predictor of that bucket). The page is assembled in a temporary directory
 and renamed into place, so a reader never sees half a report.
@@ -39,15 +41,14 @@ from tqdm import tqdm
 from common.config import add_config_arguments, config_from_args, require
 from common.files import staged_directory
 from common.logs import configure_logging
-from features.spec import (
-    LABEL_COLUMNS, LOSS_MASK_COLUMN, SECONDS_PER_DAY, SECONDS_PER_WEEK, TS_COLUMN, cyclical,
-)
+from features.schema import LOG_GAP_COLUMN, LOSS_MASK_COLUMN, TS_COLUMN
+from features.spec import SECONDS_PER_DAY, FeatureSpec, cyclical
 from trainer.data import DataError, eval_batches, read_feature_manifest
-from trainer.evaluate import METRICS_FILE
+from trainer.evaluate import METRICS_FILE, check_features_fit
 from trainer.export import export_root, load_exported
 from trainer.metrics import binary_metrics, format_table
 from trainer.model import GenerativeRanker
-from trainer.rotary import METADATA_COLUMNS, SirenRoPE
+from trainer.rotary import SirenRoPE
 from trainer.train import HISTORY_FILE
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ GAP_LABELS: tuple[str, ...] = ("first", "<1 min", "1–10 min", "10 min–1 h", 
                                "1–7 d", ">7 d")
 """Buckets of the time since the user's previous event; "first" = no previous event (gap 0)."""
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+SECONDS_PER_WEEK = 7 * SECONDS_PER_DAY
+"""The angle figure's window, whatever periods the schema's cyclical features have."""
 MONDAY_EPOCH_OFFSET_S = 4 * SECONDS_PER_DAY
 """1970-01-01 was a Thursday: Monday 00:00 UTC falls 4 days into every epoch week."""
 
@@ -108,23 +111,26 @@ def read_history(run: Path) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def score_eval_tokens(model: GenerativeRanker, features: str | Path, context_len: int,
+def score_eval_tokens(model: GenerativeRanker, features: str | Path, spec: FeatureSpec,
                       batch_size: int) -> dict[str, np.ndarray]:
-    """Every label-bearing eval token: ``pred_<task>``, ``<task>`` (label), ``ts``, ``gap_s`` (seconds
-    since the user's previous event, 0 for none) and ``user_key``."""
+    """Every label-bearing eval token (``spec``: the dataset's): per task of its schema
+    ``pred_<task>`` and ``<task>`` (label), then ``ts``, ``user_key`` and, where the schema has
+    ``log_gap``, ``gap_s`` (seconds since the user's previous event, 0 for none)."""
+    schema = spec.event_schema
     columns: dict[str, list[np.ndarray]] = {}
 
     def keep(name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
         columns.setdefault(name, []).append(values[mask].cpu().numpy())
 
-    for batch in tqdm(eval_batches(features, context_len, batch_size, 0, 1), desc="score eval", unit="batch"):
+    for batch in tqdm(eval_batches(features, spec, batch_size, 0, 1), desc="score eval", unit="batch"):
         logits = model(batch)
         mask = batch[LOSS_MASK_COLUMN] > 0
-        for task in LABEL_COLUMNS:
+        for task in schema.label_columns:
             keep(f"pred_{task}", torch.sigmoid(logits[task].double()), mask)
             keep(task, batch[task].double(), mask)
         keep("ts", batch[TS_COLUMN], mask)
-        keep("gap_s", torch.expm1(batch["log_gap"].double()), mask)
+        if LOG_GAP_COLUMN in schema.continuous_columns:
+            keep("gap_s", torch.expm1(batch[LOG_GAP_COLUMN].double()), mask)
         keep("user_key", batch["user_key"][:, None].expand_as(mask), mask)
     if not columns:
         raise DataError(f"{features}/eval holds no rows to score")
@@ -136,11 +142,11 @@ def gap_bucket(gap_s: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.asarray(GAP_EDGES_S), gap_s, side="right")
 
 
-def ne_by_bucket(tokens: dict[str, np.ndarray], bucket: np.ndarray, count: int,
+def ne_by_bucket(tokens: dict[str, np.ndarray], tasks: tuple[str, ...], bucket: np.ndarray, count: int,
                  min_tokens: int) -> dict[str, np.ndarray]:
     """Per task an array of NE by bucket (nan where too few tokens or a single class), and ``count``."""
     result: dict[str, np.ndarray] = {"count": np.bincount(bucket, minlength=count)[:count]}
-    for task in LABEL_COLUMNS:
+    for task in tasks:
         values = np.full(count, math.nan)
         for index in range(count):
             chosen = bucket == index
@@ -166,14 +172,14 @@ def _save(figure: Figure, path: Path) -> str:
     return path.name
 
 
-def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> str | None:
+def plot_learning_curves(history: list[dict[str, Any]], tasks: tuple[str, ...], path: Path) -> str | None:
     if not history:
         return None
     steps = [record["step"] for record in history]
     figure = _figure(figsize=(11, 4))
     loss_axis, lr_axis = figure.subplots(1, 2)
     loss_axis.plot(steps, [record["loss"] for record in history], label="total (sum of tasks)", color="black")
-    for task in LABEL_COLUMNS:
+    for task in tasks:
         loss_axis.plot(steps, [record["task_loss"][task] for record in history], label=task)
     loss_axis.set(xlabel="step", ylabel="training BCE (mean over log window)", title="Learning curves")
     loss_axis.legend()
@@ -182,11 +188,11 @@ def plot_learning_curves(history: list[dict[str, Any]], path: Path) -> str | Non
     return _save(figure, path)
 
 
-def plot_reliability(tokens: dict[str, np.ndarray], bins: int, path: Path) -> str:
-    figure = _figure(figsize=(4.2 * len(LABEL_COLUMNS), 4.2))
-    axes = figure.subplots(1, len(LABEL_COLUMNS))
+def plot_reliability(tokens: dict[str, np.ndarray], tasks: tuple[str, ...], bins: int, path: Path) -> str:
+    figure = _figure(figsize=(4.2 * len(tasks), 4.2))
+    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
     edges = np.linspace(0.0, 1.0, bins + 1)
-    for axis, task in zip(axes, LABEL_COLUMNS):
+    for axis, task in zip(axes, tasks):
         pred, label = tokens[f"pred_{task}"], tokens[task]
         which = np.clip(np.searchsorted(edges, pred, side="right") - 1, 0, bins - 1)
         counts = np.bincount(which, minlength=bins)
@@ -205,12 +211,12 @@ def plot_reliability(tokens: dict[str, np.ndarray], bins: int, path: Path) -> st
     return _save(figure, path)
 
 
-def plot_ne_by_bucket(values: dict[str, np.ndarray], labels: list[str], xlabel: str, title: str,
-                      path: Path) -> str:
+def plot_ne_by_bucket(values: dict[str, np.ndarray], tasks: tuple[str, ...], labels: list[str], xlabel: str,
+                      title: str, path: Path) -> str:
     figure = _figure(figsize=(10, 6))
     ne_axis, count_axis = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     positions = np.arange(len(labels))
-    for task in LABEL_COLUMNS:
+    for task in tasks:
         ne_axis.plot(positions, values[task], marker="o", label=task)
     ne_axis.axhline(1.0, linestyle="--", color="gray", linewidth=0.8)
     ne_axis.set(ylabel="NE (bucket's own base rate)", title=title)
@@ -221,18 +227,19 @@ def plot_ne_by_bucket(values: dict[str, np.ndarray], labels: list[str], xlabel: 
     return _save(figure, path)
 
 
-def temporal_angles(rotary: SirenRoPE, ts: np.ndarray) -> np.ndarray:
-    """f(x)·ω at event times ``ts`` (epoch seconds): ``[len(ts), d_head/2]``.
+def temporal_angles(rotary: SirenRoPE, periods: dict[str, float], ts: np.ndarray) -> np.ndarray:
+    """f(x)·ω at event times ``ts`` (epoch seconds, on the clock the cyclical features read: UTC, or
+    local time for a schema with a UTC offset): ``[len(ts), d_head/2]``.
 
     x is built by the model's own :class:`~trainer.rotary.TimeFeatures` (its T_ref and clamp) from
-    the feature pipeline's cyclical columns, as in training. Categorical inputs to f (if any) get
-    the padding id, whose embedding is zero: the time effect alone.
+    the feature pipeline's cyclical columns of the schema's ``periods``, as in training. Categorical
+    inputs to f (if any) get the padding id, whose embedding is zero: the time effect alone.
     """
     ts = np.asarray(ts, dtype=np.int64)
     row = {TS_COLUMN: torch.from_numpy(ts)[None]}
-    row.update({column: torch.from_numpy(values)[None] for column, values in cyclical(ts).items()})
+    row.update({column: torch.from_numpy(values)[None] for column, values in cyclical(ts, periods).items()})
     if rotary.metadata is not None:
-        row.update({column: torch.zeros_like(row[TS_COLUMN]) for column in METADATA_COLUMNS})
+        row.update({column: torch.zeros_like(row[TS_COLUMN]) for column in rotary.metadata})
     with torch.no_grad():
         return (rotary.temporal_function(rotary.inputs(row)) * rotary.omega.float())[0].numpy()
 
@@ -243,10 +250,12 @@ def plot_angles(model: GenerativeRanker, pairs: list[int], path: Path) -> str | 
         return None
     chosen = sorted({min(pair, rotary.pairs - 1) for pair in pairs}) or sorted(
         {0, rotary.pairs // 3, 2 * rotary.pairs // 3, rotary.pairs - 1})
+    periods = model.schema.periods
+    clock = "local time" if model.schema.utc_offset_field else "UTC"
     t_ref = int(rotary.time_features.t_ref_seconds.item())
     monday = t_ref - (t_ref - MONDAY_EPOCH_OFFSET_S) % SECONDS_PER_WEEK  # the Monday 00:00 before T_ref
     week = monday + np.arange(0, SECONDS_PER_WEEK, 600)
-    angles = temporal_angles(rotary, week)
+    angles = temporal_angles(rotary, periods, week)
     figure = _figure(figsize=(13, 4.5))
     week_axis, day_axis = figure.subplots(1, 2)
     days = (week - monday) / SECONDS_PER_DAY
@@ -255,16 +264,16 @@ def plot_angles(model: GenerativeRanker, pairs: list[int], path: Path) -> str | 
     week_axis.set_xticks(np.arange(7) + 0.5, DAY_NAMES)
     for boundary in range(1, 7):
         week_axis.axvline(boundary, color="lightgray", linewidth=0.6)
-    week_axis.set(xlabel="time of week (UTC), ticks at noon", ylabel="f(x)_j · ω_j  [rad]",
+    week_axis.set(xlabel=f"time of week ({clock}), ticks at noon", ylabel="f(x)_j · ω_j  [rad]",
                   title="Learned temporal angle over one week")
     week_axis.legend(fontsize=8)
     hours = np.arange(0, 24, 0.25)
     for pair in chosen[:2]:
         for day in (0, 2, 5, 6):
             times = monday + day * SECONDS_PER_DAY + (hours * 3600).astype(np.int64)
-            day_axis.plot(hours, temporal_angles(rotary, times)[:, pair],
+            day_axis.plot(hours, temporal_angles(rotary, periods, times)[:, pair],
                           label=f"j={pair}, {DAY_NAMES[day]}")
-    day_axis.set(xlabel="hour of day (UTC)", ylabel="f(x)_j · ω_j  [rad]",
+    day_axis.set(xlabel=f"hour of day ({clock})", ylabel="f(x)_j · ω_j  [rad]",
                  title="By time of day, for a few days of the week")
     day_axis.legend(fontsize=7, ncol=2)
     return _save(figure, path)
@@ -324,31 +333,32 @@ def build_report(config: ReportConfig) -> Path:
     model, train_config, spec = load_exported(export_root(run) / "latest")
     features = config.features or train_config.features
     _, data_spec = read_feature_manifest(features)
-    if data_spec != spec:
-        raise DataError(f"{features} was built with another feature spec than the model of {run}")
+    check_features_fit(spec, data_spec, features, run)
+    tasks = spec.event_schema.label_columns
     history = read_history(run)
-    tokens = score_eval_tokens(model, features, spec.context_len, config.batch_size)
+    tokens = score_eval_tokens(model, features, data_spec, config.batch_size)
     metrics = {task: binary_metrics(tokens[f"pred_{task}"], tokens[task], tokens["user_key"])
-               for task in LABEL_COLUMNS}
+               for task in tasks}
     target = Path(config.out) if config.out else run / REPORT_DIR
     with staged_directory(target) as staging:
-        figures = [plot_learning_curves(history, staging / "learning_curves.png"),
-                   plot_reliability(tokens, config.bins, staging / "reliability.png")]
+        figures = [plot_learning_curves(history, tasks, staging / "learning_curves.png"),
+                   plot_reliability(tokens, tasks, config.bins, staging / "reliability.png")]
         hours = ((tokens["ts"] % SECONDS_PER_DAY) // 3600).astype(np.int64)
         figures.append(plot_ne_by_bucket(
-            ne_by_bucket(tokens, hours, 24, config.min_bucket_tokens), [str(h) for h in range(24)],
+            ne_by_bucket(tokens, tasks, hours, 24, config.min_bucket_tokens), tasks, [str(h) for h in range(24)],
             "hour of day (UTC)", "NE by hour of day", staging / "ne_by_hour.png"))
-        figures.append(plot_ne_by_bucket(
-            ne_by_bucket(tokens, gap_bucket(tokens["gap_s"]), len(GAP_LABELS), config.min_bucket_tokens),
-            list(GAP_LABELS), "time since the user's previous event", "NE by gap since previous event",
-            staging / "ne_by_gap.png"))
+        if "gap_s" in tokens:
+            gaps = ne_by_bucket(tokens, tasks, gap_bucket(tokens["gap_s"]), len(GAP_LABELS),
+                                config.min_bucket_tokens)
+            figures.append(plot_ne_by_bucket(gaps, tasks, list(GAP_LABELS), "time since the user's previous event",
+                                             "NE by gap since previous event", staging / "ne_by_gap.png"))
         figures += [plot_angles(model, config.pairs, staging / "angles.png"),
                     plot_lambda(history, staging / "lambda.png")]
         notes = [] if history else [f"No {HISTORY_FILE} in the run: no learning curves."]
         if not isinstance(model.rotary, SirenRoPE):
             notes.append(f"rotary={train_config.model.rotary}: no learned temporal angle to show.")
         saved = json.loads((run / METRICS_FILE).read_text())["metrics"] if (run / METRICS_FILE).is_file() else None
-        if saved is not None and any(abs(saved[t]["ne"] - metrics[t]["ne"]) > 1e-6 for t in LABEL_COLUMNS):
+        if saved is not None and any(abs(saved[t]["ne"] - metrics[t]["ne"]) > 1e-6 for t in tasks):
             notes.append("The export's eval NE differs from metrics.json (evaluated on other features?).")
         raw_config = json.loads((export_root(run) / "latest" / "config.json").read_text())
         (staging / "index.html").write_text(render_html(run, metrics, raw_config,

@@ -10,7 +10,7 @@ circle (docs/design.md, "SIREN-RoPE")::
     ordinal   Θ_j(i) = p_i · θ_j                       θ_j = base^(−2j/d_head)
     to_rope   Θ_j(i) = (p_i + β · Δ_i) · θ_j            Δ_i = hours from token i to the newest
     siren     Θ_j(i) = f(x_i)_j · ω_j + λ · p_i · θ_j   f = f_sin + f_dnn
-                                                        x_i = [t̃_i, sin/cos day, sin/cos week]
+                                                        x_i = [t̃_i, sin/cos of each rotary period]
 
 ``p_i`` is the reverse ordinal position: rows are left-padded, so column ``k`` of a row of width
 ``C`` is ``p = C − 1 − k`` (newest token 0) whatever the row's length.
@@ -26,6 +26,11 @@ anywhere in the window) differs from serving (the candidate is always the newest
 it out: x_i holds only the token's own time features (:class:`TimeFeatures`), and order enters
 through λ · p · θ alone.
 
+What x_i holds comes from the event schema (``rotary`` in ``conf/schemas/NAME.yaml``): t̃, then the
+cyclical columns of ``rotary.periods`` (the feed: time of day and day of week, so
+x_i = [t̃, tod_sin, tod_cos, dow_sin, dow_cos]), and with ``model.categorical_input`` embeddings of
+the ids of ``rotary.categoricals`` (the feed: content type, topic, surface).
+
 All angle math runs in fp32 with autocast off, and reads parameters through ``.float()``, so it
 stays fp32 under ``torch.autocast`` and also when a wrapper casts the module's parameters to bf16.
 """
@@ -33,18 +38,15 @@ stays fp32 under ``torch.autocast`` and also when a wrapper casts the module's p
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from features.spec import CYCLICAL_COLUMNS, SECONDS_PER_DAY, TS_COLUMN
+from features.spec import SECONDS_PER_DAY, TS_COLUMN
 
 YEAR_SECONDS = 365.25 * SECONDS_PER_DAY
 HOUR_SECONDS = 3600.0
-TIME_FEATURE_COUNT = 1 + len(CYCLICAL_COLUMNS)
-"""x_i = [t̃, tod_sin, tod_cos, dow_sin, dow_cos]."""
-METADATA_COLUMNS: tuple[str, ...] = ("content_type", "topic", "surface")
-"""Categorical ids that can join x_i as input to f (``model.categorical_input``)."""
 METADATA_EMBEDDING_DIM = 8
 TO_ROPE_TIME_SCALE_INIT = 0.01
 """β at init: one hour counts as 0.01 positions, so TO-RoPE starts close to ordinal RoPE."""
@@ -97,13 +99,15 @@ def _affine_fp32(layer: nn.Linear, x: Tensor, scale: float = 1.0) -> Tensor:
 
 
 class TimeFeatures(nn.Module):
-    """x_i = [t̃, sin/cos(2πT/86400), sin/cos(2πT/604800)] per token, fp32 ``[B, C, 5]``::
+    """x_i = [t̃, c_1, …, c_k] per token, fp32 ``[B, C, 1 + k]``::
 
         t̃ = clamp((T − T_ref) / year, −H, H)        H = horizon_years (model.time_horizon_years)
 
-    Every entry is a function of token i's own event time T, so x_i is causal (the module docstring
-    says why the paper's reverse-position input is not here). The cyclical terms are the row's own
-    columns (features.spec computes them). A token without a timestamp gets all zeros.
+    with c the row's own ``cyclical_columns``, ``sin/cos(2π·T/P)`` per period P as features.spec
+    computes them (the schema's ``rotary_cyclical_columns``; the feed's are time of day and day of
+    week, so x_i = [t̃, tod_sin, tod_cos, dow_sin, dow_cos]). Every entry is a function of token i's
+    own event time T, so x_i is causal (the module docstring says why the paper's reverse-position
+    input is not here). A token without a timestamp gets all zeros.
 
     ``T_ref`` is a persistent int64 buffer: a checkpoint restores the anchor it was trained with, a
     warm start keeps it (re-anchoring, :meth:`set_time_reference`, would move every t̃ the weights
@@ -113,10 +117,16 @@ class TimeFeatures(nn.Module):
     meaning.
     """
 
-    def __init__(self, t_ref_seconds: float, horizon_years: float):
+    def __init__(self, t_ref_seconds: float, horizon_years: float, cyclical_columns: Sequence[str]):
         super().__init__()
         self.horizon_years = horizon_years
+        self.cyclical_columns = tuple(cyclical_columns)
         self.register_buffer("t_ref_seconds", torch.tensor(int(t_ref_seconds), dtype=torch.int64))
+
+    @property
+    def count(self) -> int:
+        """Entries of x_i: 1 + k."""
+        return 1 + len(self.cyclical_columns)
 
     def set_time_reference(self, t_ref_seconds: float) -> None:
         self.t_ref_seconds.fill_(int(t_ref_seconds))
@@ -127,7 +137,7 @@ class TimeFeatures(nn.Module):
         years = (ts - self.t_ref_seconds).to(torch.float32) / YEAR_SECONDS
         features = torch.stack(
             [years.clamp(-self.horizon_years, self.horizon_years)]
-            + [batch[column].to(torch.float32) for column in CYCLICAL_COLUMNS], dim=-1)
+            + [batch[column].to(torch.float32) for column in self.cyclical_columns], dim=-1)
         return features * has_timestamp(batch).unsqueeze(-1)
 
 
@@ -235,27 +245,28 @@ class SirenRoPE(RotaryEncoding):
 
     f outputs ``angle_count`` values, each repeated over ``d_head/2 / angle_count`` neighbouring
     pairs; ω (one per pair, init π) and the gate λ (init 1) are learned. A token without a
-    timestamp keeps only λ · p · θ. With ``metadata_buckets`` the content_type/topic/surface
-    embeddings join x_i.
+    timestamp keeps only λ · p · θ. x_i's cyclical part is ``cyclical_columns``; with
+    ``metadata_buckets`` (id column → rows of the table it reads, in order) an embedding of each of
+    those columns' ids joins x_i (the feed: content_type, topic, surface).
     """
 
     def __init__(self, *, d_head: int, rope_base: float, t_ref_seconds: float,
                  time_horizon_years: float, width: int, siren_layers: int, dnn_layers: int, omega0: float,
                  siren_branch: bool, dnn_branch: bool, ordinal_term: bool, angle_count: int,
-                 metadata_buckets: dict[str, int] | None):
+                 cyclical_columns: Sequence[str], metadata_buckets: dict[str, int] | None):
         super().__init__(d_head, rope_base)
-        self.time_features = TimeFeatures(t_ref_seconds, time_horizon_years)
+        self.time_features = TimeFeatures(t_ref_seconds, time_horizon_years, cyclical_columns)
         self.metadata = None if metadata_buckets is None else nn.ModuleDict({
-            column: nn.Embedding(metadata_buckets[column], METADATA_EMBEDDING_DIM, padding_idx=0)
-            for column in METADATA_COLUMNS})
+            column: nn.Embedding(rows, METADATA_EMBEDDING_DIM, padding_idx=0)
+            for column, rows in metadata_buckets.items()})
         if self.metadata is not None:
             with torch.no_grad():
                 for embedding in self.metadata.values():
                     # Inputs in [−1, 1], the range the SIREN initialisation assumes.
                     embedding.weight.uniform_(-1.0, 1.0)
                     embedding.weight[0].zero_()
-        in_features = TIME_FEATURE_COUNT + (
-            0 if self.metadata is None else len(METADATA_COLUMNS) * METADATA_EMBEDDING_DIM)
+        in_features = self.time_features.count + (
+            0 if self.metadata is None else len(self.metadata) * METADATA_EMBEDDING_DIM)
         self.angle_count = angle_count
         self.siren = Siren(in_features, width, siren_layers, angle_count, omega0) if siren_branch else None
         self.dnn = ReluMLP(in_features, width, dnn_layers, angle_count) if dnn_branch else None

@@ -10,7 +10,7 @@ so several trainers or tests in one process never collide on metric names. Expos
 - ``sirenfeed_trainer_data_wait_fraction``: share of step time spent waiting for input, in [0, 1]
 - ``sirenfeed_trainer_siren_lambda``: the learned SIREN-RoPE gate λ (NaN for variants without one)
 - ``sirenfeed_trainer_eval_ne{task}``, ``sirenfeed_trainer_eval_auc{task}``: NE and AUC of the last
-  evaluation (NaN before the first)
+  evaluation, one series per task of the run's event schema (NaN before the first)
 - ``sirenfeed_trainer_last_checkpoint_timestamp_seconds``: unix time of the last checkpoint (0: none)
 - ``sirenfeed_trainer_last_checkpoint_step``: step of the last checkpoint
 """
@@ -25,7 +25,6 @@ from typing import Mapping, Sequence
 from prometheus_client import CollectorRegistry, Gauge
 
 from common.metrics import start_metrics_server
-from trainer.metrics import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ PREFIX = "sirenfeed_trainer"
 class TrainerTelemetry:
     """The trainer's gauges in a dedicated registry, optionally served on ``host:port``."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", tasks: Sequence[str] = TASKS):
+    def __init__(self, tasks: Sequence[str], port: int = 0, host: str = "127.0.0.1"):
         self.registry = CollectorRegistry()
 
         def gauge(name: str, text: str, labels: Sequence[str] = ()) -> Gauge:

@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from common.config import add_config_arguments, config_from_args, require, to_dict
 from common.logs import configure_rank_logging
-from features.spec import FEATURE_SPEC_VERSION, LABEL_COLUMNS, LOSS_MASK_COLUMN
+from features.schema import LOSS_MASK_COLUMN
+from features.spec import FEATURE_SPEC_VERSION
 from trainer import checkpoint
 from trainer.config import TrainConfig, deepspeed_config, lr_factor
 from trainer.data import (
@@ -57,7 +58,7 @@ from trainer.embeddings import ShardedTables
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model
 from trainer.metrics import format_table
-from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups
+from trainer.model import GenerativeRanker, masked_multitask_loss, parameter_groups, resolve_task_weights
 from trainer.telemetry import TrainerTelemetry
 from trainer.watchdog import Watchdog, die_with_parent, inject_fault
 
@@ -139,16 +140,18 @@ def _make_scheduler(config: TrainConfig, total_steps: int, optimizer) -> LambdaL
 
 class LogWindow:
     """Sums since the last log line, reduced across ranks when it is written. Loss, token and row
-    counts stay on the device until then, so logging does not synchronise every step."""
+    counts stay on the device until then, so logging does not synchronise every step. ``tasks``:
+    the schema's, in order."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, tasks: tuple[str, ...]):
+        self.tasks = tasks
         self.started = time.perf_counter()
         self.steps = 0
         self.rows = torch.zeros((), dtype=torch.float64, device=device)
         """Real rows trained on: an epoch's padding rows are no samples."""
         self.data_wait = 0.0
         # loss, label-bearing tokens, then each task's loss
-        self.sums = torch.zeros(2 + len(LABEL_COLUMNS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(2 + len(tasks), dtype=torch.float64, device=device)
 
     def add(self, loss: torch.Tensor, task_losses: dict[str, torch.Tensor],
             batch: dict[str, torch.Tensor], waited: float) -> None:
@@ -159,7 +162,7 @@ class LogWindow:
         self.data_wait += waited
         tokens = batch[LOSS_MASK_COLUMN].sum().double()
         self.sums += torch.stack([loss.detach().double() * tokens, tokens]
-                                 + [task_losses[task].double() * tokens for task in LABEL_COLUMNS])
+                                 + [task_losses[task].double() * tokens for task in self.tasks])
 
     def reduce(self) -> dict[str, float]:
         """Collective: loss mean over all ranks' tokens, throughput over all ranks, mean wait share."""
@@ -171,7 +174,7 @@ class LogWindow:
         counted = max(tokens, 1.0)
         return {"loss": loss / counted, "samples_per_s": rows / elapsed,
                 "tokens_per_s": tokens / elapsed, "data_wait": min(1.0, waited / world / elapsed),
-                "task_loss": {task: value / counted for task, value in zip(LABEL_COLUMNS, task_sums)}}
+                "task_loss": {task: value / counted for task, value in zip(self.tasks, task_sums)}}
 
 
 class ShardedRanker:
@@ -254,6 +257,9 @@ class Trainer:
         self.autocast = torch.bfloat16 if config.deepspeed.precision == "bf16" else None
 
         manifest, self.spec = read_feature_manifest(config.features)
+        self.tasks = self.spec.event_schema.label_columns
+        # Before any collective: a model.task_weights key the schema has no task for fails every rank alike.
+        self.task_weights = resolve_task_weights(config.model, self.spec.event_schema)
         # T_ref of fresh weights only: a resumed or warm-started model keeps its checkpoint's
         # anchor (a buffer), and the export records the anchor the model holds.
         self.t_ref = config.model.t_ref_seconds or manifest["watermark_ms"] // 1000
@@ -279,7 +285,7 @@ class Trainer:
             config=deepspeed_config(config, self.world,
                                     load_universal=bool(self.plan and self.plan.universal)))
         seed_everything(rank_seed(config.seed, self.rank))
-        self.telemetry = (TrainerTelemetry(config.telemetry.port, config.telemetry.host)
+        self.telemetry = (TrainerTelemetry(self.tasks, config.telemetry.port, config.telemetry.host)
                           if self.rank == 0 else None)
         self.trace = Trace(config.run, self.rank) if config.distributed.trace else None
         self.step = 0
@@ -292,8 +298,10 @@ class Trainer:
                  config.data.batch_size // self.world, self.shards, self.device)
 
     def _plan_resume(self) -> checkpoint.ResumePlan:
-        """Rank 0 reads the checkpoint markers, every rank gets its plan (one view of the files)."""
-        plan = [checkpoint.plan_resume(self.config.run, self.world) if self.rank == 0 else None]
+        """Rank 0 reads the checkpoint markers, every rank gets its plan (one view of the files); a
+        checkpoint of another event schema than the dataset's stops the run here (``SchemaError``)."""
+        plan = [checkpoint.plan_resume(self.config.run, self.world, self.spec.event_schema)
+                if self.rank == 0 else None]
         dist.broadcast_object_list(plan, src=0)
         return plan[0]
 
@@ -335,7 +343,7 @@ class Trainer:
     @_reports_failure
     def fit(self) -> Metrics | None:
         config = self.config
-        with TrainStream(config.features, self.spec.context_len, config.data.batch_size,
+        with TrainStream(config.features, self.spec, config.data.batch_size,
                          config.data.shuffle_buffer, config.data.seed, self.rank, self.world,
                          self.shards, skip_steps=self.step - self.first_step) as stream:
             self._train_steps(stream)
@@ -353,7 +361,7 @@ class Trainer:
         config = self.config.train
         progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                         disable=self.rank != 0, mininterval=2.0)
-        window = LogWindow(self.device)
+        window = LogWindow(self.device, self.tasks)
         run_wait, run_started = 0.0, time.perf_counter()
         while self.step < self.total_steps:
             started = time.perf_counter()
@@ -364,7 +372,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                                 enabled=self.autocast is not None):
                 logits = self.engine(batch, self.tables(batch) if self.tables is not None else None)
-            loss, task_losses = masked_multitask_loss(logits, batch, self.config.model.task_weights)
+            loss, task_losses = masked_multitask_loss(logits, batch, self.task_weights)
             self.engine.backward(loss * share)
             self.engine.step()
             self.step += 1
@@ -376,7 +384,7 @@ class Trainer:
             progress.update(1)
             if self.step % config.log_every == 0 or self.step == self.total_steps:
                 self._log(window)
-                window = LogWindow(self.device)
+                window = LogWindow(self.device, self.tasks)
             if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
             if (config.checkpoint_every and self.step % config.checkpoint_every == 0
@@ -431,17 +439,17 @@ class Trainer:
         if self.rank == 0:
             serving = GenerativeRanker(self.config.model, self.spec, self.t_ref)
             missing, unexpected = serving.load_state_dict(self.engine.module.state_dict(), strict=False)
-            tables = {f"id_embeddings.{column}.weight" for column in self.tables.columns}
+            tables = {f"id_embeddings.{table}.weight" for table in self.tables.rows}
             if set(missing) != tables or unexpected:
                 raise RuntimeError(f"the dense model and the tables do not make the serving model: "
                                    f"missing {sorted(set(missing) - tables)}, unexpected {unexpected}")
         self.tables.gather(None if serving is None else {
-            column: serving.id_embeddings[column].weight.data for column in self.tables.columns})
+            table: serving.id_embeddings[table].weight.data for table in self.tables.rows})
         return serving
 
     def evaluate(self) -> None:
         model = self.engine.module if self.tables is None else ShardedRanker(self.engine.module, self.tables)
-        metrics = evaluate_split(model, self.config.features, self.spec.context_len,
+        metrics = evaluate_split(model, self.config.features, self.spec,
                                  self.config.data.eval_batch_size, self.rank, self.world, self.device,
                                  autocast_dtype=self.autocast, lockstep=self.tables is not None)
         if self.rank == 0:
@@ -459,7 +467,7 @@ class Trainer:
         client_state: dict[str, Any] = {
             "step": self.step, "config": to_dict(self.config), "feature_spec_version": FEATURE_SPEC_VERSION,
             "metrics": self.metrics or {}, "data_watermark": self.data_watermark}
-        checkpoint.save(self.engine, self.config.run, self.step, client_state, data,
+        checkpoint.save(self.engine, self.config.run, self.step, client_state, data, self.spec,
                         self.config.train.keep_checkpoints, self.tables)
         self.checkpointed_step = self.step
         if self.telemetry is not None:

@@ -4,6 +4,8 @@
 [--since-watermark auto|K]`` trains only on what the checkpoint has not seen, continuing its
 weights, optimizer state, LR schedule position and step count (on any world size the checkpoint
 allows: ZeRO stage 0 keeps the optimizer state whole). ``latest`` continues ``RUN_DIR`` itself.
+A checkpoint trained on another event schema than the features' cannot be continued: the warm
+start stops with ``SchemaError`` naming the differences, before anything is loaded.
 
 The segment trains on a view of the feature dataset (:mod:`lifecycle.view`) that selects the
 batches after the checkpoint's data watermark; :mod:`lifecycle.segment` builds it and launches this
@@ -51,14 +53,13 @@ class WarmStartTrainer(Trainer):
     """A :class:`Trainer` that starts from another run's checkpoint instead of fresh weights."""
 
     def warm_start(self, source_run: str | Path) -> None:
-        tag, client_state = checkpoint.load_latest(self.engine, source_run, self.tables)
+        tag, client_state = checkpoint.load_latest(self.engine, source_run, self.spec.event_schema, self.tables)
         self.step = self.first_step = client_state["step"]
         self.total_steps += self.step
         self._continue_at_configured_lr()
         log.info("warm start from %s/%s at step %d (trained through batch %s); %d new steps",
                  source_run, tag, self.step, client_state.get("data_watermark", {}).get("batch"),
                  self.total_steps - self.step)
-
 
     def _continue_at_configured_lr(self) -> None:
         """The checkpoint brings its optimizer's and scheduler's learning rate (a batch run's peak

@@ -17,13 +17,15 @@ import pyarrow.parquet as pq
 from common.config import load_config
 from common.repo import REPO_ROOT
 from features.full import run as run_full_job
-from features.schema import RAW_ARROW_SCHEMA
+from features.schema import load_schema
 from features.settings import IncrementalConfig, SparkConfig
 from features.spark import build_session
 from lifecycle.config import RetrainConfig
 
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+RAW_ARROW_SCHEMA = load_schema("feed").raw_arrow_schema
+"""The feed's raw events at rest, what the landing zone holds."""
 TINY = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.siren_width=8",
         "data.batch_size=8", "data.eval_batch_size=64", "data.shuffle_buffer=16", "train.log_every=5",
         "train.checkpoint_every=0", "schedule.warmup_steps=2", "optim.lr=0.01"]

@@ -1,7 +1,8 @@
 """The statistical evaluation gate (lifecycle/gate.py) without Spark: decisions from real
 accumulators of simulated slices (pass, regression, a noise-level difference, a task without
-positives, a tiny slice), then the gate on real exports evaluated on a tiny feature dataset (a
-slice without positives, a published model that cannot be evaluated, a broken candidate)."""
+positives, a tiny slice), tolerances per task of the schema, then the gate on real exports evaluated
+on a tiny feature dataset (a slice without positives, a published model that cannot be evaluated, a
+broken candidate, models of another event schema)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from common.config import ConfigError, load_config
 from common.files import visible_files
+from features.schema import load_schema
 from lifecycle.config import RetrainConfig
 from lifecycle.gate import (
     INCONCLUSIVE, INSUFFICIENT_EVIDENCE, NOT_WORSE, PUBLISH, REFUSE, TOO_LITTLE_EVIDENCE, WORSE,
@@ -23,10 +25,12 @@ from lifecycle.gate import (
 )
 from trainer.config import TrainConfig
 from trainer.export import MODEL_FILE, export_model
-from trainer.metrics import TASKS, EvalAccumulator, event_log_loss
+from trainer.metrics import EvalAccumulator, event_log_loss
 from trainer.model import GenerativeRanker
 
 T_REF = 1_714_800_000
+FEED = load_schema("feed")
+TASKS = FEED.label_columns
 
 
 def sigmoid(logit):
@@ -60,7 +64,7 @@ def test_a_better_candidate_passes_on_every_task():
     rng, logits, labels = simulated_slice(seed=1)
     published = user_noise(rng, logits, 0.6)
     candidate = {task: sigmoid(logit) for task, logit in logits.items()}
-    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig())
+    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig(), FEED)
     assert decision.outcome == PUBLISH and decision.publish, decision.reason
     assert {task: comparison["verdict"] for task, comparison in decision.tasks.items()} == dict.fromkeys(TASKS, NOT_WORSE)
     assert all(comparison["high"] < 0 for comparison in decision.tasks.values()), "shown to be better, not only not worse"
@@ -71,7 +75,7 @@ def test_a_regression_beyond_the_tolerance_is_refused():
     rng, logits, labels = simulated_slice(seed=2)
     published = {task: sigmoid(logit) for task, logit in logits.items()}
     candidate = {task: sigmoid(logit + 0.5) for task, logit in logits.items()}  # over-predicts everything
-    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig())
+    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig(), FEED)
     assert decision.outcome == REFUSE and not decision.publish, decision.reason
     assert all(comparison["verdict"] == WORSE and comparison["low"] > comparison["tolerance"]
                for comparison in decision.tasks.values())
@@ -86,17 +90,17 @@ def test_a_noise_level_difference_is_neither_a_regression_nor_a_pass():
     rng, logits, labels = simulated_slice(seed=4, users=60, events=100)
     published, candidate = user_noise(rng, logits, 0.5), user_noise(rng, logits, 0.5)
     config = GateConfig()
-    decision = decide(evaluated(candidate, labels), evaluated(published, labels), config)
+    decision = decide(evaluated(candidate, labels), evaluated(published, labels), config, FEED)
     assert decision.outcome == INSUFFICIENT_EVIDENCE and not decision.publish, decision.reason
     comparison = decision.tasks["contribution"]
     assert comparison["verdict"] == INCONCLUSIVE
-    assert comparison["change"] > config.tolerance["contribution"], "a point comparison would refuse"
-    assert comparison["low"] < config.tolerance["contribution"] < comparison["high"]
+    assert comparison["change"] > config.default_tolerance, "a point comparison would refuse"
+    assert comparison["low"] < config.default_tolerance < comparison["high"]
     label = labels["contribution"].ravel()
     published_loss = event_log_loss(published["contribution"].ravel(), label)
     difference = event_log_loss(candidate["contribution"].ravel(), label) - published_loss
     independent_low = (difference.mean() - NormalDist().inv_cdf(0.975) * difference.std() / math.sqrt(label.size))
-    assert independent_low / published_loss.mean() > config.tolerance["contribution"], \
+    assert independent_low / published_loss.mean() > config.default_tolerance, \
         "treating one user's events as independent would call this noise a regression"
     assert {comparison["verdict"] for comparison in decision.tasks.values()} <= {NOT_WORSE, INCONCLUSIVE}
 
@@ -106,7 +110,7 @@ def test_a_task_without_positives_is_too_little_evidence_not_a_broken_candidate(
     labels["like"] = np.zeros_like(labels["like"])
     published = user_noise(rng, logits, 0.6)
     candidate = {task: sigmoid(logit) for task, logit in logits.items()}
-    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig())
+    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig(), FEED)
     assert decision.outcome == INSUFFICIENT_EVIDENCE, decision.reason
     assert decision.tasks["like"]["verdict"] == TOO_LITTLE_EVIDENCE and decision.tasks["like"]["positives"] == 0
     assert decision.tasks["contribution"]["verdict"] == NOT_WORSE
@@ -117,7 +121,7 @@ def test_a_tiny_slice_is_too_little_evidence_even_for_a_much_worse_candidate():
     rng, logits, labels = simulated_slice(seed=4, users=5, events=4)
     published = {task: sigmoid(logit) for task, logit in logits.items()}
     candidate = {task: sigmoid(logit + 3.0) for task, logit in logits.items()}
-    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig())
+    decision = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig(), FEED)
     assert decision.outcome == INSUFFICIENT_EVIDENCE, decision.reason
     assert all(comparison["verdict"] == TOO_LITTLE_EVIDENCE and comparison["events"] == 20
                for comparison in decision.tasks.values())
@@ -128,18 +132,36 @@ def test_every_task_has_its_own_tolerance_and_keys_are_checked():
     rng, logits, labels = simulated_slice(seed=2)
     published = {task: sigmoid(logit) for task, logit in logits.items()}
     candidate = dict(published, like=sigmoid(logits["like"] + 0.5))
-    strict = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig())
+    strict = decide(evaluated(candidate, labels), evaluated(published, labels), GateConfig(), FEED)
     assert strict.outcome == REFUSE and strict.tasks["like"]["verdict"] == WORSE
     assert strict.tasks["contribution"]["verdict"] == NOT_WORSE, "an identical task is not worse"
-    lenient = GateConfig(tolerance={"contribution": 0.002, "like": 0.5, "long_dwell": 0.002})
-    assert decide(evaluated(candidate, labels), evaluated(published, labels), lenient).outcome == PUBLISH
+    lenient = GateConfig(tolerance={"like": 0.5})
+    assert lenient.tolerances(FEED) == {"contribution": 0.002, "like": 0.5, "long_dwell": 0.002}
+    assert decide(evaluated(candidate, labels), evaluated(published, labels), lenient, FEED).outcome == PUBLISH
     required = ["dir=d", "initial_run=r", "features.raw=i", "features.out=o"]
-    assert load_config(RetrainConfig, None, [*required, "gate.tolerance.like=0.01"]).gate.tolerance == {
-        "contribution": 0.002, "like": 0.01, "long_dwell": 0.002}
-    with pytest.raises(ConfigError, match="gate.tolerance.clicks"):
+    gate_config = load_config(RetrainConfig, None, [*required, "gate.tolerance.like=0.01"]).gate
+    assert gate_config.tolerances(FEED) == {"contribution": 0.002, "like": 0.01, "long_dwell": 0.002}
+    assert load_config(RetrainConfig, None, [*required, "gate.default_tolerance=0.01"]).gate.tolerances(FEED) == \
+        dict.fromkeys(TASKS, 0.01)
+    with pytest.raises(ConfigError, match="gate.tolerance.clicks.*not a task of schema 'feed'"):
         load_config(RetrainConfig, None, [*required, "gate.tolerance.clicks=0.01"])
     with pytest.raises(ConfigError, match="gate.tolerance.like"):
         load_config(RetrainConfig, None, [*required, "gate.tolerance.like=1.5"])
+    with pytest.raises(ConfigError, match="gate.default_tolerance"):
+        load_config(RetrainConfig, None, [*required, "gate.default_tolerance=1"])
+
+
+def test_the_tasks_and_tolerances_are_those_of_the_features_schema():
+    """Another schema, other tasks: the watch log's follow and watched are gated, the feed's names
+    are no tasks of it (checked when the retrain config loads, before any cycle)."""
+    watch = load_schema("watch")
+    required = ["dir=d", "initial_run=r", "features.raw=i", "features.out=o", "features.spec.schema=watch"]
+    config = load_config(RetrainConfig, None, [*required, "gate.tolerance.follow=0.01"])
+    assert config.gate.tolerances(watch) == {"follow": 0.01, "watched": 0.002}
+    with pytest.raises(ConfigError, match="gate.tolerance.like.*not a task of schema 'watch'.*follow, watched"):
+        load_config(RetrainConfig, None, [*required, "gate.tolerance.like=0.01"])
+    with pytest.raises(ConfigError, match="gate.tolerance.like"):
+        decide(EvalAccumulator(watch.label_columns), None, GateConfig(tolerance={"like": 0.01}), watch)
 
 
 # --- the gate on real exports -------------------------------------------------------------------
@@ -211,3 +233,18 @@ def test_a_published_model_that_cannot_be_evaluated_does_not_pass_the_candidate_
                                for name, value in state.items()})
     broken = gate(candidate, published, tiny_features, SMALL_SLICE)
     assert broken.outcome == REFUSE and "broken" in broken.reason, "a broken candidate never passes"
+
+
+def test_models_of_another_schema_are_refused_or_reported_naming_the_difference(exports, tiny_features,
+                                                                                tiny_watch_spec, tmp_path,
+                                                                                tiny_model_overrides):
+    """A candidate trained on the watch log cannot be judged on feed events: it is refused, the
+    reason naming the schema keys that differ; a published model of another schema is one that
+    cannot be evaluated (kept in the decision), and a healthy candidate is published on its health."""
+    watch = exported_model(tmp_path / "watch", tiny_watch_spec, tiny_model_overrides, 0)
+    refused = gate(watch, exports[1], tiny_features, SMALL_SLICE)
+    assert refused.outcome == REFUSE and "broken" not in refused.reason, refused.reason
+    assert "another event schema than expected: name: 'feed' vs 'watch'" in refused.reason
+    published_elsewhere = gate(exports[0], watch, tiny_features, SMALL_SLICE)
+    assert published_elsewhere.outcome == PUBLISH and published_elsewhere.current is None
+    assert "name: 'feed' vs 'watch'" in published_elsewhere.published_error

@@ -17,12 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from retrain_support import TINY, date_of, day_events, start_lineage, write_day
+from retrain_support import RAW_ARROW_SCHEMA, TINY, date_of, day_events, start_lineage, write_day
 
 from common.repo import REPO_ROOT
 from features.dataset import read_manifest, write_manifest
 from features.incremental import pending_raw_files
-from features.schema import RAW_ARROW_SCHEMA
 from lifecycle import cycle as retrain
 from lifecycle import poller
 from lifecycle import retrain as retrain_command
@@ -34,7 +33,6 @@ from lifecycle.gate import GateConfig, gate
 from lifecycle.registry import append_log, current, publish, read_log
 from lifecycle.telemetry import FreshnessTelemetry
 from trainer.export import EXPORT_FILES, MODEL_FILE, sha256, verify_export
-from trainer.metrics import TASKS
 from trainer.train import HISTORY_FILE
 
 
@@ -224,7 +222,7 @@ def test_a_refused_candidate_is_never_the_base_of_a_later_cycle(setup, tmp_path)
     learning rate diverges is refused; the next warm-starts from the published model (not from the
     refused candidate), trains on the refused cycle's batch as well, and publishes. The gate is
     lenient here (this is about the lineage): a diverged model is far beyond any tolerance."""
-    lenient = GateConfig(tolerance=dict.fromkeys(TASKS, 0.5), min_events=20, min_positives=3)
+    lenient = GateConfig(default_tolerance=0.5, min_events=20, min_positives=3)
     healthy = dataclasses.replace(setup["config"], dir=str(tmp_path / "lineage"), gate=lenient)
     diverging = dataclasses.replace(healthy, train_overrides=[*healthy.train_overrides, "optim.lr=50"])
     root, gauges = tmp_path / "lineage", FreshnessTelemetry(tmp_path / "lineage" / "registry")

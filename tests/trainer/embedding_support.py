@@ -16,13 +16,14 @@ from common.config import ConfigError
 from trainer.config import EmbeddingsConfig, ModelConfig
 from trainer.embeddings import ShardedTables
 from trainer.model import GenerativeRanker, masked_multitask_loss, synthetic_batch
-from training_fixtures import TINY_SPEC
+from training_fixtures import TINY_SPEC, TINY_WATCH_SPEC
 
 DIM = 16
 SEED = 7
 T_REF = 1_700_000_000
 TINY = ModelConfig(n_layers=1, d_model=DIM, n_heads=2, siren_width=8)
-WEIGHTS = {task: 1.0 for task in TINY.task_weights}
+SPECS = {"feed": TINY_SPEC, "watch": TINY_WATCH_SPEC}
+"""A scenario's ``schema`` argument names its spec (names travel to spawned ranks unpickled)."""
 
 
 def free_port() -> int:
@@ -50,13 +51,13 @@ def _rank(rank: int, world: int, port: int, scenario, out: Path, kwargs: dict[st
         dist.destroy_process_group()
 
 
-def tables(sharding: str, optimizer: str = "rowwise_adagrad", lr: float = 0.1) -> ShardedTables:
-    return ShardedTables(EmbeddingsConfig(sharding=sharding, optimizer=optimizer, lr=lr), TINY_SPEC, DIM,
+def tables(sharding: str, optimizer: str = "rowwise_adagrad", lr: float = 0.1, schema: str = "feed") -> ShardedTables:
+    return ShardedTables(EmbeddingsConfig(sharding=sharding, optimizer=optimizer, lr=lr), SPECS[schema], DIM,
                          torch.device("cpu"), SEED)
 
 
 def gathered(sharded: ShardedTables, rank: int) -> dict[str, torch.Tensor] | None:
-    into = ({column: torch.zeros(rows, DIM) for column, rows in sharded.rows.items()} if rank == 0 else None)
+    into = ({table: torch.zeros(rows, DIM) for table, rows in sharded.rows.items()} if rank == 0 else None)
     sharded.gather(into)
     return into
 
@@ -66,17 +67,19 @@ def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[st
     return {name: tensor[rank * rows:(rank + 1) * rows] for name, tensor in batch.items()}
 
 
-def train_steps(rank: int, world: int, sharding: str, optimizer: str, steps: int) -> dict[str, Any]:
+def train_steps(rank: int, world: int, sharding: str, optimizer: str, steps: int,
+                schema: str = "feed") -> dict[str, Any]:
     """``steps`` updates of the tables alone on one global batch of 8 rows split over the ranks; the
     loss of each rank is its share of the global mean, as the trainer weights it."""
-    sharded = tables(sharding, optimizer)
+    sharded = tables(sharding, optimizer, schema=schema)
     initial = gathered(sharded, rank)
-    batch = rank_slice(synthetic_batch(TINY_SPEC, 8, seed=1), rank, world)
+    batch = rank_slice(synthetic_batch(SPECS[schema], 8, seed=1), rank, world)
     for _ in range(steps):
         embedded = sharded(batch)
         loss = sum((vectors.sum(-1) - 1.0).square().sum() for vectors in embedded.values()) / 8 * world
         loss.backward()
-    return {"initial": initial, "trained": gathered(sharded, rank)}
+    return {"initial": initial, "trained": gathered(sharded, rank), "columns": sharded.columns,
+            "features": sharded.features}
 
 
 def save_and_reload(rank: int, world: int, sharding: str, path: str, save: bool) -> dict[str, Any]:
@@ -114,28 +117,29 @@ def joined(results: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             for name, shards in pieces.items()}
 
 
-def serving_parity(rank: int, world: int, sharding: str) -> dict[str, Any]:
+def serving_parity(rank: int, world: int, sharding: str, schema: str = "feed") -> dict[str, Any]:
     """The dense model fed by the sharded tables, against the whole model built from the gathered
     tables and the same dense weights (what the export holds): their logits."""
-    sharded = tables(sharding)
+    spec = SPECS[schema]
+    sharded = tables(sharding, schema=schema)
     torch.manual_seed(SEED)
-    dense = GenerativeRanker(TINY, TINY_SPEC, T_REF, tables_outside=True)
-    batch = synthetic_batch(TINY_SPEC, 6, seed=3)
+    dense = GenerativeRanker(TINY, spec, T_REF, tables_outside=True)
+    batch = synthetic_batch(spec, 6, seed=3)
     batch["length"][2] = 0  # a padding row: its ids are padding too, as in the data contract
     for column in sharded.columns:
         batch[column][2] = 0
     logits = dense(batch, sharded(batch))
     whole = None
     if rank == 0:
-        whole = GenerativeRanker(TINY, TINY_SPEC, T_REF)
+        whole = GenerativeRanker(TINY, spec, T_REF)
         whole.load_state_dict(dense.state_dict(), strict=False)
     tables_whole = gathered(sharded, rank)
     if rank == 0:
         with torch.no_grad():
-            for column, rows in tables_whole.items():
-                whole.id_embeddings[column].weight.copy_(rows)
+            for table, rows in tables_whole.items():
+                whole.id_embeddings[table].weight.copy_(rows)
         served = whole(batch)
-        loss, _ = masked_multitask_loss(logits, batch, WEIGHTS)
+        loss, _ = masked_multitask_loss(logits, batch, dense.task_weights)
         return {"sharded": {task: value.detach() for task, value in logits.items()}, "whole": served,
                 "finite_loss": bool(torch.isfinite(loss))}
     return {}

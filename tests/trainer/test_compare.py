@@ -13,6 +13,7 @@ import pytest
 
 from common.config import ConfigError, load_config
 from features.dataset import write_manifest
+from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 from features.synth import SynthConfig, write_synthetic_logs
 from trainer.compare import (
     COMPARE_JSON, COMPARE_MD, RESULT_FILE, TRAIN_LOG, CompareConfig, EvalPredictions, EvalTruth,
@@ -102,7 +103,7 @@ def test_summary_pairs_by_seed():
     def metrics(ne):
         return {task: {"ne": ne, "auc": 0.6, "gauc": 0.6, "ece": 0.01} for task in ("contribution", "like", "long_dwell")}
     results = {"ordinal": {0: metrics(1.0), 1: metrics(0.9)}, "siren": {0: metrics(0.99), 1: metrics(0.89)}}
-    summary = summarize(results, "ordinal")
+    summary = summarize(results, "ordinal", ("contribution", "like", "long_dwell"))
     # The seed-to-seed spread (0.1) is large, the paired difference (−0.01 each seed) is consistent.
     assert summary["siren"]["like"]["vs_baseline"]["ne"]["mean"] == pytest.approx(-0.01)
     assert summary["siren"]["like"]["vs_baseline"]["ne"]["se"] == pytest.approx(0.0, abs=1e-12)
@@ -128,26 +129,33 @@ def test_a_bad_training_override_fails_before_any_run(tiny_features, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_bayes_floor_scores_exactly_the_eval_events_with_the_truth(tmp_path):
+@pytest.mark.parametrize("schema, event_id, time, unit_ms, task", [
+    ("feed", "event_id", "event_ts", 1, "like"), ("watch", "impression_id", "ts", 1000, "follow")])
+def test_bayes_floor_scores_exactly_the_eval_events_with_the_truth(tmp_path, schema, event_id, time, unit_ms,
+                                                                  task):
+    """The floor of the dataset's own tasks (the watch log's as well as the feed's), each duplicated
+    eval event once, its label from the raw event."""
     raw = tmp_path / "raw"
     manifest = write_synthetic_logs(load_config(SynthConfig, overrides=[
-        "users=30", "days=2", "seed=3", "bad_fraction=0", "duplicate_fraction=0.05"]), raw)
+        "users=30", "days=2", "seed=3", "bad_fraction=0", "duplicate_fraction=0.05", f"schema={schema}"]), raw)
     assert manifest["duplicates"] > 0
     split_ms = manifest["watermark_ms"] // 86_400_000 * 86_400_000  # the last day is eval
     features = tmp_path / "features"
     os.makedirs(features)
-    write_manifest(features, {"spec": {"context_len": 50, "stride": 50}, "split_ts_ms": split_ms,
+    write_manifest(features, {"spec": FeatureSpec(context_len=50, stride=50, schema=schema).record(),
+                              "feature_spec_version": FEATURE_SPEC_VERSION, "split_ts_ms": split_ms,
                               "processing_ms": manifest["watermark_ms"] + 1, "config": {"contract": {}}})
     floor = bayes_floor(raw, features)
+    assert set(floor) == set(FeatureSpec(schema=schema).event_schema.label_columns)
 
-    events = {e["event_id"]: e for e in pq.read_table(raw).to_pylist() if e["event_ts"] >= split_ms}
+    events = {e[event_id]: e for e in pq.read_table(raw).to_pylist() if e[time] * unit_ms >= split_ms}
     truth = {row["event_id"]: row for row in pq.read_table(raw / "_truth").to_pylist()}
     ids = sorted(events)
-    assert floor["like"]["count"] == len(ids) > 0  # each duplicated event counted once
-    direct = binary_metrics(np.array([truth[i]["p_like"] for i in ids]),
-                            np.array([events[i]["like"] for i in ids], dtype=float))
-    assert floor["like"]["ne"] == pytest.approx(direct["ne"], rel=1e-12)
-    assert floor["like"]["ne"] < 1.0  # the truth beats the base rate
+    assert floor[task]["count"] == len(ids) > 0  # each duplicated event counted once
+    direct = binary_metrics(np.array([truth[i][f"p_{task}"] for i in ids]),
+                            np.array([events[i][task] for i in ids], dtype=float))
+    assert floor[task]["ne"] == pytest.approx(direct["ne"], rel=1e-12)
+    assert floor[task]["ne"] < 1.0  # the truth beats the base rate
 
 
 # --- the relational slice ------------------------------------------------------------------------

@@ -13,19 +13,21 @@ import torch
 
 from common.files import visible_files
 from features.dataset import IncompleteDatasetError, read_manifest, write_manifest
-from features.spec import (
-    FEATURE_SPEC_VERSION, ID_COLUMNS, LABEL_COLUMNS, TOKEN_FLOAT_COLUMNS, TRAINING_COLUMNS,
-)
+from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 from trainer.data import (
     DataError, TrainStream, count_rows, epoch_assignment, eval_batches, padding_rows,
     read_feature_manifest, real_rows, row_fingerprints, split_dir, steps_per_epoch, to_tensors,
     training_steps,
 )
 from trainer.train import LogWindow
+from training_fixtures import TINY_SPEC, TINY_WATCH_SPEC, dataset_spec
 
 # Petastorm's reader worker never closes the Parquet files it opens (they close when collected).
 
-C = 8  # the tiny dataset's context length (conftest.TINY_SPEC)
+SPEC = TINY_SPEC
+"""The tiny dataset's spec (training_fixtures)."""
+C = SPEC.context_len
+SCHEMA = SPEC.event_schema
 RowKey = tuple[int, bytes]
 
 
@@ -46,7 +48,7 @@ def all_rows(features, split: str) -> list[RowKey]:
 
 def eval_rows(features, rank: int, world: int) -> list[RowKey]:
     keys: list[RowKey] = []
-    for batch in eval_batches(features, C, 16, rank, world):
+    for batch in eval_batches(features, SPEC, 16, rank, world):
         keys += row_keys(batch["user_key"].numpy(), batch["ts"].numpy())
     return keys
 
@@ -60,7 +62,7 @@ def real_keys(batch) -> list[RowKey]:
 def stream_steps(features, rank: int, world: int, batches: int, **options) -> list[list[RowKey]]:
     """The real rows of ``batches`` micro batches of 16 rows of rank ``rank`` (a global batch of
     16 × ``world``), per step."""
-    with TrainStream(features, C, 16 * world, options.pop("shuffle_buffer", 64), 7, rank, world,
+    with TrainStream(features, SPEC, 16 * world, options.pop("shuffle_buffer", 64), 7, rank, world,
                      **options) as stream:
         steps = [next(stream) for _ in range(batches)]
     assert {len(batch["length"]) for batch in steps} == {16}, "every micro batch has its full size"
@@ -171,7 +173,7 @@ def epoch_of_ranks(features, world: int, epochs: int, shards: int = 0) -> list[l
     steps = epochs * -(-sum(rows for _, rows, _ in UNEVEN_FILES) // UNEVEN_BATCH)
     per_rank = []
     for rank in range(world):
-        with TrainStream(features, C, UNEVEN_BATCH, 24, 3, rank, world, shards) as stream:
+        with TrainStream(features, SPEC, UNEVEN_BATCH, 24, 3, rank, world, shards) as stream:
             batches = [next(stream) for _ in range(steps)]
         assert {len(batch["length"]) for batch in batches} == {UNEVEN_BATCH // world}, "micro batch size"
         per_rank.append([real_keys(batch) for batch in batches])
@@ -204,7 +206,7 @@ def test_global_batches_with_a_padded_last_step_do_not_depend_on_the_world_size(
 
 def test_a_stream_resumes_at_any_step_of_a_padded_epoch(uneven_features):
     def steps_from(skip: int) -> list[list[RowKey]]:
-        with TrainStream(uneven_features, C, UNEVEN_BATCH, 24, 3, 1, 2, skip_steps=skip) as stream:
+        with TrainStream(uneven_features, SPEC, UNEVEN_BATCH, 24, 3, 1, 2, skip_steps=skip) as stream:
             return [real_keys(next(stream)) for _ in range(13 - skip)]
 
     straight = steps_from(0)
@@ -214,7 +216,7 @@ def test_a_stream_resumes_at_any_step_of_a_padded_epoch(uneven_features):
 
 def test_padding_rows_fill_only_the_last_step_and_count_for_nothing(uneven_features):
     # 4 shards of 20, 20, 20 and 21 rows, 4 a step: shard 0 has nothing left for the 6th step.
-    with TrainStream(uneven_features, C, UNEVEN_BATCH, 24, 3, 0, 4) as stream:
+    with TrainStream(uneven_features, SPEC, UNEVEN_BATCH, 24, 3, 0, 4) as stream:
         batches = [next(stream) for _ in range(6)]
     assert [int(real_rows(batch).sum()) for batch in batches] == [4, 4, 4, 4, 4, 0]
     padded = batches[-1]
@@ -224,12 +226,12 @@ def test_padding_rows_fill_only_the_last_step_and_count_for_nothing(uneven_featu
     zero = torch.zeros(())
     windows = []
     for batch in (batches[0], padded):
-        window = LogWindow(torch.device("cpu"))
-        window.add(zero, {task: zero for task in LABEL_COLUMNS}, batch, 0.0)
+        window = LogWindow(torch.device("cpu"), SCHEMA.label_columns)
+        window.add(zero, {task: zero for task in SCHEMA.label_columns}, batch, 0.0)
         windows.append(window)
     assert [int(window.rows) for window in windows] == [4, 0]  # samples/s counts real rows only
     assert float(windows[1].sums[1]) == 0.0  # no label-bearing token: no weight in the token share
-    assert set(padding_rows(2, C)) == set(TRAINING_COLUMNS)
+    assert set(padding_rows(2, SPEC)) == set(SCHEMA.training_columns)
 
 
 @pytest.mark.slow
@@ -264,7 +266,7 @@ def test_stream_is_deterministic_and_resumes_at_the_same_position(tiny_features)
     assert stream_steps(tiny_features, 1, 2, 24) == straight
     assert stream_steps(tiny_features, 1, 2, 14, skip_steps=10) == straight[10:]
     assert stream_steps(tiny_features, 0, 2, 24) != straight
-    with TrainStream(tiny_features, C, 32, 64, 7, 1, 2, skip_steps=3) as stream:
+    with TrainStream(tiny_features, SPEC, 32, 64, 7, 1, 2, skip_steps=3) as stream:
         next(stream)
         assert stream.steps == 4
 
@@ -277,12 +279,12 @@ def test_shuffle_buffer_mixes_rows_across_row_groups(tiny_features):
 
 
 def test_batches_hold_typed_tensors_of_the_context_length(tiny_features):
-    batch = next(iter(eval_batches(tiny_features, C, 16, 0, 1)))
-    assert set(batch) == set(TRAINING_COLUMNS)
+    batch = next(iter(eval_batches(tiny_features, SPEC, 16, 0, 1)))
+    assert set(batch) == set(SCHEMA.training_columns)
     assert batch["ts"].shape == (16, C) and batch["user_key"].shape == (16,)
-    for name in ("ts", "user_key", "length", *ID_COLUMNS):
+    for name in ("ts", "user_key", "length", *SCHEMA.id_columns):
         assert batch[name].dtype == torch.int64, name
-    for name in TOKEN_FLOAT_COLUMNS:
+    for name in SCHEMA.token_float_columns:
         assert batch[name].dtype == torch.float32, name
     real = torch.arange(C)[None, :] >= C - batch["length"][:, None]
     assert torch.equal(batch["loss_mask"] > 0, real)  # left-padded, as the contract says
@@ -290,17 +292,17 @@ def test_batches_hold_typed_tensors_of_the_context_length(tiny_features):
 
 def test_wrong_context_length_is_a_clear_error(tiny_features):
     columns = {name: np.zeros((2,) if name in ("user_key", "length") else (2, C), np.int64)
-               for name in TRAINING_COLUMNS}
+               for name in SCHEMA.training_columns}
     with pytest.raises(DataError, match=r"column 'ts' has shape \(2, 8\); expected \[rows, 50\]"):
-        to_tensors(columns, 50)
+        to_tensors(columns, FeatureSpec(context_len=50, stride=50, buckets=SPEC.buckets))
 
 
 def test_missing_split_is_a_clear_error(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="holds no Parquet files"):
-        TrainStream(tmp_path, C, 16, 64, 0, 0, 1)
+        TrainStream(tmp_path, SPEC, 16, 64, 0, 0, 1)
     with pytest.raises(DataError, match="holds no Parquet files"):
-        next(eval_batches(tmp_path, C, 16, 0, 1))
+        next(eval_batches(tmp_path, SPEC, 16, 0, 1))
 
 
 def test_manifest_gives_the_spec_and_refuses_other_versions_and_incomplete_datasets(
@@ -314,3 +316,21 @@ def test_manifest_gives_the_spec_and_refuses_other_versions_and_incomplete_datas
     (tmp_path / "_SUCCESS").unlink()
     with pytest.raises(IncompleteDatasetError):
         read_feature_manifest(tmp_path)
+
+
+def test_a_dataset_of_another_schema_is_read_by_its_own_columns(tiny_watch_features):
+    """The manifest's schema says what the rows hold: the watch log's tables, numerics and tasks,
+    read with their own dtypes, and nothing of the feed's."""
+    manifest, spec = read_feature_manifest(tiny_watch_features)
+    schema = spec.event_schema
+    assert spec == dataset_spec(TINY_WATCH_SPEC) and schema.name == "watch" and not schema.needs_fit
+    batch = next(iter(eval_batches(tiny_watch_features, spec, 16, 0, 1)))
+    assert set(batch) == set(schema.training_columns)
+    assert {"post_id", "origin_post_id", "log_video_s", "follow", "watched", "day_sin"} <= set(batch)
+    assert not {"item_id", "like", "long_dwell", "tod_sin"} & set(batch)
+    for name in schema.id_columns:
+        assert batch[name].dtype == torch.int64 and int(batch[name].max()) < spec.buckets[schema.column_tables[name]]
+    for name in schema.token_float_columns:
+        assert batch[name].dtype == torch.float32, name
+    with TrainStream(tiny_watch_features, spec, 16, 0, 0, 0, 1) as stream:
+        assert set(next(stream)) == set(schema.training_columns)

@@ -19,15 +19,18 @@ import torch
 
 from common.config import ConfigError, load_config
 from common.repo import REPO_ROOT
+from features.schema import SchemaError
 from trainer.checkpoint import (
     COMPLETE_MARKER, UNIVERSAL, checkpoint_root, plan_resume, saved_checkpoints,
 )
 from trainer.config import TrainConfig, deepspeed_config
 from trainer.data import DataError, TrainStream, check_layout, real_rows, row_fingerprints
 from trainer.train import resolved_shards
-from training_fixtures import checkpoint_weights
+from training_fixtures import TINY_SPEC, TINY_WATCH_SPEC, checkpoint_weights
 
-C = 8  # the tiny dataset's context length (conftest.TINY_SPEC)
+SPEC = TINY_SPEC
+"""The tiny dataset's spec (training_fixtures)."""
+FEED = SPEC.event_schema
 
 
 def trained_ids(batch) -> list[int]:
@@ -38,7 +41,7 @@ def trained_ids(batch) -> list[int]:
 
 def rank_steps(features, rank: int, world: int, steps: int, shards: int = 0, batch: int = 32,
                skip: int = 0, shuffle_buffer: int = 24, seed: int = 5) -> list[list[int]]:
-    with TrainStream(features, C, batch, shuffle_buffer, seed, rank, world, shards,
+    with TrainStream(features, SPEC, batch, shuffle_buffer, seed, rank, world, shards,
                      skip_steps=skip) as stream:
         return [trained_ids(next(stream)) for _ in range(steps)]
 
@@ -99,15 +102,16 @@ def test_world_sizes_that_cannot_split_the_order_fail_naming_the_key(tiny_featur
     with pytest.raises(ConfigError, match="resume with data.shards=2"):
         resolved_shards(explicit, 1, saved)
     with pytest.raises(DataError, match="fewer than the 300 shards"):
-        TrainStream(tiny_features, C, 300, 0, 0, 0, 1, 300)
+        TrainStream(tiny_features, SPEC, 300, 0, 0, 0, 1, 300)
 
 
-def fake_checkpoint(run: Path, step: int, world: int, partitioned: bool) -> None:
+def fake_checkpoint(run: Path, step: int, world: int, partitioned: bool, spec=SPEC) -> None:
     """The files resume planning looks at: the marker and, for ZeRO, the per-rank optimizer slices."""
     tag = checkpoint_root(run) / f"step{step:08d}"
     tag.mkdir(parents=True)
     data = {"steps": step, "shards": 2, "seed": 0, "batch_size": 16, "shuffle_buffer": 16}
-    (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world": world, "data": data}))
+    (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world": world, "data": data,
+                                                   "spec": spec.record()}))
     for rank in range(world if partitioned else 0):
         (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
 
@@ -116,13 +120,13 @@ def test_resume_plans_the_universal_form_only_for_partitioned_state_on_another_w
     zero1 = tmp_path / "zero1"
     fake_checkpoint(zero1, 4, 2, partitioned=True)
     fake_checkpoint(zero1, 8, 1, partitioned=True)
-    on_two = plan_resume(zero1, 2)
+    on_two = plan_resume(zero1, 2, FEED)
     assert on_two.universal and [c.step for c in on_two.candidates] == [8, 4]
-    on_one = plan_resume(zero1, 1)
+    on_one = plan_resume(zero1, 1, FEED)
     assert not on_one.universal and [c.step for c in on_one.candidates] == [8]  # step 4 needs conversion
     zero0 = tmp_path / "zero0"
     fake_checkpoint(zero0, 4, 2, partitioned=False)
-    plan = plan_resume(zero0, 3)
+    plan = plan_resume(zero0, 3, FEED)
     assert not plan.universal and plan.newest.world == 2  # the whole optimizer state is in one file
 
 
@@ -132,8 +136,27 @@ def test_a_checkpoint_marker_of_another_format_is_skipped_not_fatal(tmp_path, ca
     foreign.mkdir()
     (foreign / COMPLETE_MARKER).write_text(json.dumps({"step": 9}))  # an older version's marker
     assert [saved.step for saved in saved_checkpoints(tmp_path)] == [4]
-    assert plan_resume(tmp_path, 2).newest.step == 4
+    assert plan_resume(tmp_path, 2, FEED).newest.step == 4
     assert "ignoring checkpoint" in caplog.text and "step00000009" in caplog.text
+
+
+def test_a_checkpoint_of_another_schema_cannot_be_resumed_and_the_error_names_the_difference(tmp_path):
+    """Planning reads the schema from the markers, before anything is loaded: a checkpoint trained
+    on the watch log stops a resume on feed features naming the differing keys (the dataset's value
+    first); another table size is a difference too, the same schema with other statistics is not."""
+    fake_checkpoint(tmp_path / "watch", 4, 1, partitioned=False, spec=TINY_WATCH_SPEC)
+    with pytest.raises(SchemaError, match=r"checkpoint .*step00000004.*another event schema.*"
+                                          r"name: 'feed' vs 'watch'; fields.event_id: missing in the second"):
+        plan_resume(tmp_path / "watch", 1, FEED)
+    bigger = dataclasses.replace(SPEC, buckets={**SPEC.buckets, "item_id": 61})
+    fake_checkpoint(tmp_path / "bigger", 4, 1, partitioned=False, spec=bigger)
+    with pytest.raises(SchemaError, match=r"categoricals.item_id.buckets: 31 vs 61"):
+        plan_resume(tmp_path / "bigger", 1, FEED)
+    watch = TINY_WATCH_SPEC.event_schema
+    refit = watch.fitted({"log_video_s": (3.0, 2.0)})
+    fake_checkpoint(tmp_path / "refit", 4, 1, partitioned=False,
+                    spec=TINY_WATCH_SPEC.with_schema(watch.fitted({"log_video_s": (1.0, 0.5)})))
+    assert plan_resume(tmp_path / "refit", 1, refit).newest.step == 4
 
 
 # The real launcher: 2 ranks → 1 → 2.

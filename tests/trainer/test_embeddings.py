@@ -1,6 +1,7 @@
 """The sharded id tables (trainer.embeddings) on real gloo ranks: the same initial rows and the same
 update on 1 or 2 ranks whatever the plan, a checkpoint written by 2 ranks read back by 1, the
-serving model's logits equal to the sharded model's, and clear errors for what cannot work."""
+serving model's logits equal to the sharded model's, a table shared by two columns (the watch
+schema), and clear errors for what cannot work."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from embedding_support import (
 )
 from trainer.embeddings import initial_rows, lookup_input
 from trainer.model import real_tokens, synthetic_batch
-from training_fixtures import TINY_SPEC
+from training_fixtures import TINY_SPEC, TINY_WATCH_SPEC
 
 pytestmark = pytest.mark.slow
 
@@ -75,12 +76,38 @@ def test_column_shards_cannot_resume_as_whole_rows_and_the_error_says_why(tmp_pa
     assert "was saved with shape" in loaded["error"] and "embeddings.sharding" in loaded["error"]
 
 
-@pytest.mark.parametrize("world, sharding", [(1, "table_wise"), (2, "row_wise"), (2, "column_wise")])
-def test_the_served_model_scores_exactly_what_the_sharded_model_scores(world, sharding, tmp_path):
-    result = run_ranks(serving_parity, world, tmp_path, sharding=sharding)[0]
+@pytest.mark.parametrize("world, sharding, schema", [(1, "table_wise", "feed"), (2, "row_wise", "feed"),
+                                                    (2, "column_wise", "feed"), (2, "row_wise", "watch")])
+def test_the_served_model_scores_exactly_what_the_sharded_model_scores(world, sharding, schema, tmp_path):
+    result = run_ranks(serving_parity, world, tmp_path, sharding=sharding, schema=schema)[0]
     assert result["finite_loss"]
     for task, logits in result["sharded"].items():
         assert torch.equal(result["whole"][task], logits), task
+
+
+def test_a_shared_table_is_one_table_read_by_both_columns_on_one_or_two_ranks(tmp_path):
+    """The watch schema's ``origin_post_id`` reads ``post_id``'s rows: one TorchRec table of two
+    feature names, initialised, planned and updated as one table (by both columns' lookups), the
+    same on 1 and 2 ranks."""
+    one = run_ranks(train_steps, 1, tmp_path / "one", sharding="table_wise", optimizer="rowwise_adagrad",
+                    steps=2, schema="watch")[0]
+    two = run_ranks(train_steps, 2, tmp_path / "two", sharding="row_wise", optimizer="rowwise_adagrad",
+                    steps=2, schema="watch")[0]
+    assert one["features"] == {"post_id": ("post_id", "origin_post_id"), "creator_id": ("creator_id",),
+                               "format": ("format",), "country": ("country",)}
+    assert set(one["trained"]) == {"post_id", "creator_id", "format", "country"}
+    assert one["trained"]["post_id"].shape == (31, 16)
+    assert torch.equal(one["initial"]["post_id"], initial_rows(7, "post_id", 0, 31, 16))
+    for table in one["initial"]:
+        assert torch.equal(two["initial"][table], one["initial"][table]), table
+        torch.testing.assert_close(two["trained"][table], one["trained"][table], atol=1e-6, rtol=1e-5)
+    # Rows only origin_post_id looked up were trained too (train_steps' batch), rows nobody read not.
+    batch = synthetic_batch(TINY_WATCH_SPEC, 8, seed=1)
+    real = real_tokens(batch["length"], TINY_WATCH_SPEC.context_len)
+    by_post, by_origin = (set(batch[column][real].tolist()) for column in ("post_id", "origin_post_id"))
+    moved = (one["trained"]["post_id"] - one["initial"]["post_id"]).abs().amax(dim=1) > 0
+    assert by_origin - by_post and all(moved[row] for row in by_origin - by_post)
+    assert not any(moved[row] for row in set(range(31)) - by_post - by_origin)
 
 
 def test_adam_on_cpu_ranks_fails_naming_the_key(tmp_path):

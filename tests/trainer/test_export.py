@@ -1,5 +1,6 @@
-"""Export: round trip with weights-only loading, checksums, the ``latest`` pointer; and
-``sirenfeed evaluate`` on an export, in one process and on 2 ranks."""
+"""Export: round trip with weights-only loading, checksums, the ``latest`` pointer, the event schema
+it records and the refusal of another; and ``sirenfeed evaluate`` on an export, in one process and
+on 2 ranks."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.files import visible_files
-from features.dataset import read_manifest, write_manifest
-from features.spec import FEATURE_SPEC_VERSION
+from features.schema import SchemaError
+from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import DataError, eval_batches
 from trainer.evaluate import main as evaluate_main
 from trainer.export import EXPORT_FILES, ExportError, export_model, load_exported
 from trainer.model import GenerativeRanker, synthetic_batch
+from training_fixtures import as_next_batch
 
 
 @pytest.fixture
@@ -48,6 +49,35 @@ def test_round_trip_gives_identical_logits(exported, tiny_spec):
         assert torch.equal(expected[task], actual[task]), task
     record = json.loads((root / "b" / "feature_spec.json").read_text())
     assert record["version"] == FEATURE_SPEC_VERSION and record["t_ref_seconds"] == 1_714_800_000
+    assert record["spec"] == tiny_spec.record() and FeatureSpec(**record["spec"]) == tiny_spec
+    assert record["schema_fingerprint"] == tiny_spec.event_schema.fingerprint
+
+
+def test_an_export_of_another_schema_is_refused_naming_the_difference(exported, tiny_spec, tiny_watch_spec):
+    _, _, root = exported
+    model, _, spec = load_exported(root / "latest", expected_schema=tiny_spec.event_schema)
+    assert spec == tiny_spec
+    with pytest.raises(SchemaError, match=r"the export .*another event schema than expected: name: 'watch' vs 'feed'"):
+        load_exported(root / "latest", expected_schema=tiny_watch_spec.event_schema)
+    bigger = dataclasses.replace(tiny_spec, buckets={**tiny_spec.buckets, "topic": 13})
+    with pytest.raises(SchemaError, match=r"categoricals.topic.buckets: 13 vs 7"):
+        load_exported(root / "latest", expected_schema=bigger.event_schema)
+
+
+def test_a_watch_model_exports_and_loads_with_its_schema(tmp_path, tiny_watch_spec, tiny_model_overrides):
+    config = load_config(TrainConfig, overrides=[
+        "features=/data/features", f"run={tmp_path / 'run'}", *tiny_model_overrides, "model.categorical_input=true"])
+    model = GenerativeRanker(config.model, tiny_watch_spec, 1_714_800_000).eval()
+    target = export_model(model, config, tiny_watch_spec, config.run, "a", 1)
+    loaded, _, spec = load_exported(target, expected_schema=tiny_watch_spec.event_schema)
+    assert spec == tiny_watch_spec and spec.event_schema.name == "watch"
+    assert set(loaded.id_embeddings) == {"post_id", "creator_id", "format", "country"}
+    batch = synthetic_batch(tiny_watch_spec, 4, seed=3)
+    with torch.no_grad():
+        expected, actual = model(batch), loaded(batch)
+    assert set(actual) == {"follow", "watched"}
+    for task in expected:
+        assert torch.equal(expected[task], actual[task]), task
 
 
 def test_the_export_records_the_anchor_the_weights_use(tmp_path, tiny_spec, tiny_model_overrides):
@@ -124,6 +154,13 @@ def test_evaluate_refuses_features_of_another_spec(exported, feature_writer, tin
         evaluate_main(["--run", config.run, "--features", str(other)])
 
 
+def test_evaluate_refuses_features_of_another_schema_naming_the_difference(exported, tiny_watch_features):
+    _, config, _ = exported
+    with pytest.raises(SchemaError, match=r"the feature dataset .* has another event schema than expected: "
+                                          r"name: 'feed' vs 'watch'"):
+        evaluate_main(["--run", config.run, "--features", str(tiny_watch_features)])
+
+
 @pytest.mark.slow
 def test_export_of_a_run_matches_its_final_checkpoint(trained_run, tiny_features, checkpoint_state, tmp_path):
     """The export's tables are the sharded tables gathered whole, its dense weights DeepSpeed's."""
@@ -131,24 +168,11 @@ def test_export_of_a_run_matches_its_final_checkpoint(trained_run, tiny_features
     trained = GenerativeRanker(config.model, spec, 0)
     trained.load_state_dict(checkpoint_state(trained_run.run / "checkpoints" / "step00000032", tmp_path))
     trained.eval()
-    batch = next(eval_batches(tiny_features, spec.context_len, 32, 0, 1))
+    batch = next(eval_batches(tiny_features, spec, 32, 0, 1))
     with torch.no_grad():
         expected, actual = trained(batch), exported_model(batch)
     for task in expected:
         assert torch.equal(expected[task], actual[task]), task
-
-
-def as_next_batch(root):
-    """Catalogue a written feature dataset as feature batch 1, the layout an incremental append
-    leaves, so a warm start from a checkpoint trained through batch 0 trains on it."""
-    manifest = read_manifest(root)
-    files = {split: [str(path.relative_to(root)) for path in visible_files(root / split)]
-             for split in ("train", "eval")}
-    manifest["batches"] = [{"index": 1, "name": "b000001", "watermark_ms": manifest["watermark_ms"],
-                            "max_event_ms": manifest["watermark_ms"], "split_ts_ms": manifest["split_ts_ms"],
-                            "files": files}]
-    write_manifest(root, manifest)
-    return root
 
 
 @pytest.mark.slow
@@ -176,7 +200,7 @@ def test_a_warm_start_exports_the_anchor_of_its_checkpoint(trained_run, feature_
     trained = GenerativeRanker(config.model, spec, fresh_watermark)
     trained.load_state_dict(checkpoint_state(final, tmp_path))
     trained.eval()
-    batch = next(eval_batches(fresh, spec.context_len, 32, 0, 1))
+    batch = next(eval_batches(fresh, spec, 32, 0, 1))
     with torch.no_grad():
         expected, actual = trained(batch), exported_model(batch)
     for task in expected:

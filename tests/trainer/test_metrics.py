@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.metrics import (
-    TASKS, EvalAccumulator, binary_metrics, clustered_mean, event_log_loss, format_table,
-)
+from features.schema import load_schema
+from trainer.metrics import EvalAccumulator, binary_metrics, clustered_mean, event_log_loss, format_table
+
+TASKS = load_schema("feed").label_columns
 
 
 def brute_force_auc(pred, label):
@@ -165,7 +166,7 @@ def random_batches(seed, batches=3, rows=6, context=5):
 
 def test_accumulator_keeps_masked_tokens_and_merge_equals_one_pass():
     batches = random_batches(seed=1)
-    whole, first, second = EvalAccumulator(), EvalAccumulator(), EvalAccumulator()
+    whole, first, second = EvalAccumulator(TASKS), EvalAccumulator(TASKS), EvalAccumulator(TASKS)
     for index, batch in enumerate(batches):
         whole.add(*batch)
         (first if index < 1 else second).add(*batch)
@@ -178,21 +179,21 @@ def test_accumulator_keeps_masked_tokens_and_merge_equals_one_pass():
     probs, labels, mask, user_key = batches[0]
     keep = mask.numpy() == 1
     users = np.broadcast_to(user_key.numpy()[:, None], keep.shape)[keep]
-    single = EvalAccumulator()
+    single = EvalAccumulator(TASKS)
     single.add(probs, labels, mask, user_key)
     direct = binary_metrics(probs["like"].double().numpy()[keep], labels["like"].numpy()[keep], users)
     assert single.compute()["like"] == direct
 
 
 def test_gather_without_a_process_group_is_a_no_op():
-    accumulator = EvalAccumulator()
+    accumulator = EvalAccumulator(TASKS)
     accumulator.add(*random_batches(seed=2, batches=1)[0])
     assert accumulator.gather() is accumulator
 
 
 def test_accumulator_rejects_bad_batches():
     probs, labels, mask, user_key = random_batches(seed=3, batches=1)[0]
-    accumulator = EvalAccumulator()
+    accumulator = EvalAccumulator(TASKS)
     with pytest.raises(ValueError, match="missing"):
         accumulator.add({"like": probs["like"]}, labels, mask, user_key)
     with pytest.raises(ValueError, match="user_key"):
@@ -216,7 +217,7 @@ def gather_worker(rank, world, port, scenarios, out_dir):
     try:
         results = []
         for per_rank_batches in scenarios:
-            accumulator = EvalAccumulator()
+            accumulator = EvalAccumulator(TASKS)
             for batch in per_rank_batches[rank]:
                 accumulator.add(*batch)
             gathered = accumulator.gather()
@@ -241,7 +242,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for rank in range(2):
         results = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
         for (local_count, gathered_count, metrics), per_rank_batches in zip(results, scenarios):
-            single = EvalAccumulator()
+            single = EvalAccumulator(TASKS)
             for batch in per_rank_batches[0] + per_rank_batches[1]:
                 single.add(*batch)
             assert local_count == sum(int(b[2].sum()) for b in per_rank_batches[rank])

@@ -1,5 +1,6 @@
 """The generative ranker: config checks, variants, causality (no label leakage), padding, precision,
-the masked multi-task loss and optimizer parameter groups."""
+the masked multi-task loss and optimizer parameter groups; the layout and causality of a model of
+the watch schema (a shared table, two tasks of its own)."""
 
 from dataclasses import dataclass, field
 
@@ -10,27 +11,39 @@ import torch.nn.functional as F
 from model_support import randomised as large_random_weights
 
 from common.config import ConfigError, load_config
-from features.spec import ACTION_COLUMNS, ID_COLUMNS, LABEL_COLUMNS, FeatureSpec
+from features.spec import FeatureSpec
 from trainer.model import (
     CausalSelfAttention, GenerativeRanker, ModelConfig, attention_mask, masked_multitask_loss,
-    parameter_groups, real_tokens, synthetic_batch,
+    parameter_groups, real_tokens, resolve_task_weights, synthetic_batch,
 )
 from trainer.rotary import TimeFeatures, rotate, unit_rotations
 from trainer.variants import VARIANTS, variant_overrides
 
 T_REF = 1_700_000_000
 SMALL = {"d_model": 32, "n_heads": 2}
+SPECS = {
+    "feed": FeatureSpec(context_len=12, stride=12,
+                        buckets={"item_id": 101, "author_id": 53, "content_type": 7, "topic": 11, "surface": 5}),
+    "watch": FeatureSpec(context_len=12, stride=12, schema="watch",
+                         buckets={"post_id": 101, "creator_id": 53, "format": 8, "country": 11}),
+}
+FEED = SPECS["feed"].event_schema
+ID_COLUMNS, LABEL_COLUMNS = FEED.id_columns, FEED.label_columns
 
 
 @pytest.fixture(scope="module")
 def spec():
-    buckets = {"item_id": 101, "author_id": 53, "content_type": 7, "topic": 11, "surface": 5}
-    return FeatureSpec(context_len=12, stride=12, buckets=buckets)
+    return SPECS["feed"]
 
 
 @pytest.fixture(scope="module")
 def batch(spec):
     return synthetic_batch(spec, 8, seed=5, start_seconds=T_REF - 86_400)
+
+
+def schema_batch(schema: str):
+    """The ``batch`` fixture's rows for the spec of ``schema``."""
+    return synthetic_batch(SPECS[schema], 8, seed=5, start_seconds=T_REF - 86_400)
 
 
 def small_model(spec, seed=0, **overrides):
@@ -59,7 +72,6 @@ class Root:
     ("model.dropout=1.0", "model.dropout"),
     ("model.angles_per_pair=3", "model.angles_per_pair"),
     ("model.categorical_input=true", "model.categorical_input"),
-    ("model.task_weights.ctr=1.0", "model.task_weights"),
     ("model.task_weights.like=-1", "model.task_weights.like"),
     ("model.rope_base=1", "model.rope_base"),
     ("model.time_horizon_years=0", "model.time_horizon_years"),
@@ -69,6 +81,22 @@ def test_bad_config_fails_naming_the_key(override, key):
     overrides = [override, "model.rotary=ordinal"] if key == "model.categorical_input" else [override]
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(Root, overrides=overrides)
+
+
+def test_task_weights_are_the_schemas_with_overrides_and_keys_are_checked_against_it(spec):
+    assert resolve_task_weights(ModelConfig(), FEED) == {"contribution": 1.0, "like": 1.0, "long_dwell": 1.0}
+    watch = SPECS["watch"].event_schema
+    assert resolve_task_weights(ModelConfig(), watch) == {"follow": 2.0, "watched": 1.0}
+    assert resolve_task_weights(ModelConfig(task_weights={"watched": 0.5}), watch) == {"follow": 2.0, "watched": 0.5}
+    assert small_model(spec, task_weights={"like": 0.0}).task_weights == {
+        "contribution": 1.0, "like": 0.0, "long_dwell": 1.0}
+    # Which tasks there are is the schema's to say: a key of another schema fails at model build.
+    with pytest.raises(ConfigError, match="'model.task_weights.ctr'.*not a task of schema 'feed'"):
+        small_model(spec, task_weights={"ctr": 1.0})
+    with pytest.raises(ConfigError, match="'model.task_weights.like'.*not a task of schema 'watch'"):
+        resolve_task_weights(ModelConfig(task_weights={"like": 1.0}), watch)
+    with pytest.raises(ConfigError, match="'model.task_weights'.*must not all be 0"):
+        resolve_task_weights(ModelConfig(task_weights={"follow": 0.0, "watched": 0.0}), watch)
 
 
 def test_siren_needs_a_branch():
@@ -162,36 +190,45 @@ def perturbed(batch, columns, start, seed):
     return changed
 
 
+@pytest.mark.parametrize("schema", sorted(SPECS))
 @pytest.mark.parametrize("rotary", ["siren", "to_rope", "ordinal"])
-def test_no_leakage_from_a_tokens_own_or_later_actions_and_labels(spec, batch, rotary):
+def test_no_leakage_from_a_tokens_own_or_later_actions_and_labels(schema, rotary):
+    spec, batch = SPECS[schema], schema_batch(schema)
+    tasks = spec.event_schema.label_columns
     model = small_model(spec, rotary=rotary)
-    columns = sorted(set(ACTION_COLUMNS + LABEL_COLUMNS + ("loss_mask",)))
+    columns = sorted(set(spec.event_schema.action_columns + tasks + ("loss_mask",)))
     forward_checks = 0
     with torch.no_grad():
         base = model(batch)
         for position in (0, 4, 8, 11):
             changed = model(perturbed(batch, columns, position, seed=position))
-            for task in LABEL_COLUMNS:
+            for task in tasks:
                 seen = slice(0, position + 1)
                 assert torch.allclose(changed[task][:, seen], base[task][:, seen], atol=1e-6)
             real = batch["loss_mask"][:, position] > 0
             if position < 11 and real.any():
                 # The actions do flow forward: the next token sees them.
-                assert (changed["like"][real, position + 1] != base["like"][real, position + 1]).all()
+                first = tasks[0]
+                assert (changed[first][real, position + 1] != base[first][real, position + 1]).all()
                 forward_checks += 1
     assert forward_checks >= 2
 
 
+@pytest.mark.parametrize("schema", sorted(SPECS))
 @pytest.mark.parametrize("rotary", ["siren", "to_rope"])
-def test_later_timestamps_do_not_move_earlier_predictions(spec, batch, rotary):
-    model = sharpened(small_model(spec, rotary=rotary))
+def test_later_timestamps_do_not_move_earlier_predictions(schema, rotary):
+    spec, batch = SPECS[schema], schema_batch(schema)
+    # Sharp enough that a moved angle shows in the later logits of either schema's small model.
+    model = sharpened(small_model(spec, rotary=rotary), scale=40.0)
     later = {**batch, "ts": batch["ts"].clone()}
     later["ts"][:, 9:] += torch.where(batch["ts"][:, 9:] > 0, 365 * 86_400, 0)
     with torch.no_grad():
         base, changed = model(batch), model(later)
-    assert torch.allclose(changed["like"][:, :9], base["like"][:, :9], atol=1e-5)
     real = batch["loss_mask"][:, 9:] > 0
-    assert (changed["like"][:, 9:][real] - base["like"][:, 9:][real]).abs().max() > 1e-3
+    for task in spec.event_schema.label_columns:
+        assert torch.allclose(changed[task][:, :9], base[task][:, :9], atol=1e-5), task
+    assert max((changed[task][:, 9:][real] - base[task][:, 9:][real]).abs().max()
+               for task in spec.event_schema.label_columns) > 1e-3
 
 
 def randomised(model, seed, gain=3.0):
@@ -216,13 +253,15 @@ def dropping_newest(batch, count):
     return shorter
 
 
+@pytest.mark.parametrize("schema", sorted(SPECS))
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 @pytest.mark.parametrize("appended", [1, 3])
-def test_appending_later_tokens_never_changes_an_earlier_prediction(spec, name, appended):
+def test_appending_later_tokens_never_changes_an_earlier_prediction(schema, name, appended):
     """Token i is predicted from tokens < i only: the same row with ``appended`` later tokens gives
     every earlier token the same logits (aligned by token, not by column: rows are left-padded, so
     appending shifts the earlier tokens left), for every rotary variant and the time-in-embedding
-    controls, with large random weights."""
+    controls, with large random weights, for the feed and the watch schema."""
+    spec = SPECS[schema]
     model = randomised(small_model(spec, **VARIANTS[name]), seed=11)
     rows = synthetic_batch(spec, 24, seed=23, start_seconds=T_REF - 86_400)
     keep = rows["length"] > appended
@@ -232,7 +271,8 @@ def test_appending_later_tokens_never_changes_an_earlier_prediction(spec, name, 
     assert earlier.sum() > 50
     with torch.no_grad():
         before, after = model(shorter), model(longer)
-    for task in LABEL_COLUMNS:
+    assert set(before) == set(spec.event_schema.label_columns)
+    for task in spec.event_schema.label_columns:
         expected, actual = before[task][:, appended:][earlier], after[task][:, :-appended][earlier]
         change = (actual - expected).abs().max() / expected.abs().max()
         assert change < 1e-4, f"{name}: an appended token moved an earlier {task} logit by {change:.2e}"
@@ -308,7 +348,7 @@ def test_loss_applies_task_weights(batch):
 
 def test_gradient_reaches_omega_lambda_and_both_branches(spec, batch):
     model = small_model(spec).train()
-    loss, _ = masked_multitask_loss(model(batch), batch, model.config.task_weights)
+    loss, _ = masked_multitask_loss(model(batch), batch, model.task_weights)
     loss.backward()
     rotary = model.rotary
     for parameter in (rotary.omega, rotary.ordinal_gate, rotary.siren.hidden[0].weight,
@@ -353,3 +393,41 @@ def test_rotary_parameter_share_of_the_default_model():
     assert rotary == sum(p.numel() for p in model.rotary.parameters()) == 11_185
     assert total == sum(p.numel() for p in model.parameters())
     assert rotary / total < 0.003
+
+
+def test_a_watch_model_has_one_table_per_schema_table_and_the_schemas_heads_and_weights():
+    spec = SPECS["watch"]
+    model = small_model(spec, categorical_input=True)
+    assert {table: tuple(embedding.weight.shape) for table, embedding in model.id_embeddings.items()} == {
+        "post_id": (101, 32), "creator_id": (53, 32), "format": (8, 32), "country": (11, 32)}
+    assert model.continuous_projection.in_features == 3  # log_gap, log_item_age, log_video_s
+    assert model.previous_action_projection.in_features == 4  # hide, follow, log_watch, pending
+    assert model.heads.out_features == 2 and model.task_weights == {"follow": 2.0, "watched": 1.0}
+    assert model.rotary.time_features.cyclical_columns == ("day_sin", "day_cos", "week_sin", "week_cos")
+    assert list(model.rotary.metadata) == ["format", "country"]
+    batch = schema_batch("watch")
+    with torch.no_grad():
+        logits = model(batch)
+    assert set(logits) == {"follow", "watched"}
+    total, per_task = masked_multitask_loss(logits, batch, model.task_weights)
+    assert torch.allclose(total, 2.0 * per_task["follow"] + per_task["watched"])
+
+
+def test_both_columns_of_a_shared_table_read_the_same_rows():
+    """``origin_post_id`` reads ``post_id``'s table: swapping the two columns' ids leaves every
+    token's summed embedding, hence every logit, exactly as it was (with a table each it would not),
+    while changing a token's origin post changes its prediction."""
+    spec = SPECS["watch"]
+    model = randomised(small_model(spec), seed=3)
+    batch = schema_batch("watch")
+    swapped = {**batch, "post_id": batch["origin_post_id"], "origin_post_id": batch["post_id"]}
+    moved = {**batch, "origin_post_id": batch["origin_post_id"].clone()}
+    moved["origin_post_id"][:, 6] = torch.where(batch["origin_post_id"][:, 6] > 0,
+                                                batch["origin_post_id"][:, 6] % 100 + 1, 0)
+    real = batch["loss_mask"][:, 6] > 0
+    assert real.any() and (batch["post_id"] != batch["origin_post_id"]).any()
+    with torch.no_grad():
+        base, after_swap, after_move = model(batch), model(swapped), model(moved)
+    for task in base:
+        assert torch.equal(after_swap[task], base[task]), task
+        assert (after_move[task][real, 6] != base[task][real, 6]).all(), task

@@ -242,7 +242,7 @@ def test_two_hosts_in_separate_network_namespaces_train_as_one_world(
 def test_two_nodes_train_on_the_global_batches_of_a_single_rank(two_nodes, one_group_features, tiny_spec):
     """The world size changes who reads a row, never which rows form global batch k."""
     traces = [read_trace(two_nodes.run, rank) for rank in range(2)]
-    with TrainStream(one_group_features, tiny_spec.context_len, BATCH, 16, 0, 0, 1, shards=2) as stream:
+    with TrainStream(one_group_features, tiny_spec, BATCH, 16, 0, 0, 1, shards=2) as stream:
         for step in range(STEPS):
             batch = next(stream)
             real = real_rows(batch).numpy()

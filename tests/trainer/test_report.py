@@ -12,7 +12,7 @@ import torch
 from trainer.evaluate import METRICS_FILE
 from trainer.model import GenerativeRanker, ModelConfig, synthetic_batch
 from trainer.report import GAP_LABELS, gap_bucket, main, ne_by_bucket, read_history, temporal_angles
-from trainer.rotary import METADATA_COLUMNS, YEAR_SECONDS
+from trainer.rotary import YEAR_SECONDS
 from trainer.train import HISTORY_FILE
 from trainer.variants import VARIANTS
 
@@ -82,7 +82,7 @@ def test_gap_buckets_and_bucket_ne():
     tokens.update({task: label for task in ("contribution", "like", "long_dwell")})
     bucket = np.repeat([0, 1], 200)
     bucket[:5] = 2
-    values = ne_by_bucket(tokens, bucket, 3, min_tokens=50)
+    values = ne_by_bucket(tokens, ("contribution", "like", "long_dwell"), bucket, 3, min_tokens=50)
     assert values["count"].tolist() == [195, 200, 5]
     assert values["like"][0] < 1.0 and values["like"][1] < 1.0 and np.isnan(values["like"][2])
 
@@ -96,18 +96,19 @@ def test_temporal_angles_are_the_models_own(tiny_spec, name):
     config = ModelConfig(**VARIANTS[name], d_model=32, n_heads=2, time_horizon_years=0.5)
     model = GenerativeRanker(config, tiny_spec, t_ref)
     batch = synthetic_batch(tiny_spec, 6, seed=1, start_seconds=t_ref + int(0.4 * YEAR_SECONDS))
-    batch.update({column: torch.zeros_like(batch[column]) for column in METADATA_COLUMNS})
-    rotary = model.rotary
+    schema = tiny_spec.event_schema
+    batch.update({column: torch.zeros_like(batch[column]) for column in schema.rotary_categoricals})
+    rotary, periods = model.rotary, schema.periods
     with torch.no_grad():
         angles = rotary(batch)
         if rotary.ordinal_gate is not None:
             angles = angles - rotary.ordinal_gate * rotary.ordinal_angles(batch)
     real = batch["ts"] > 0
     expected = angles[real].numpy()
-    assert np.allclose(temporal_angles(rotary, batch["ts"][real].numpy()), expected, atol=1e-5)
-    beyond = temporal_angles(rotary, batch["ts"][real].numpy() + int(YEAR_SECONDS))
+    assert np.allclose(temporal_angles(rotary, periods, batch["ts"][real].numpy()), expected, atol=1e-5)
+    beyond = temporal_angles(rotary, periods, batch["ts"][real].numpy() + int(YEAR_SECONDS))
     # A year later everything lies past the horizon: only the cyclical inputs still move f.
     assert not np.allclose(beyond, expected, atol=1e-3)
     at_horizon = t_ref + int(0.5 * YEAR_SECONDS) + np.arange(0, 7 * 86_400 * 52, 7 * 86_400)
-    same_phase = temporal_angles(rotary, at_horizon + 7 * 86_400 * 3)
-    assert np.allclose(same_phase, temporal_angles(rotary, at_horizon), atol=1e-4)
+    same_phase = temporal_angles(rotary, periods, at_horizon + 7 * 86_400 * 3)
+    assert np.allclose(same_phase, temporal_angles(rotary, periods, at_horizon), atol=1e-4)

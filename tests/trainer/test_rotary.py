@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from features.spec import ID_COLUMNS, FeatureSpec, cyclical
+from common.config import ConfigError
+from features.spec import FeatureSpec, cyclical
 from trainer.model import GenerativeRanker, ModelConfig, build_rotary, synthetic_batch
 from trainer.rotary import (
-    METADATA_COLUMNS, METADATA_EMBEDDING_DIM, TIME_FEATURE_COUNT, OrdinalRoPE, Siren, TimeFeatures,
-    rotate, unit_rotations,
+    METADATA_EMBEDDING_DIM, OrdinalRoPE, Siren, TimeFeatures, rotate, unit_rotations,
 )
 from trainer.variants import VARIANTS
 
 T_REF = 1_700_000_000
 YEAR = 365.25 * 86_400
+FEED_CYCLICAL = ("tod_sin", "tod_cos", "dow_sin", "dow_cos")
+"""The feed schema's ``rotary_cyclical_columns``."""
 
 
 @pytest.fixture(scope="module")
@@ -81,19 +83,21 @@ def test_rotation_is_fp32_for_bf16_inputs():
 
 
 def test_time_features_match_their_definition(spec, batch):
-    features = TimeFeatures(T_REF, horizon_years=2.0)(batch)
+    assert spec.event_schema.rotary_cyclical_columns == FEED_CYCLICAL
+    module = TimeFeatures(T_REF, 2.0, FEED_CYCLICAL)
+    features = module(batch)
     ts = batch["ts"].numpy()
-    cyc = cyclical(ts)
+    cyc = cyclical(ts, {"tod": 86_400, "dow": 604_800})
     expected = np.stack([(ts - T_REF) / YEAR, cyc["tod_sin"], cyc["tod_cos"], cyc["dow_sin"],
                          cyc["dow_cos"]], axis=-1) * (ts > 0)[..., None]
-    assert features.shape[-1] == TIME_FEATURE_COUNT == 5 and features.dtype == torch.float32
+    assert features.shape[-1] == module.count == 5 and features.dtype == torch.float32
     assert np.allclose(features.numpy(), expected, atol=1e-5)
     assert (features[batch["ts"] == 0] == 0).all() and (batch["ts"] == 0).any()
 
 
 def test_time_features_depend_on_the_tokens_own_time_only(batch):
     """No position in x_i: the same token gets the same features in any column of any row."""
-    features = TimeFeatures(T_REF, horizon_years=2.0)
+    features = TimeFeatures(T_REF, 2.0, FEED_CYCLICAL)
     shifted = {column: values[:, 1:] if values.ndim == 2 else values for column, values in batch.items()}
     assert torch.equal(features(shifted), features(batch)[:, 1:])
 
@@ -101,7 +105,7 @@ def test_time_features_depend_on_the_tokens_own_time_only(batch):
 def test_time_offset_is_clamped_to_the_horizon(batch):
     """t̃ saturates at ± H years, however far incremental training runs from T_ref; the cyclical
     terms are untouched."""
-    features = TimeFeatures(T_REF, horizon_years=1.5)
+    features = TimeFeatures(T_REF, 1.5, FEED_CYCLICAL)
     real = batch["ts"] > 0
     for years, expected in ((5.0, 1.5), (-4.0, -1.5), (1.0, 1.0)):
         moved = {**batch, "ts": torch.where(real, batch["ts"] + int(years * YEAR), 0)}
@@ -296,8 +300,32 @@ def test_rotary_parameter_count(spec):
     branch = (inputs * width + width) + (width * width + width) + (width * outputs + outputs)
     assert sum(p.numel() for p in rotary.parameters()) == 2 * branch + outputs + 1
     categorical = build_rotary(variant_config("siren_categorical"), spec, T_REF)
-    extra_inputs = len(METADATA_COLUMNS) * METADATA_EMBEDDING_DIM
-    tables = sum(spec.buckets[column] for column in METADATA_COLUMNS) * METADATA_EMBEDDING_DIM
+    metadata = ("content_type", "topic", "surface")
+    assert spec.event_schema.rotary_categoricals == metadata
+    extra_inputs = len(metadata) * METADATA_EMBEDDING_DIM
+    tables = sum(spec.buckets[column] for column in metadata) * METADATA_EMBEDDING_DIM
     assert sum(p.numel() for p in categorical.parameters()) == (
         2 * branch + 2 * extra_inputs * width + tables + outputs + 1)
-    assert set(METADATA_COLUMNS) < set(ID_COLUMNS)
+
+
+def test_the_watch_schemas_rotary_inputs_are_its_own_periods_and_categoricals():
+    """x_i = [t̃, day_sin, day_cos, week_sin, week_cos] from the watch log's local-time columns, and
+    with categorical inputs the format and country embeddings (sized by their tables)."""
+    spec = FeatureSpec(context_len=10, stride=10, schema="watch", buckets={"format": 8, "country": 17})
+    rotary = build_rotary(variant_config("siren_categorical"), spec, T_REF)
+    assert rotary.time_features.cyclical_columns == ("day_sin", "day_cos", "week_sin", "week_cos")
+    assert {column: embedding.num_embeddings for column, embedding in rotary.metadata.items()} == {
+        "format": 8, "country": 17}
+    assert rotary.siren.hidden[0].in_features == 5 + 2 * METADATA_EMBEDDING_DIM
+    batch = synthetic_batch(spec, 4, seed=2, start_seconds=T_REF - 86_400)
+    x = rotary.inputs(batch)
+    assert torch.equal(x[..., :5], TimeFeatures(T_REF, 2.0, rotary.time_features.cyclical_columns)(batch))
+    assert rotary(batch).shape == (4, 10, 16)
+
+
+def test_categorical_input_needs_rotary_categoricals_in_the_schema(spec):
+    schema = spec.event_schema.to_dict()
+    schema["rotary"]["categoricals"] = []
+    bare = FeatureSpec(context_len=10, stride=10, schema=schema)
+    with pytest.raises(ConfigError, match="'model.categorical_input'.*no rotary.categoricals"):
+        build_rotary(variant_config("siren_categorical"), bare, T_REF)

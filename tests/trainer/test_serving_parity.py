@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from features.spec import LABEL_COLUMNS
 from trainer.evaluate import METRICS_FILE
 from trainer.export import load_exported
 from trainer.metrics import binary_metrics
@@ -23,7 +22,7 @@ import numpy as np
 from trainer.export import load_exported
 from trainer.report import score_eval_tokens
 model, config, spec = load_exported(sys.argv[1] + "/export/latest")
-tokens = score_eval_tokens(model, config.features, spec.context_len, config.data.eval_batch_size)
+tokens = score_eval_tokens(model, config.features, spec, config.data.eval_batch_size)
 np.savez(sys.argv[2], **tokens)
 """
 
@@ -40,8 +39,8 @@ def test_fresh_process_scores_equal_the_trainers_evaluation(trained_run, tmp_pat
     # another batch size only reorders float sums inside the kernels.
     model, config, spec = load_exported(trained_run.run / "export" / "latest")
     with torch.no_grad():
-        here = score_eval_tokens(model, config.features, spec.context_len, config.data.eval_batch_size)
-        regrouped = score_eval_tokens(model, config.features, spec.context_len, batch_size=7)
+        here = score_eval_tokens(model, config.features, spec, config.data.eval_batch_size)
+        regrouped = score_eval_tokens(model, config.features, spec, batch_size=7)
     for name, values in here.items():
         assert np.array_equal(values, fresh[name]), name
         assert np.allclose(regrouped[name], fresh[name], rtol=1e-5, atol=1e-7), name
@@ -49,7 +48,7 @@ def test_fresh_process_scores_equal_the_trainers_evaluation(trained_run, tmp_pat
     # And the metrics the trainer computed on 2 ranks with its DeepSpeed engine at the end of training
     # (each rank batches its own shard, so predictions agree to float32 rounding, not bit for bit).
     trainer_metrics = json.loads((trained_run.run / METRICS_FILE).read_text())["metrics"]
-    for task in LABEL_COLUMNS:
+    for task in spec.event_schema.label_columns:
         mine = binary_metrics(fresh[f"pred_{task}"], fresh[task], fresh["user_key"])
         for metric in ("ne", "auc", "gauc", "ece", "count"):
             assert mine[metric] == pytest.approx(trainer_metrics[task][metric], rel=1e-6, abs=1e-9), (task, metric)

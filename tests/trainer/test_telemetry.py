@@ -10,8 +10,10 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.metrics import start_metrics_server
-from trainer.metrics import TASKS
+from features.schema import load_schema
 from trainer.telemetry import TrainerTelemetry
+
+TASKS = load_schema("feed").label_columns
 
 
 def free_port():
@@ -30,7 +32,7 @@ def scrape(port):
 
 @pytest.fixture
 def telemetry():
-    served = TrainerTelemetry(port=free_port())
+    served = TrainerTelemetry(TASKS, port=free_port())
     yield served
     served.close()
 
@@ -66,7 +68,7 @@ def test_recorded_values_appear_in_a_scrape(telemetry):
 
 
 def test_instances_have_separate_registries(telemetry):
-    other = TrainerTelemetry(port=0)
+    other = TrainerTelemetry(TASKS, port=0)
     other.on_step(step=7, loss=1.0, samples_per_s=1.0, tokens_per_s=1.0, data_wait=0.5, lam=1.0)
     telemetry.on_step(step=9, loss=2.0, samples_per_s=1.0, tokens_per_s=1.0, data_wait=0.5, lam=1.0)
     assert scrape(telemetry.server.port)[("sirenfeed_trainer_step", ())] == 9
@@ -75,7 +77,7 @@ def test_instances_have_separate_registries(telemetry):
 
 
 def test_port_zero_starts_nothing():
-    telemetry = TrainerTelemetry(port=0)
+    telemetry = TrainerTelemetry(TASKS, port=0)
     assert telemetry.server is None
     assert start_metrics_server(0, registry=telemetry.registry) is None
     telemetry.on_checkpoint(step=1)  # recording still works without a server
@@ -85,12 +87,12 @@ def test_port_zero_starts_nothing():
 
 def test_close_frees_the_port():
     port = free_port()
-    TrainerTelemetry(port=port).close()
-    reopened = TrainerTelemetry(port=port)
+    TrainerTelemetry(TASKS, port=port).close()
+    reopened = TrainerTelemetry(TASKS, port=port)
     assert scrape(port)[("sirenfeed_trainer_step", ())] == 0
     reopened.close()
 
 
 def test_bad_port_is_rejected():
     with pytest.raises(ValueError, match="port"):
-        TrainerTelemetry(port=70000)
+        TrainerTelemetry(TASKS, port=70000)

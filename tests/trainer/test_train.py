@@ -1,5 +1,6 @@
 """Training: config, schedule and DeepSpeed settings; a real 2-rank ``deepspeed`` run that learns,
-checkpoints and exports; resume equal to an uninterrupted run."""
+checkpoints and exports; resume equal to an uninterrupted run; no resume or warm start across event
+schemas."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import pickle
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,12 +18,13 @@ import torch
 
 from common.config import ConfigError, load_config
 from common.repo import REPO_ROOT
-from features.spec import ID_COLUMNS
+from features.spec import FeatureSpec
 from trainer.checkpoint import COMPLETE_MARKER, CheckpointError, complete_tags, weights_only_loads
 from trainer.config import ScheduleConfig, TrainConfig, deepspeed_config, lr_factor
 from trainer.launch import main as train_main
 from trainer.launcher import deepspeed_command, launch_env
 from trainer.train import check_resumable
+from training_fixtures import TINY_SPEC, TINY_WATCH_SPEC, as_next_batch
 
 REQUIRED = ["features=/data/features", "run=/data/run"]
 
@@ -166,6 +169,8 @@ def test_two_rank_run_learns_checkpoints_and_exports(trained_run):
     assert sorted(path.name for path in (checkpoints / "step00000032" / "tables").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert state["data"] == {"steps": 32, "shards": 2, "seed": 0, "batch_size": 32, "shuffle_buffer": 64}
+    marker = json.loads((checkpoints / "step00000032" / COMPLETE_MARKER).read_text())
+    assert FeatureSpec(**marker["spec"]) == TINY_SPEC  # what a resume or warm start checks its data against
     assert state["metrics"]["contribution"]["ne"] == pytest.approx(metrics["metrics"]["contribution"]["ne"])
 
     export = trained_run.run / "export" / "latest"
@@ -210,9 +215,60 @@ def test_dense_tables_train_inside_the_deepspeed_model(trained_run, launch, tmp_
     state = torch.load(tmp_path / "dense" / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt",
                        weights_only=True)
     assert {name for name in state["module"] if name.startswith("id_embeddings.")} == {
-        f"id_embeddings.{column}.weight" for column in ID_COLUMNS}
+        f"id_embeddings.{table}.weight" for table in TINY_SPEC.buckets}
     assert not (tmp_path / "dense" / "checkpoints" / "step00000004" / "tables").exists()
     dense = torch.load(tmp_path / "dense" / "export" / "latest" / "model.pt", weights_only=True)
     sharded = torch.load(trained_run.run / "export" / "latest" / "model.pt", weights_only=True)
     assert {name: tensor.shape for name, tensor in dense.items()} == {
         name: tensor.shape for name, tensor in sharded.items()}
+
+
+def failed_launch(features: Path, run: Path, *overrides: str) -> str:
+    """``sirenfeed train`` on 2 CPU ranks that must fail; returns its output."""
+    command = [sys.executable, "-m", "sirenfeed.cli", "train", "--features", str(features), "--run", str(run),
+               "--nproc", "2", "--config", str(REPO_ROOT / "conf" / "train.yaml"), *overrides]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_no_resume_or_warm_start_continues_a_checkpoint_of_another_schema(trained_run, feature_writer,
+                                                                           tmp_path):
+    """The feed run's checkpoint on watch features: both a resume and a warm start stop before
+    loading anything, naming the schema keys that differ (the features' value first)."""
+    watch = as_next_batch(feature_writer(tmp_path / "watch", TINY_WATCH_SPEC))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained_run.run / "checkpoints", resumed / "checkpoints")
+    output = failed_launch(watch, resumed, *trained_run.overrides, "train.resume=true")
+    assert "SchemaError" in output and "step00000032" in output
+    assert "has another event schema than expected: name: 'watch' vs 'feed'" in output
+    output = failed_launch(watch, tmp_path / "warm", *trained_run.overrides, "schedule.kind=constant",
+                           "--resume-from", str(trained_run.run))
+    assert "SchemaError" in output and "has another event schema than expected: name: 'watch' vs 'feed'" in output
+    assert not (tmp_path / "warm" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_run_on_the_watch_schema_trains_its_own_tasks_through_a_shared_table(tiny_watch_features, launch,
+                                                                                train_overrides, tiny_watch_spec,
+                                                                                tmp_path):
+    """Nothing but the dataset changes: 2 ranks train the watch log's two tasks (follow weighted 2),
+    its post table sharded once for both columns that read it, learning the planted signal (follow
+    by post, watched by origin post: through the shared table), and export the model of its schema."""
+    run = launch(tiny_watch_features, tmp_path / "run", *train_overrides).run
+    metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"follow", "watched"}
+    for task in metrics:
+        assert metrics[task]["auc"] > 0.75, (task, metrics[task])
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    for record in history:
+        assert set(record["task_loss"]) == {"follow", "watched"}
+        assert record["loss"] == pytest.approx(2 * record["task_loss"]["follow"] + record["task_loss"]["watched"],
+                                               rel=1e-6)
+    marker = json.loads((run / "checkpoints" / "step00000032" / COMPLETE_MARKER).read_text())
+    assert FeatureSpec(**marker["spec"]) == tiny_watch_spec
+    exported = torch.load(run / "export" / "latest" / "model.pt", weights_only=True)
+    assert {name for name in exported if name.startswith("id_embeddings.")} == {
+        f"id_embeddings.{table}.weight" for table in ("post_id", "creator_id", "format", "country")}
+    assert exported["heads.weight"].shape == (2, 32)

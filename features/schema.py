@@ -560,6 +560,11 @@ def schema_differences(expected: EventSchema | Mapping[str, Any], found: EventSc
                     differences.append(f"{key}{name}: {side}")
                 else:
                     walk(a[name], b[name], f"{key}{name}.")
+            shared = [name for name in a if name in b]
+            # Order is layout: the fields', tables', columns' and tasks' order is the rows' and the model's.
+            if shared != [name for name in b if name in a]:
+                differences.append(f"{key.rstrip('.') or 'schema'}: order {', '.join(shared)} vs "
+                                   f"{', '.join(name for name in b if name in a)}")
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for index, (x, y) in enumerate(zip(a, b)):
                 walk(x, y, f"{key}{index}.")

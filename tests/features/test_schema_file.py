@@ -149,6 +149,10 @@ def test_differences_name_the_keys():
     assert schema_differences(feed, renamed) == ["tasks.like: 1.0 vs 2.0"]
     with pytest.raises(SchemaError, match="tasks.like"):
         require_same_schema(feed, renamed, "the dataset")
+    reordered = feed.to_dict()
+    reordered["tasks"] = {"like": 1.0, "contribution": 1.0, "long_dwell": 1.0}
+    assert schema_differences(feed, reordered) == ["tasks: order contribution, like, long_dwell vs like, "
+                                                  "contribution, long_dwell"]
     watch = load_schema("watch")
     fitted = watch.fitted({"log_video_s": (1.5, 0.5)})
     assert schema_differences(watch, fitted) == []

@@ -123,7 +123,7 @@ def test_serving_computes_the_spark_rows_and_the_export_scores_like_the_trainer(
     # The export, in this process, scores the eval split as the trainer's 2-rank evaluation did.
     trainer_metrics = json.loads((watch["run"] / METRICS_FILE).read_text())["metrics"]
     with torch.no_grad():
-        tokens = score_eval_tokens(model, config.features, spec.context_len, config.data.eval_batch_size)
+        tokens = score_eval_tokens(model, config.features, spec, config.data.eval_batch_size)
     for task in ("follow", "watched"):
         mine = binary_metrics(tokens[f"pred_{task}"], tokens[task], tokens["user_key"])
         assert mine["ne"] == pytest.approx(trainer_metrics[task]["ne"], rel=1e-6, abs=1e-9), task

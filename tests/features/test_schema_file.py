@@ -4,10 +4,13 @@ fails at load time naming the key."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import yaml
 
+from common.repo import REPO_ROOT
 from features.schema import (
     SCHEMAS_DIR, EventSchema, SchemaError, load_schema, require_same_schema, schema_differences,
     shipped_schemas,
@@ -157,3 +160,17 @@ def test_differences_name_the_keys():
     fitted = watch.fitted({"log_video_s": (1.5, 0.5)})
     assert schema_differences(watch, fitted) == []
     assert schema_differences(watch, fitted, ignore_fitted=False)
+
+
+@pytest.mark.parametrize("command", [["features", "--raw", "RAW", "--out", "OUT"], ["synth", "--out", "OUT"]])
+def test_a_command_given_a_bad_schema_stops_before_any_work(command, tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(change(feed_values(), "labels.like.field", "liked")))
+    arguments = [part.replace("RAW", str(tmp_path / "raw")).replace("OUT", str(tmp_path / "out")) for part in command]
+    (tmp_path / "raw").mkdir()
+    key = "spec.schema" if command[0] == "features" else "schema"
+    result = subprocess.run([sys.executable, "-m", "sirenfeed.cli", *arguments, f"{key}={path}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "labels.like.field" in result.stderr and "liked" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

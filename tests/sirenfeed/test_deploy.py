@@ -23,6 +23,7 @@ import yaml
 
 from common import config as config_module
 from common.repo import REPO_ROOT
+from features.schema import load_schema
 from features.settings import parse_job_arguments
 from ingest.metrics import IngestMetrics
 from lifecycle.cycle import (
@@ -190,7 +191,7 @@ METRIC_NAME = re.compile(r"\bsirenfeed_[a-z0-9_]*[a-z0-9]\b(?!\.prom)")
 
 
 def test_the_metric_scan_finds_every_metric_the_components_register(tmp_path):
-    registries = [IngestMetrics().registry, TrainerTelemetry(port=0).registry,
+    registries = [IngestMetrics().registry, TrainerTelemetry(load_schema("feed").label_columns, port=0).registry,
                   FreshnessTelemetry(tmp_path).registry]
     exposed = {"counter": SERIES_SUFFIXES["Counter"], "gauge": SERIES_SUFFIXES["Gauge"],
                "histogram": SERIES_SUFFIXES["Histogram"]}

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from common.files import local_path
 from common.repo import REPO_ROOT
+from features.spec import FeatureSpec
 from trainer.checkpoint import (
     COMPLETE_MARKER, LATEST, checkpoint_root, complete_tags, weights_only_loads,
 )
@@ -252,9 +253,10 @@ def test_two_nodes_train_on_the_global_batches_of_a_single_rank(two_nodes, one_g
 
 @pytest.mark.slow
 @pytest.mark.multinode
-def test_two_nodes_finish_with_one_model(two_nodes):
+def test_two_nodes_finish_with_one_model(two_nodes, tiny_spec):
     assert complete_tags(two_nodes.run) == ["step00000005", "step00000010"]
     marker = json.loads((checkpoint_root(two_nodes.run) / "step00000010" / COMPLETE_MARKER).read_text())
+    assert FeatureSpec(**marker.pop("spec")) == tiny_spec  # what a resume checks the dataset against
     assert marker == {"step": 10, "world": 2, "data": {"steps": 10, "shards": 2, "seed": 0,
                                                       "batch_size": BATCH, "shuffle_buffer": 16}}
     assert (two_nodes.run / "export" / "latest" / "_SUCCESS").is_file()

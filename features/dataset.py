@@ -48,3 +48,23 @@ def manifest_json(manifest: dict[str, Any]) -> str:
     their order: a recorded event schema's fields, tables, columns and tasks are ordered mappings
     (the order of the training columns), which sorted keys would scramble."""
     return json.dumps(manifest, indent=2) + "\n"
+
+
+def check_replaceable(target: str | os.PathLike[str], kind: str, description: str) -> None:
+    """Refuse to replace anything but a missing or empty directory or a dataset of ``kind`` (its
+    manifest's ``dataset``): a command that rewrites its output never deletes what it did not write.
+    ``description`` names that output in the error ("synthetic logs")."""
+    root = local_path(target)
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a directory")
+    if not any(root.iterdir()):
+        return
+    try:
+        found = json.loads((root / MANIFEST_NAME).read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != kind:
+        raise FileExistsError(f"{root} is not empty and not {description} written by this command; "
+                              "refusing to replace it")

@@ -30,7 +30,6 @@ import collections
 import datetime as dt
 import hashlib
 import importlib
-import json
 import logging
 import re
 import subprocess
@@ -49,7 +48,7 @@ from common.config import add_config_arguments, config_from_args
 from common.files import staged_directory
 from common.logs import configure_logging
 from common.repo import REPO_ROOT
-from features.dataset import MANIFEST_NAME, write_manifest
+from features.dataset import check_replaceable, write_manifest
 from features.schema import SCHEMA_VERSION, ContractConfig, EventSchema, load_schema
 from features.validation import check_record
 
@@ -215,7 +214,7 @@ def write_movielens(out: str | Path, paths: dict[str, Path] | None = None,
     manifest. ``paths`` defaults to the files of the pinned ``recbole`` (:func:`locate_files`,
     which installs it unless ``install`` is false)."""
     target = Path(out)
-    _check_replaceable(target)
+    check_replaceable(target, DATASET_KIND, "MovieLens events")
     shipped = paths is None
     paths = paths or locate_files(install)
     schema = load_schema(SCHEMA_NAME)
@@ -252,23 +251,6 @@ def write_movielens(out: str | Path, paths: dict[str, Path] | None = None,
     if shipped and manifest["events"] != EXPECTED_RATINGS:
         log.warning("MovieLens-100K has %d ratings, not %d", manifest["events"], EXPECTED_RATINGS)
     return manifest
-
-
-def _check_replaceable(target: Path) -> None:
-    """Refuse to replace anything but an empty directory or an earlier output of this command."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if not any(target.iterdir()):
-        return
-    try:
-        kind = json.loads((target / MANIFEST_NAME).read_text()).get("dataset")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != DATASET_KIND:
-        raise FileExistsError(f"{target} is not empty and not MovieLens events written by this command; "
-                              "refusing to replace it")
 
 
 # ---------------------------------------------------------------------------------------------

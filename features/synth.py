@@ -126,7 +126,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import math
 import sys
@@ -142,7 +141,7 @@ from tqdm import tqdm
 
 from common.config import ConfigError, add_config_arguments, config_from_args, require, to_dict
 from common.files import staged_directory
-from features.dataset import MANIFEST_NAME, write_manifest
+from features.dataset import check_replaceable, write_manifest
 from features.schema import (
     DEFAULT_SCHEMA, INT32_MAX, REASON_EMPTY, REASON_MISSING, REASON_OUT_OF_RANGE, REASON_TOO_LONG,
     REASON_TS_BEFORE_EPOCH, REASON_TS_IN_FUTURE, SCHEMA_VERSION, ContractConfig, load_schema,
@@ -898,7 +897,7 @@ def _generate_into(root: Path, config: SynthConfig, simulate: SimulateChunk,
 def write_synthetic_logs(config: SynthConfig, out: str | Path) -> dict[str, Any]:
     """Generate the logs of ``config`` into ``out``, replacing it atomically; returns the manifest."""
     target = Path(out)
-    _check_replaceable(target)
+    check_replaceable(target, DATASET_KIND, "synthetic logs")
     schema = load_schema(config.schema)
     if schema.fingerprint == FEED_SCHEMA.fingerprint:
         catalogue = build_catalogue(config.process, config.days, _catalogue_rng(config.seed))
@@ -932,23 +931,6 @@ def write_synthetic_logs(config: SynthConfig, out: str | Path) -> dict[str, Any]
              manifest["events"], schema.name, manifest["bad_events_total"], manifest["duplicates"],
              config.users, config.days, target)
     return manifest
-
-
-def _check_replaceable(target: Path) -> None:
-    """Refuse to replace anything but an empty directory or an earlier output of this command."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if not any(target.iterdir()):
-        return
-    try:
-        kind = json.loads((target / MANIFEST_NAME).read_text()).get("dataset")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    if kind != DATASET_KIND:
-        raise FileExistsError(f"{target} is not empty and not synthetic logs written by this "
-                              "command; refusing to replace it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Starting torch.distributed through DeepSpeed without leaking its CPU shared-memory buffers.
+"""Starting torch.distributed through DeepSpeed without leaking its CPU shared-memory buffers, and
+leaving a rank's process without the interpreter's finalization.
 
 On CPU nodes whose ranks are all local, DeepSpeed's ``shm_comm`` op creates one POSIX shared
 memory segment per rank at init, ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``
@@ -15,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +68,21 @@ def remove_leftover_segments(port: int) -> int:
     if leftovers:
         log.info("removed %d shared-memory segment(s) left by ranks that did not finish init", len(leftovers))
     return len(leftovers)
+
+
+def exit_rank(code: int) -> NoReturn:
+    """Flush the logs and standard streams and end this rank's process with ``code`` at once.
+
+    A rank never returns to the interpreter's finalization: a gloo worker thread can still be
+    releasing a finished collective (``AsyncGatherWork`` and its tensors, which hold Python
+    objects) while the main thread finalizes, and its GIL acquire then aborts the process
+    ("terminate called without an active exception", SIGABRT) after all its work is done. Every
+    output a rank writes is complete (atomic renames, closed files) before this is called, and a
+    healthy rank has destroyed its process group first, so skipping finalization loses nothing.
+    """
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -35,7 +35,7 @@ from common.logs import configure_rank_logging
 from features.schema import LOSS_MASK_COLUMN, require_same_schema
 from features.spec import FeatureSpec
 from trainer.data import DataError, eval_batches, read_feature_manifest
-from trainer.distributed import init_distributed
+from trainer.distributed import exit_rank, init_distributed
 from trainer.export import export_root, load_exported
 from trainer.launcher import run_deepspeed
 from trainer.metrics import EvalAccumulator, format_table
@@ -191,6 +191,8 @@ def main(argv: list[str]) -> int:
     metrics = _evaluate(config)
     if metrics is not None:
         print(format_table({Path(config.run).name: metrics}))
+    if config.nproc > 1:
+        exit_rank(0)
     return 0
 
 

@@ -32,7 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import deepspeed
 import numpy as np
@@ -53,7 +53,7 @@ from trainer.data import (
     DataError, TrainStream, check_layout, count_rows, read_feature_manifest, real_rows,
     row_fingerprints, split_dir, training_steps,
 )
-from trainer.distributed import init_distributed
+from trainer.distributed import exit_rank, init_distributed
 from trainer.embeddings import ShardedTables
 from trainer.evaluate import Metrics, evaluate_split, write_metrics
 from trainer.export import export_model
@@ -493,7 +493,7 @@ def train(config: TrainConfig) -> Metrics | None:
         trainer.close()
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> NoReturn:
     parser = argparse.ArgumentParser(prog="trainer/train.py",
                                      description="One rank of a training run (started by deepspeed).")
     add_config_arguments(parser)
@@ -504,13 +504,11 @@ def main(argv: list[str]) -> int:
     try:
         train(config)
     except Exception:
-        # Exit at once: a broken process group can hang the interpreter's orderly shutdown.
+        # No destroy_process_group: with a peer gone it can hang instead of returning.
         log.exception("rank %s failed", os.environ.get("RANK", "?"))
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os._exit(1)
+        exit_rank(1)
     dist.destroy_process_group()
-    return 0
+    exit_rank(0)
 
 
 if __name__ == "__main__":

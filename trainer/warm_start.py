@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from common.logs import configure_rank_logging
 from common.repo import REPO_ROOT
 from trainer import checkpoint
 from trainer.config import TrainConfig
+from trainer.distributed import exit_rank
 from trainer.train import Trainer
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def check_continual(config: TrainConfig) -> None:
                     config.train.steps, config.train.epochs)
 
 
-def rank_main(argv: list[str]) -> int:
+def rank_main(argv: list[str]) -> NoReturn:
     """One rank of a warm-start segment (started by the ``deepspeed`` launcher)."""
     parser = argparse.ArgumentParser(prog="trainer/warm_start.py")
     parser.add_argument("--resume-from", required=True, help="run directory to continue from")
@@ -92,14 +93,19 @@ def rank_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = config_from_args(TrainConfig, args)
     check_continual(config)
-    trainer = WarmStartTrainer(config)
     try:
-        trainer.warm_start(args.resume_from)
-        trainer.fit()
-    finally:
-        trainer.close()
+        trainer = WarmStartTrainer(config)
+        try:
+            trainer.warm_start(args.resume_from)
+            trainer.fit()
+        finally:
+            trainer.close()
+    except Exception:
+        # No destroy_process_group: with a peer gone it can hang instead of returning.
+        log.exception("rank %s failed", os.environ.get("RANK", "?"))
+        exit_rank(1)
     dist.destroy_process_group()
-    return 0
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from common.config import ConfigError
 from trainer.config import EmbeddingsConfig, ModelConfig
+from trainer.distributed import exit_rank
 from trainer.embeddings import ShardedTables
 from trainer.model import GenerativeRanker, masked_multitask_loss, synthetic_batch
 from training_fixtures import TINY_SPEC, TINY_WATCH_SPEC
@@ -49,6 +50,7 @@ def _rank(rank: int, world: int, port: int, scenario, out: Path, kwargs: dict[st
         torch.save(scenario(rank, world, **kwargs), out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_rank(0)
 
 
 def tables(sharding: str, optimizer: str = "rowwise_adagrad", lr: float = 0.1, schema: str = "feed") -> ShardedTables:

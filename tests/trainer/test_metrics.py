@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from features.schema import load_schema
+from trainer.distributed import exit_rank
 from trainer.metrics import EvalAccumulator, binary_metrics, clustered_mean, event_log_loss, format_table
 
 TASKS = load_schema("feed").label_columns
@@ -226,6 +227,7 @@ def gather_worker(rank, world, port, scenarios, out_dir):
             pickle.dump(results, handle)
     finally:
         dist.destroy_process_group()
+    exit_rank(0)
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):

@@ -69,6 +69,31 @@ def land_day(files: list[Path], raw: Path, date: str) -> int:
     return read_day(files).num_rows
 
 
+def build_lineage(work: Path, users: int, days: int, fresh_days: int, nproc: int) -> dict:
+    """``days`` days of synthetic history through the Spark feature job (spark-submit) and a batch
+    training run on ``nproc`` ranks, and ``fresh_days`` more days kept aside (not landed); returns
+    the paths, the fresh days' files and the retrain and ingest overrides of a lineage from it."""
+    synth_dir, raw, features, initial = work / "synth", work / "raw", work / "features", work / "initial"
+    write_synthetic_logs(load_config(SynthConfig, None, [f"users={users}", f"days={days + fresh_days}",
+                                                         "seed=5"]), synth_dir)
+    fresh = split_history(synth_dir, raw, fresh_days)
+    if run_job(load_config(FeaturesConfig, None, [f"raw={raw}", f"out={features}", *FEATURE_OVERRIDES])):
+        raise RuntimeError("the feature job failed")
+    if run_deepspeed(TRAIN_SCRIPT, nproc, str(REPO_ROOT / "conf" / "train.yaml"),
+                     [f"features={features}", f"run={initial}", *TRAIN_OVERRIDES, "train.epochs=1"]):
+        raise RuntimeError("the batch training run failed")
+    root = work / "retrain"
+    ingest_overrides = [f"landing.dir={raw}", f"broker.run_dir={work / 'broker'}", "broker.port=0",
+                        "metrics.report_lag=false"]
+    overrides = [f"dir={root}", f"initial_run={initial}", f"features.raw={raw}", f"features.out={features}",
+                 *[f"features.{item}" for item in FEATURE_OVERRIDES], f"nproc={nproc}",
+                 "train_overrides=[" + ",".join([*CONTINUAL_TRAIN_OVERRIDES, *TRAIN_OVERRIDES,
+                                                 "train.epochs=1"]) + "]"]
+    return {"raw": raw, "features": features, "root": root, "days": raw_dates(synth_dir), "fresh": fresh,
+            "history_events": read_manifest(features)["events"], "overrides": overrides,
+            "ingest_overrides": ingest_overrides}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=400)
@@ -78,25 +103,10 @@ def main(argv: list[str]) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-retrain-"))
     try:
-        synth_dir, raw, features, initial = work / "synth", work / "raw", work / "features", work / "initial"
-        write_synthetic_logs(load_config(SynthConfig, None, [f"users={args.users}", f"days={args.days + 2}",
-                                                             "seed=5"]), synth_dir)
-        fresh = split_history(synth_dir, raw, 2)
-        if run_job(load_config(FeaturesConfig, None, [f"raw={raw}", f"out={features}", *FEATURE_OVERRIDES])):
-            raise RuntimeError("the feature job failed")
-        if run_deepspeed(TRAIN_SCRIPT, args.nproc, str(REPO_ROOT / "conf" / "train.yaml"),
-                         [f"features={features}", f"run={initial}", *TRAIN_OVERRIDES, "train.epochs=1"]):
-            raise RuntimeError("the batch training run failed")
-        history_events = read_manifest(features)["events"]
-        days = raw_dates(synth_dir)
-
-        root = work / "retrain"
-        ingest_overrides = [f"landing.dir={raw}", f"broker.run_dir={work / 'broker'}", "broker.port=0",
-                            "metrics.report_lag=false"]
-        overrides = [f"dir={root}", f"initial_run={initial}", f"features.raw={raw}", f"features.out={features}",
-                     *[f"features.{item}" for item in FEATURE_OVERRIDES], f"nproc={args.nproc}",
-                     "train_overrides=[" + ",".join([*CONTINUAL_TRAIN_OVERRIDES, *TRAIN_OVERRIDES,
-                                                     "train.epochs=1"]) + "]"]
+        lineage = build_lineage(work, args.users, args.days, 2, args.nproc)
+        raw, root, overrides, ingest_overrides = (lineage["raw"], lineage["root"], lineage["overrides"],
+                                                  lineage["ingest_overrides"])
+        days, fresh, history_events = lineage["days"], lineage["fresh"], lineage["history_events"]
         config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", overrides)
 
         new_events = land_day(days[fresh[0]], raw, fresh[0])

@@ -65,19 +65,26 @@ class Locked(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str = "process") -> Iterator[None]:
+def exclusive_lock(path: Path, what: str = "process", wait_s: float = 0.0) -> Iterator[None]:
     """``flock`` on ``path``, held until the block ends or the process dies (no stale locks);
-    :class:`Locked` at once if another process holds it. ``what`` names the holder's kind of run
-    in that error ("another ``what`` is running on ``path.parent`` (pid …)")."""
+    :class:`Locked` if another process still holds it after ``wait_s`` seconds (0: at once).
+    ``what`` names the holder's kind of run in that error ("another ``what`` is running on
+    ``path.parent`` (pid …)")."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
     with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise Locked(f"another {what} is running on {path.parent} ({holder}); "
-                         "not starting one on top of it") from None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise Locked(f"another {what} is running on {path.parent} ({holder}); "
+                             "not starting one on top of it") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
@@ -107,11 +114,13 @@ def die_with_parent(signum: int = signal.SIGTERM) -> bool:
 
 
 @contextlib.contextmanager
-def process_group(command: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen]:
+def process_group(command: Sequence[str], forward_signals: bool = True,
+                  **popen: Any) -> Iterator[subprocess.Popen]:
     """Start ``command`` under its keeper, in a session and process group of its own that dies with
     this process; ``popen`` goes to :class:`subprocess.Popen` (``env``, ``cwd``, ``stdout``, …).
-    While the block runs, SIGINT and SIGTERM to this process (main thread only) go to the whole
-    group. Leaving the block waits for the group's leader; leaving it by an exception first sends
+    While the block runs, SIGINT and SIGTERM to this process (main thread only, and unless
+    ``forward_signals`` is false: a long-lived worker its owner stops in its own way) go to the
+    whole group. Leaving the block waits for the group's leader; leaving it by an exception first sends
     the group SIGTERM. The keeper inherits every lock this process holds (module docstring)."""
     pass_fds = tuple(popen.pop("pass_fds", ())) + tuple(sorted(_held_lock_files))
     process = subprocess.Popen([sys.executable, "-m", KEEPER_MODULE, str(os.getpid()), "--", *command],
@@ -122,7 +131,7 @@ def process_group(command: Sequence[str], **popen: Any) -> Iterator[subprocess.P
             os.killpg(process.pid, signum)
 
     handlers = {}
-    if threading.current_thread() is threading.main_thread():
+    if forward_signals and threading.current_thread() is threading.main_thread():
         handlers = {signum: signal.signal(signum, forward) for signum in FORWARDED}
     try:
         with process:

@@ -3,7 +3,9 @@
 Validates the configuration, then runs the feature job (:mod:`features.job`) through the
 ``spark-submit`` that ships with the installed pyspark, on ``spark.master`` (default ``local[*]``),
 with the packages the job imports (:data:`JOB_PACKAGES`) zipped on the fly and passed with
-``--py-files`` so that executors on a cluster can import them. The job's log streams to stderr; the exit code is the job's (5: another
+``--py-files`` so that executors on a cluster can import them. The job's log streams to stderr
+(into the file of a :func:`common.logs.output_to` block when one is open, as in the demo's steps);
+the exit code is the job's (5: another
 incremental run holds the dataset's lock, :mod:`features.incremental`); on success the dataset
 summary (:func:`features.summary.describe`) goes to stdout. ``spark-submit`` runs in a process group
 of its own that dies with this command, SIGKILL included, and receives its SIGINT and SIGTERM
@@ -25,6 +27,7 @@ import pyspark
 
 from common.concurrency import EXIT_LOCKED, process_group
 from common.config import ConfigError, to_yaml
+from common.logs import child_output
 from features.settings import FeaturesConfig, parse_job_arguments
 from features.spark import session_settings
 from features.spec import FeatureSpec
@@ -56,7 +59,8 @@ def build_package_zip(target: Path) -> Path:
     return target
 
 
-def spark_submit_command(config: FeaturesConfig, package_zip: Path, config_file: Path) -> list[str]:
+def spark_submit_command(config: FeaturesConfig, package_zip: Path, config_file: Path,
+                         script: Path = JOB_SCRIPT) -> list[str]:
     settings = session_settings(config.spark)
     driver_memory = settings.pop("spark.driver.memory")
     command = [str(spark_submit_executable()), "--master", config.spark.master,
@@ -64,29 +68,41 @@ def spark_submit_command(config: FeaturesConfig, package_zip: Path, config_file:
                "--py-files", str(package_zip)]
     for key, value in settings.items():
         command += ["--conf", f"{key}={value}"]
-    return command + [str(JOB_SCRIPT), "--config", str(config_file)]
+    return command + [str(script), "--config", str(config_file)]
+
+
+def write_job_files(config: FeaturesConfig, folder: Path) -> tuple[Path, Path]:
+    """The package zip and the resolved config a submission needs, written into ``folder``.
+
+    The job reads exactly the configuration validated here, defaults and overrides resolved, the
+    event schema included: a schema file given by path need not exist where the driver runs."""
+    config_file = folder / "features.yaml"
+    config_file.write_text(to_yaml(dataclasses.replace(config, spec=FeatureSpec(**config.spec.record()))))
+    return build_package_zip(folder / "features.zip"), config_file
+
+
+def job_environment() -> dict[str, str]:
+    """This process's environment, with the driver's and workers' Python defaulting to this one."""
+    environment = {**os.environ}
+    environment.setdefault("PYSPARK_PYTHON", sys.executable)
+    environment.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    return environment
 
 
 def run_job(config: FeaturesConfig) -> int:
-    """Submit the job and stream its log to stderr; returns ``spark-submit``'s exit code."""
+    """Submit the job and stream its log to stderr, or to the file of an open
+    :func:`common.logs.output_to`; returns ``spark-submit``'s exit code."""
     with tempfile.TemporaryDirectory(prefix="sirenfeed-features-") as work:
-        work_dir = Path(work)
-        # The job reads exactly the configuration validated here, defaults and overrides resolved, the
-        # event schema included: a schema file given by path need not exist where the driver runs.
-        config_file = work_dir / "features.yaml"
-        config_file.write_text(to_yaml(dataclasses.replace(config, spec=FeatureSpec(**config.spec.record()))))
-        command = spark_submit_command(config, build_package_zip(work_dir / "features.zip"), config_file)
+        command = spark_submit_command(config, *write_job_files(config, Path(work)))
         logger.info("running %s", " ".join(command))
-        environment = {**os.environ}
-        environment.setdefault("PYSPARK_PYTHON", sys.executable)
-        environment.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         with process_group(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=environment) as process:
+                           env=job_environment()) as process:
             assert process.stdout is not None
             # stdout stays free for the summary.
+            sink = child_output() or sys.stderr
             for line in process.stdout:
-                sys.stderr.write(line)
-                sys.stderr.flush()
+                sink.write(line)
+                sink.flush()
         return process.returncode
 
 

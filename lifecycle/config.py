@@ -41,6 +41,10 @@ class ContinuousConfig:
     every_events: int = 0
     """N: start one at once when this many new events wait, however recent (0: by time only).
     A segment trains on about ``every_events × context_len / stride / data.batch_size`` steps."""
+    resident: bool = True
+    """Keep one Spark application and one ``deepspeed`` launch up for all cycles
+    (:mod:`lifecycle.resident`) instead of submitting the feature job and launching the ranks for
+    every cycle (false: each cycle starts them afresh, as ``sirenfeed retrain`` does)."""
 
     def __post_init__(self) -> None:
         require(self.poll_s > 0, "continuous.poll_s", "must be > 0")

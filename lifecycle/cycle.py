@@ -3,16 +3,18 @@ retraining cycle (or one per period), safe to run unattended.
 
 A cycle is a journaled state machine; each step is idempotent and recorded in
 ``RETRAIN_DIR/cycles/<id>/state.json`` only after it completed (with its duration, under
-``seconds``), so a crash anywhere is finished by the next invocation (an unfinished cycle is
+``seconds``, and its wall-clock end, under ``ended_at``), so a crash anywhere is finished by the next invocation (an unfinished cycle is
 resumed before a new one starts):
 
 1. ``drain``: (optional) consume the Kafka topic into the landing zone until idle (``ingest``'s own
    exactly-once publish makes a re-run harmless);
-2. ``features``: the incremental feature job appends the unread raw files as a new batch;
+2. ``features``: the incremental feature job appends the unread raw files as a new batch (submitted
+   for this cycle, or run by the continuous loop's long-lived Spark application,
+   :mod:`lifecycle.resident`);
 3. ``train``: warm start from the newest *accepted* lineage checkpoint (the initial run's, or a
    published candidate's; a refused one never) whose checksums verify (a corrupt one falls back to
-   the previous) on the batches after its data watermark, through the ``deepspeed`` launcher into
-   ``cycles/<id>/run``; a completed run is kept, a partial one is redone. Nothing new unless a batch
+   the previous) on the batches after its data watermark, through the ``deepspeed`` launcher (or
+   the continuous loop's long-lived ranks) into ``cycles/<id>/run``; a completed run is kept, a partial one is redone. Nothing new unless a batch
    is newer than every batch a cycle has already trained through;
 4. ``gate``: candidate and published model evaluated on the same freshest held-out slice
    (:mod:`lifecycle.gate`: publish, refuse, or insufficient evidence);
@@ -35,6 +37,7 @@ configuration.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -43,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from common.concurrency import EXIT_LOCKED, Locked, exclusive_lock
-from common.config import load_config
-from common.files import write_json
+from common.config import load_config, to_yaml
+from common.files import atomic_write_text, write_json
 from common.repo import REPO_ROOT
 from features.incremental import run_incremental
 from features.spark import build_session
@@ -54,11 +57,12 @@ from ingest.consumer import Ingestor
 from lifecycle.config import RetrainConfig
 from lifecycle.gate import gate
 from lifecycle.registry import append_log, current, publish, read_log, trained_record
+from lifecycle.resident import ResidentFeatures, ResidentTrainer
 from lifecycle.view import NothingNew, batches, build_view
 from trainer.checkpoint import checkpoint_root, complete_tags
 from trainer.config import TrainConfig
 from trainer.export import ExportError, sha256, verify_export
-from trainer.launcher import run_with_config
+from trainer.launcher import LAUNCH_DIR, RESOLVED_CONFIG, run_with_config
 from trainer.warm_start import WARM_START_SCRIPT, check_continual, checkpoint_data_watermark
 
 log = logging.getLogger(__name__)
@@ -78,13 +82,21 @@ def checkpoint_digests(run_dir: Path, tag: str) -> dict[str, str]:
 
 
 class Retrainer:
-    """The cycles of one retraining directory."""
+    """The cycles of one retraining directory.
 
-    def __init__(self, config: RetrainConfig):
+    ``features_job`` and ``trainer``: long-lived workers the features and train steps hand their
+    work to (:mod:`lifecycle.resident`, the continuous pipeline's) instead of submitting the feature
+    job and launching the ranks themselves; ``lock_held``: the caller holds the directory's lock for
+    as long as these cycles run (the continuous loop, whose workers must hold it too)."""
+
+    def __init__(self, config: RetrainConfig, features_job: ResidentFeatures | None = None,
+                 trainer: ResidentTrainer | None = None, lock_held: bool = False):
         self.config = config
+        self.features_job, self.trainer, self.lock_held = features_job, trainer, lock_held
         self.root = Path(config.dir)
         self.registry = self.root / "registry"
         self.lineage_file = self.root / "lineage.json"
+        self.lock_file = self.root / "lock"
 
     # --- journal ---------------------------------------------------------------------------
 
@@ -177,17 +189,21 @@ class Retrainer:
 
     def step_features(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
         config = self.config.features
-        if self.config.spark_submit:
+        if self.features_job is not None:
+            self.features_job.run()
+            worker = "resident"
+        elif self.config.spark_submit:
             code = run_job(config)
             if code == EXIT_LOCKED:
                 raise Locked(f"another incremental feature job is running on {config.out} (its lock is "
                              "held); the cycle resumes at its features step next time")
             if code != 0:
                 raise RuntimeError(f"the incremental feature job failed (exit code {code})")
+            worker = "spark-submit"
         else:
             run_incremental(build_session(config.spark), config)
-
-        return {"newest_batch": batches(config.out)[-1]["index"]}
+            worker = "in-process"
+        return {"newest_batch": batches(config.out)[-1]["index"], "features_worker": worker}
 
     def step_train(self, folder: Path, journal: dict[str, Any]) -> dict[str, Any]:
         source = self.warm_start_source()
@@ -208,17 +224,28 @@ class Retrainer:
             log.info("%s is already trained through batch %d", run, facts["batch"])
             return facts
         shutil.rmtree(run, ignore_errors=True)  # a partial run of a crashed attempt
-        train_file = Path(self.config.train_config)
-        if not train_file.is_absolute() and not train_file.exists():
-            train_file = REPO_ROOT / train_file
-        train = load_config(TrainConfig, train_file, self.config.train_overrides,
-                            {"features": view_dir.resolve(), "run": run.resolve()})
+        train = self.segment_config(view_dir, run)
         check_continual(train)
-        code = run_with_config(WARM_START_SCRIPT, self.config.nproc, train, ["--resume-from", source["run"]])
+        if self.trainer is not None:
+            config_file = run / LAUNCH_DIR / RESOLVED_CONFIG
+            atomic_write_text(config_file, to_yaml(train))
+            self.trainer.train(config_file, source["run"])
+            code, facts["trainer_worker"] = 0, "resident"
+        else:
+            code = run_with_config(WARM_START_SCRIPT, self.config.nproc, train, ["--resume-from", source["run"]])
+            facts["trainer_worker"] = "launch"
         if code != 0 or not self._trained(run, facts["batch"]):
             raise RuntimeError(f"warm-start training failed (launcher exit code {code})")
         checkpoint_data_watermark(run)
         return facts
+
+    def segment_config(self, features: Path, run: Path) -> TrainConfig:
+        """The training config of a warm-start segment on ``features`` into ``run``."""
+        train_file = Path(self.config.train_config)
+        if not train_file.is_absolute() and not train_file.exists():
+            train_file = REPO_ROOT / train_file
+        return load_config(TrainConfig, train_file, self.config.train_overrides,
+                           {"features": features.resolve(), "run": run.resolve()})
 
     @staticmethod
     def _trained(run: Path, batch: int) -> bool:
@@ -264,7 +291,7 @@ class Retrainer:
     # --- the cycle -------------------------------------------------------------------------
 
     def run_cycle(self) -> int:
-        with exclusive_lock(self.root / "lock", "retraining cycle"):
+        with contextlib.nullcontext() if self.lock_held else exclusive_lock(self.lock_file, "retraining cycle"):
             folder, journal = self.open_cycle()
             for step in STEPS:
                 if step in journal["done"]:
@@ -272,15 +299,18 @@ class Retrainer:
                 started = time.monotonic()
                 facts = getattr(self, f"step_{step}")(folder, journal)
                 seconds = {**journal.get("seconds", {}), step: round(time.monotonic() - started, 3)}
-                self.mark_done(folder, journal, step, **facts, seconds=seconds)
+                ended_at = {**journal.get("ended_at", {}), step: time.time()}
+                self.mark_done(folder, journal, step, **facts, seconds=seconds, ended_at=ended_at)
                 if journal.get("nothing_new"):
                     return self.finish(folder, journal, "nothing_new")
             return self.finish(folder, journal, GATE_OUTCOMES[journal["decision"]["outcome"]])
 
 
-def run_once(config: RetrainConfig) -> int:
+def run_once(config: RetrainConfig, features_job: ResidentFeatures | None = None,
+             trainer: ResidentTrainer | None = None, lock_held: bool = False) -> int:
+    """One cycle (:class:`Retrainer`'s arguments); its exit code, whatever happened."""
     try:
-        return Retrainer(config).run_cycle()
+        return Retrainer(config, features_job, trainer, lock_held).run_cycle()
     except Locked as error:
         log.error("%s", error)
         return LOCKED

@@ -237,15 +237,19 @@ class Trace:
 class Trainer:
     """One rank's training run: the engine, its input stream, evaluation, checkpoints and export."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, watchdog: Watchdog | None = None):
+        """``watchdog``: the one of ranks that outlive this run (:mod:`trainer.resident`, whose
+        process group is already up); by default the run starts both and ends its watchdog."""
         self.config = config
-        backend = None if config.deepspeed.comm_backend == "auto" else config.deepspeed.comm_backend
-        init_distributed(backend, config.distributed.timeout_s)
+        if watchdog is None:
+            start_distributed(config)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         configure_rank_logging(self.rank)
         self._failed = False
-        self.watchdog = Watchdog.from_environment(config.distributed.heartbeat_timeout_s)
-        self.watchdog.start()
+        self._owns_watchdog = watchdog is None
+        self.watchdog = watchdog or Watchdog.from_environment(config.distributed.heartbeat_timeout_s)
+        if self._owns_watchdog:
+            self.watchdog.start()
         self._set_up()
 
     @_reports_failure
@@ -478,7 +482,14 @@ class Trainer:
             self.telemetry.close()
         if self.trace is not None:
             self.trace.close()
-        self.watchdog.close()
+        if self._owns_watchdog:
+            self.watchdog.close()
+
+
+def start_distributed(config: TrainConfig) -> None:
+    """torch.distributed for this launcher-started rank, on ``config``'s backend and timeout."""
+    backend = None if config.deepspeed.comm_backend == "auto" else config.deepspeed.comm_backend
+    init_distributed(backend, config.distributed.timeout_s)
 
 
 def train(config: TrainConfig) -> Metrics | None:

@@ -22,6 +22,9 @@ from features.settings import IncrementalConfig, SparkConfig
 from features.spark import build_session
 from lifecycle.config import RetrainConfig
 
+MARKER = "SIRENFEED_TEST_CYCLE"
+"""An environment variable the kill tests give the process they start: every process it starts
+inherits it, so Spark and deepspeed runs of other tests on the machine do not count."""
 MONDAY = 1_780_272_000_000
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
 RAW_ARROW_SCHEMA = load_schema("feed").raw_arrow_schema
@@ -79,3 +82,27 @@ def start_lineage(root: Path, *overrides: str) -> dict[str, Any]:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     write_day(raw, 2)
     return {"config": config, "overrides": overrides, "root": root, "features": features, "initial": initial}
+
+
+def marked_processes(marker: str, also_set: str | None = None) -> dict[int, str]:
+    """``pid → command line`` of every live process whose environment carries ``marker`` (and sets
+    ``also_set``: a variable's name, or ``NAME=VALUE``); a zombie's environment reads empty: it is
+    dead already."""
+    entry = f"{MARKER}={marker}".encode()
+    wanted = (also_set or "").encode()
+
+    def matches(variable: bytes) -> bool:
+        return variable == wanted if b"=" in wanted else variable.startswith(wanted + b"=")
+
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environment = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if entry in environment and (not wanted or any(matches(variable) for variable in environment)):
+            found[int(proc.name)] = command.replace(b"\0", b" ").decode(errors="replace")
+    return found

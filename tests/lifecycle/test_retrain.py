@@ -194,7 +194,9 @@ def test_continuous_mode_trains_when_enough_new_events_wait(setup, tmp_path):
     assert not loop.is_alive(), "the loop did not stop after the cycle"
     assert [record["published"] for record in read_log(registry)] == [True]
     journal = json.loads((tmp_path / "continuous" / "cycles" / "c000001" / "state.json").read_text())
-    assert journal["since_batch"] == 0 and set(journal["seconds"]) == set(STEPS)
+    assert journal["since_batch"] == 0 and set(journal["seconds"]) == set(STEPS) == set(journal["ended_at"])
+    # spark_submit=false: the features step runs on the loop's own session; the ranks stay up.
+    assert journal["features_worker"] == "in-process" and journal["trainer_worker"] == "resident"
     history = [json.loads(line) for line in (Path(journal["run"]) / HISTORY_FILE).read_text().splitlines()]
     assert history and {record["lr"] for record in history} == {0.003}, "the segment ignored its optim.lr"
     assert prometheus_values(tmp_path / "continuous" / "sirenfeed_retrain.prom")[

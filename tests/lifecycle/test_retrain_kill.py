@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from retrain_support import TINY, start_lineage
+from retrain_support import MARKER, TINY, marked_processes, start_lineage
 
 from common.repo import REPO_ROOT
 from features.dataset import read_manifest
@@ -25,8 +25,9 @@ from lifecycle.cycle import INSUFFICIENT_EVIDENCE, NOT_PUBLISHED, PUBLISHED, STE
 
 pytestmark = pytest.mark.slow
 
-MARKER = "SIRENFEED_TEST_CYCLE"
 STOP_BOUND_S = 30.0
+
+
 def train_overrides(steps: int) -> str:
     return "train_overrides=[" + ",".join([*TINY, "schedule.kind=constant", f"train.steps={steps}"]) + "]"
 
@@ -35,24 +36,6 @@ def train_overrides(steps: int) -> str:
 def setup(tmp_path_factory) -> dict:
     return start_lineage(tmp_path_factory.mktemp("retrain-kill"), "spark_submit=true",
                          "features.spark.master=local[2]", "features.spark.driver_memory=1g")
-
-
-def marked_processes(marker: str, also_set: str | None = None) -> dict[int, str]:
-    """``pid → command line`` of every live process whose environment carries ``marker`` (and sets
-    ``also_set``); a zombie's environment reads empty: it is dead already."""
-    entry, also = f"{MARKER}={marker}".encode(), f"{also_set}=".encode() if also_set else b""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environment = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes()
-        except OSError:  # gone, or not ours
-            continue
-        if entry in environment and any(variable.startswith(also) for variable in environment):
-            found[int(proc.name)] = command.replace(b"\0", b" ").decode(errors="replace")
-    return found
 
 
 @pytest.fixture

@@ -105,11 +105,22 @@ class ResidentWorker:
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send ``request`` and wait for its answer; :class:`WorkerDied` if the worker ends first."""
+        return self.wait(self.submit(request))
+
+    def submit(self, request: dict[str, Any]) -> int:
+        """Send ``request`` without waiting; returns its number for :meth:`wait`. The worker takes
+        requests one at a time, in order."""
         self.ensure_running()
-        assert self.inbox is not None and self.process is not None
+        assert self.inbox is not None
         self._sent += 1
-        number = self._sent
-        write_json(_request_file(self.inbox, number), request)
+        write_json(_request_file(self.inbox, self._sent), request)
+        return self._sent
+
+    def wait(self, number: int) -> dict[str, Any]:
+        """The answer to request ``number`` of the running worker, once it is there;
+        :class:`WorkerDied` if the worker ends first (or has been replaced since)."""
+        if self.process is None or self.inbox is None or number > self._sent:
+            raise WorkerDied(self.name, None)
         answer = _answer_file(self.inbox, number)
         while not answer.is_file():
             if self.process.poll() is not None:

@@ -8,7 +8,7 @@ every incremental run.
 (:class:`common.resident.Inbox`). Each request runs :func:`features.incremental.run_incremental`
 on the application's one session: the same job, the same lock and the same exactly-once append as
 a fresh submission, without the JVM start and the session's warm-up. The answer is
-``{"newest_batch": K}``, ``{"locked": message}`` when another incremental job holds the dataset's
+``{"newest_batch": K, "new_batch": whether this run made it}``, ``{"locked": message}`` when another incremental job holds the dataset's
 lock (the application stays up), or ``{"error": message}`` for a job error about the data (a
 :class:`~features.hadoop.FeatureJobError` or :class:`~features.schema.SchemaError`; it stays up too).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -32,8 +33,9 @@ from common.concurrency import Locked
 from common.config import load_config
 from common.logs import configure_logging
 from common.resident import Inbox
+from features.dataset import MANIFEST_NAME
 from features.hadoop import FeatureJobError
-from features.incremental import run_incremental
+from features.incremental import DatasetFiles, run_incremental
 from features.schema import SchemaError
 from features.settings import FeaturesConfig
 from features.spark import build_session
@@ -44,6 +46,12 @@ logger = logging.getLogger("features.resident")
 RESIDENT_JOB = Path(__file__).resolve()
 HEALTH_S = 2.0
 """Seconds between two checks of the idle driver that its JVM is there."""
+
+
+def newest_batch(spark: SparkSession, config: FeaturesConfig) -> int:
+    """The index of the dataset's newest batch (0: the full run's alone)."""
+    out = DatasetFiles(spark, config.out)
+    return json.loads(out.read_text(f"{out.root}/{MANIFEST_NAME}")).get("newest_batch", 0)
 
 
 class JvmHealth:
@@ -73,6 +81,7 @@ def main(argv: list[str]) -> int:
         for _ in inbox.requests(idle=JvmHealth(spark)):
             started = time.monotonic()
             try:
+                before = newest_batch(spark, config)
                 manifest = run_incremental(spark, config)
             except Locked as error:
                 inbox.answer({"locked": str(error)})
@@ -81,7 +90,8 @@ def main(argv: list[str]) -> int:
                 logger.error("%s", error)
                 inbox.answer({"error": str(error)})
                 continue
-            inbox.answer({"newest_batch": manifest.get("newest_batch"),
+            inbox.answer({"newest_batch": manifest.get("newest_batch", 0),
+                          "new_batch": manifest.get("newest_batch", 0) != before,
                           "seconds": round(time.monotonic() - started, 3)})
     except Exception:
         logger.exception("the resident feature job failed; its owner starts a new one")

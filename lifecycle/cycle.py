@@ -49,6 +49,7 @@ from common.concurrency import EXIT_LOCKED, Locked, exclusive_lock
 from common.config import load_config, to_yaml
 from common.files import atomic_write_text, write_json
 from common.repo import REPO_ROOT
+from features.dataset import read_manifest
 from features.incremental import run_incremental
 from features.spark import build_session
 from features.submit import run_job
@@ -174,6 +175,15 @@ class Retrainer:
             log.warning("checkpoint %s/%s is corrupt or incomplete (checksums differ): falling back "
                         "to the previous one", entry["run"], entry["tag"])
         raise RuntimeError("no accepted lineage checkpoint passes its checksums: nothing to continue from")
+
+    def untrained_batch(self) -> bool:
+        """Whether the feature dataset holds a batch newer than every batch a cycle has decided on
+        (what the train step would find new)."""
+        try:
+            newest = read_manifest(self.config.features.out).get("newest_batch", 0)
+        except (OSError, ValueError):  # not readable from here: the poll of the raw files decides
+            return False
+        return newest > self.lineage()[-1]["batch"]
 
     # --- steps -----------------------------------------------------------------------------
 

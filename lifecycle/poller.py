@@ -120,7 +120,8 @@ def _loop(config: RetrainConfig, stop: threading.Event, features_job: ResidentFe
             due = waiting_since is not None and (
                 now - waiting_since >= config.continuous.every_s
                 or 0 < config.continuous.every_events <= events)
-            if due or cycles.unfinished():
+            # A batch the resident feature job prefetched while the last cycle ran is due at once.
+            if due or cycles.unfinished() or (features_job is not None and cycles.untrained_batch()):
                 if pending:
                     log.info("%d new raw files (%d events) waited %.0f s: starting a cycle",
                              len(pending), events, now - waiting_since)

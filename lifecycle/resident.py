@@ -32,29 +32,52 @@ from trainer.resident import RESIDENT_RANK_SCRIPT
 
 log = logging.getLogger(__name__)
 
+REQUEST = {"run": "incremental"}
 RESIDENT_DIR = "resident"
 """``RETRAIN_DIR/resident/``: the inboxes of the long-lived workers."""
 
 
 class ResidentFeatures:
-    """The features step's long-lived Spark application (:mod:`features.resident`)."""
+    """The features step's long-lived Spark application (:mod:`features.resident`).
+
+    It is kept busy while the rest of a cycle runs: once a features step has its batch, the next
+    incremental run is asked for at once (*prefetched*), so the files that land while the ranks
+    train, the gate evaluates and the model is published are already a feature batch when the next
+    cycle starts. A features step takes the prefetched run's batch if it made one, and otherwise
+    runs the job itself. The prefetched run is the same exactly-once append as any other (its
+    batch is in the dataset whatever happens to this process next)."""
 
     def __init__(self, config: FeaturesConfig, root: Path, stdout: IO[str] | None = None):
         self.config = config
         self.worker = ResidentWorker("features", root, self._command, stdout=stdout, env=job_environment())
+        self._prefetched: int | None = None
+        """The number of the prefetched request in flight, if any."""
 
     def _command(self, inbox: Path) -> list[str]:
         return [*spark_submit_command(self.config, *write_job_files(self.config, inbox),
                                       script=RESIDENT_JOB), "--inbox", str(inbox)]
 
     def run(self) -> None:
-        """One incremental run; :class:`Locked` if another incremental job holds the dataset."""
-        answer = self.worker.call({"run": "incremental"})
+        """A new batch from the prefetched run, or else from one incremental run now; then the next
+        run is prefetched. :class:`Locked` if another incremental job holds the dataset."""
+        made = False
+        if self._prefetched is not None:
+            number, self._prefetched = self._prefetched, None
+            made = self._check(self.worker.wait(number), prefetched=True)
+        if not made:
+            self._check(self.worker.call(REQUEST), prefetched=False)
+        self._prefetched = self.worker.submit(REQUEST)
+
+    @staticmethod
+    def _check(answer: dict, prefetched: bool) -> bool:
+        """Whether ``answer`` made a new batch; raises for a held lock or a failed run."""
         if "locked" in answer:
             raise Locked(answer["locked"])
         if "error" in answer:
             raise RuntimeError(f"the incremental feature job failed: {answer['error']}")
-        log.info("resident feature job: batch %s in %.1f s", answer["newest_batch"], answer["seconds"])
+        log.info("resident feature job%s: %s in %.1f s", " (prefetched)" if prefetched else "",
+                 f"batch {answer['newest_batch']}" if answer["new_batch"] else "nothing new", answer["seconds"])
+        return bool(answer["new_batch"])
 
     def close(self) -> None:
         self.worker.close()

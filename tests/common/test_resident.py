@@ -71,3 +71,18 @@ def test_a_worker_that_ignores_the_stop_request_is_ended(tmp_path):
     assert time.monotonic() - started < 20
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_requests_sent_ahead_are_answered_in_order_and_a_replaced_worker_answers_none_of_them(tmp_path):
+    echo = worker(tmp_path)
+    try:
+        first, second = echo.submit({"echo": 1}), echo.submit({"echo": 2})
+        assert echo.wait(second)["echo"] == 2 and echo.wait(first)["echo"] == 1
+        pending = echo.submit({"die": 3})
+        with pytest.raises(WorkerDied):
+            echo.wait(pending)
+        assert echo.call({"echo": 4})["echo"] == 4
+        with pytest.raises(WorkerDied):
+            echo.wait(echo.submit({"echo": 5}) + 1)  # never sent to this worker
+    finally:
+        echo.close()

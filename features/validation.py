@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from features.schema import (
     INT64_MAX, INT64_MIN, INTEGER_KINDS, REASON_BAD_TYPE, REASON_EMPTY, REASON_MISSING,
@@ -129,6 +130,115 @@ def _check_value(field: Field, value: Any, contract: ContractConfig) -> str | No
             return REASON_OUT_OF_RANGE
     return None
 
+
+
+class MessageValidator:
+    """:func:`check_message` for many messages at once, with exactly its verdicts.
+
+    A record that passes a conservative check of every rule (exact JSON types, bounds, the time
+    window) is valid; any other goes through :func:`check_record` for its reason, so a reason is
+    always the one :func:`check_message` gives, and the quick check only has to be right about what
+    it accepts. The quick check exists because a consumer judges tens of thousands of messages a
+    second, and :func:`check_record`'s per-field calls dominated its time: it takes all the fields
+    in one ``itemgetter`` call and compares their types in one tuple comparison.
+    """
+
+    def __init__(self, schema: EventSchema, contract: ContractConfig) -> None:
+        self.schema = schema
+        self.contract = contract
+        # Every schema has at least three fields, two of them strings (the event id and the user),
+        # so each itemgetter below returns a tuple.
+        names = schema.field_names
+        self._names = names
+        self._values = operator.itemgetter(*names)
+        # Decoded JSON holds exact str/int/float/bool objects, so the type tuple also tells booleans
+        # from integers, as the rules do. A float64 field holding an integer takes the exact path.
+        self._types = tuple(_JSON_TYPES[field.kind] for field in schema.fields)
+        self._time = names.index(schema.time_field)
+        fields = schema.fields
+        self._strings = operator.itemgetter(*(i for i, f in enumerate(fields) if f.kind == "string"))
+        self._enums = [(i, frozenset(f.values)) for i, f in enumerate(fields) if f.kind == "string" and f.values]
+        # Python integers are unbounded: the type's own range is checked too (integer_bounds has it).
+        self._ints = [(i, *integer_bounds(f)) for i, f in enumerate(fields) if f.kind in INTEGER_KINDS]
+        self._floats = [(i, f.lower, f.upper) for i, f in enumerate(fields) if f.kind == "float64"]
+
+    def check(self, values: Sequence[bytes], processing_ms: int | None = None
+              ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+        """The valid events of ``values`` in order (as :func:`check_message` returns them) and
+        ``(index, reason)`` of every rejected message. One processing time holds for the whole call."""
+        contract, schema = self.contract, self.schema
+        processing = processing_ms if processing_ms is not None else now_ms(contract)
+        first, last = time_window(schema, contract, processing)
+        max_bytes, names, quick = contract.max_message_bytes, self._names, self._quick
+        events: list[dict[str, Any]] = []
+        rejected: list[tuple[int, str]] = []
+        for index, raw in enumerate(values):
+            if len(raw) > max_bytes:
+                rejected.append((index, REASON_OVERSIZE))
+                continue
+            try:
+                record = _loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                rejected.append((index, REASON_NOT_JSON))
+                continue
+            if not isinstance(record, dict):
+                rejected.append((index, REASON_NOT_AN_OBJECT))
+                continue
+            fields = quick(record, first, last)
+            if fields is None:
+                reason = check_record(record, schema, contract, processing)
+                if reason is not None:
+                    rejected.append((index, reason))
+                    continue
+                fields = self._values(record)
+            events.append(dict(zip(names, fields)))
+        return events, rejected
+
+    def _quick(self, record: dict[str, Any], first: int, last: int) -> tuple[Any, ...] | None:
+        """The record's fields in schema order if :func:`check_record` surely accepts it (the time in
+        ``[first, last]``); ``None`` when it may not."""
+        version = record.get("schema_version", 1)
+        if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:
+            return None
+        try:
+            fields = self._values(record)
+        except KeyError:
+            return None
+        if tuple(map(type, fields)) != self._types:
+            return None
+        lengths = tuple(map(len, self._strings(fields)))
+        if min(lengths) == 0 or max(lengths) > self.contract.max_string_len:
+            return None
+        for index, allowed in self._enums:
+            if fields[index] not in allowed:
+                return None
+        for index, low, high in self._ints:
+            if not low <= fields[index] <= high:
+                return None
+        for index, low, high in self._floats:
+            if not (low <= fields[index] <= high and -math.inf < fields[index] < math.inf):
+                return None
+        if not first <= fields[self._time] <= last:
+            return None
+        return fields
+
+
+_JSON_TYPES = {"string": str, "bool": bool, "int32": int, "int64": int, "float64": float}
+_decode = json.JSONDecoder().decode
+
+
+def _loads(raw: bytes) -> Any:
+    """``json.loads(raw)``, skipping its encoding detection for a message that starts ``{`` and a
+    non-NUL byte, which it would decode as UTF-8 (a fifth of the time of decoding a message)."""
+    if raw[:1] == b"{" and raw[1:2] != b"\x00":
+        return _decode(raw.decode("utf-8", "surrogatepass"))
+    return json.loads(raw)
+
+
+def check_messages(values: Sequence[bytes], schema: EventSchema, contract: ContractConfig,
+                   processing_ms: int | None = None) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """:meth:`MessageValidator.check` once; a caller with many batches keeps a validator."""
+    return MessageValidator(schema, contract).check(values, processing_ms)
 
 # The Spark interpreter. pyspark is imported inside the functions: the Kafka ingest uses this module
 # without Spark.

@@ -24,6 +24,8 @@ SECURITY_OPTIONS: frozenset[str] = frozenset({
     "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "sasl_oauth_token_provider",
 })
 COMPRESSION_TYPES = ("none", "gzip", "snappy", "lz4", "zstd")
+KAFKA_PYTHON, CONFLUENT_KAFKA = "kafka-python", "confluent-kafka"
+CLIENTS = (KAFKA_PYTHON, CONFLUENT_KAFKA)
 ACKS = ("0", "1", "all")
 
 
@@ -40,9 +42,12 @@ class KafkaConfig:
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 500
     request_timeout_ms: int = 30000
+    client: str = CONFLUENT_KAFKA
+    """Client library of the producer and the consumer: confluent-kafka (librdkafka) | kafka-python
+    (pure Python, slower per message: docs/ingest.md). The admin client is kafka-python's."""
     security: dict[str, Any] = field(default_factory=dict)
-    """kafka-python security options, passed through verbatim to every client. A real cluster,
-    e.g.:
+    """kafka-python security options, passed to every client (translated into librdkafka's names for
+    confluent-kafka, see ingest/clients.py). A real cluster, e.g.:
 
         security: {security_protocol: SASL_SSL, sasl_mechanism: SCRAM-SHA-512,
                    sasl_plain_username: ingest, sasl_plain_password: '...',
@@ -60,6 +65,7 @@ class KafkaConfig:
         require(self.session_timeout_ms > self.heartbeat_interval_ms, "kafka.session_timeout_ms",
                 "must be larger than kafka.heartbeat_interval_ms")
         require(self.request_timeout_ms > 0, "kafka.request_timeout_ms", "must be > 0")
+        require(self.client in CLIENTS, "kafka.client", f"must be one of {', '.join(CLIENTS)}")
         for key in self.security:
             require(key in SECURITY_OPTIONS, f"kafka.security.{key}",
                     f"not a kafka-python security option (one of {', '.join(sorted(SECURITY_OPTIONS))})")

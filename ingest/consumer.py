@@ -1,8 +1,10 @@
 """``sirenfeed ingest --out LANDING_DIR [--until-idle SECONDS]``: Kafka → raw Parquet, exactly once.
 
-A member of consumer group ``kafka.group_id`` (run several to split the partitions). Each message is
-validated by :func:`features.validation.check_message` against the event schema ``schema``; valid
-events and dead letters collect in one open batch per partition, published by
+A member of consumer group ``kafka.group_id`` (run several to split the partitions), through the
+client library ``kafka.client`` (:mod:`ingest.clients`). The messages of each poll are validated
+together (:class:`features.validation.MessageValidator`, the verdicts of
+:func:`~features.validation.check_message`) against the event schema ``schema``; valid events and
+dead letters collect in one open batch per partition, published by
 :class:`ingest.landing.LandingZone` once it holds ``consumer.max_events`` messages or is
 ``consumer.max_seconds`` old.
 
@@ -17,6 +19,7 @@ partition lost to a forced eviction drops it (the new owner reads it again). SIG
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import logging
@@ -27,16 +30,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, TopicPartition
-from kafka.errors import KafkaError, OffsetOutOfRangeError
-from kafka.structs import OffsetAndMetadata
 from tqdm import tqdm
 
 from common.config import add_config_arguments, config_from_args
 from common.logs import configure_logging
-from features.validation import check_message
+from features.validation import MessageValidator
 from ingest.broker import BrokerError
-from ingest.clients import bootstrap_servers, make_admin, make_consumer, make_producer
+from ingest.clients import (
+    ClientError, Consumer, PartitionRecords, Producer, bootstrap_servers, make_admin, make_consumer,
+    make_producer,
+)
 from ingest.config import IngestConfig
 from ingest.deadletter import DeadLetter, send_dead_letters
 from ingest.landing import NO_TOPIC_ID, Batch, LandingError, LandingZone
@@ -81,6 +84,7 @@ class Ingestor:
         self.stop = stop or threading.Event()
         self.topic = config.kafka.topic
         self.schema = config.event_schema
+        self.validator = MessageValidator(self.schema, config.contract)
         self.zone = LandingZone(config.landing.dir, self.topic, config.landing.dead_letter_dir or None,
                                 schema=self.schema)
         self.metrics = IngestMetrics()
@@ -89,9 +93,9 @@ class Ingestor:
         self.last_activity: float | None = None
         """Time of the last message or assignment; ``None`` (idle clock stopped) until the group has
         assigned partitions, since joining or rebalancing can take seconds."""
-        self._consumer = None
+        self._consumer: Consumer | None = None
         self._admin = None
-        self._dead_letter_producer = None
+        self._dead_letter_producer: Producer | None = None
 
     def run(self) -> IngestSummary:
         """Consume until stopped (or idle for ``consumer.until_idle_s``), then publish what is open."""
@@ -101,16 +105,16 @@ class Ingestor:
             self._require_topic()
             # Not idempotent: its producer id would not survive a memory broker's restart (sends then
             # fail for good), and the dead-letter topic is at least once anyway (docs/ingest.md).
-            self._dead_letter_producer = make_producer(self.config, enable_idempotence=False)
+            self._dead_letter_producer = make_producer(self.config, idempotent=False)
             clients.callback(self._dead_letter_producer.close)
             self._consumer = make_consumer(self.config)
-            clients.callback(self._consumer.close, autocommit=False)
+            clients.callback(self._consumer.close)
             clients.callback(self._drop_open_batches)  # callbacks run last-in first-out: before close()
             self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
             clients.callback(self.metrics.close)
-            log.info("ingesting %s (schema %s) from %s into %s",
-                     self.topic, self.schema.name, bootstrap_servers(self.config), self.zone.root)
-            self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+            log.info("ingesting %s (schema %s) from %s with %s into %s", self.topic, self.schema.name,
+                     bootstrap_servers(self.config), self.config.kafka.client, self.zone.root)
+            self._consumer.subscribe(_Rebalance(self))
             self._consume()
             for state in list(self.partitions.values()):
                 self._publish(state)
@@ -121,13 +125,11 @@ class Ingestor:
         next_lag_report = time.monotonic()
         with tqdm(desc="ingest", unit="msg", disable=None, mininterval=1.0) as progress:
             while not self.stop.is_set():
-                try:
-                    records = self._consumer.poll(timeout_ms=self.config.consumer.poll_ms)
-                except OffsetOutOfRangeError as error:
-                    self._out_of_range(error.args[0])
-                    continue
-                for topic_partition, messages in records.items():
-                    progress.update(self._add(topic_partition.partition, messages))
+                polled = self._consumer.poll(self.config.consumer.poll_ms)
+                for records in polled.records:
+                    progress.update(self._add(records))
+                if polled.out_of_range:
+                    self._out_of_range(polled.out_of_range)
                 self._publish_due()
                 if self.config.report_lag and time.monotonic() >= next_lag_report:
                     self._report_lag()
@@ -144,33 +146,26 @@ class Ingestor:
 
     # -- group membership ------------------------------------------------------------------------
 
-    def assign_partitions(self, assigned) -> None:
+    def assign_partitions(self, assigned: list[int]) -> None:
         topic_id = self._topic_id()
-        for topic_partition in assigned:
-            resume = self.zone.resume_offset(topic_partition.partition, topic_id)
-            self._seek(topic_partition, resume)
-            self.partitions[topic_partition.partition] = PartitionState(topic_id, resume)
+        for partition in assigned:
+            resume = self.zone.resume_offset(partition, topic_id)
+            self._consumer.seek(partition, resume)
+            self.partitions[partition] = PartitionState(topic_id, resume)
         self.metrics.assigned_partitions.set(len(self.partitions))
         self.last_activity = time.monotonic()
-        log.info("assigned partitions %s (topic id %s)",
-                 sorted(tp.partition for tp in assigned), topic_id)
+        log.info("assigned partitions %s (topic id %s)", sorted(assigned), topic_id)
 
-    def release_partitions(self, released, publish: bool) -> None:
-        for topic_partition in released:
-            state = self.partitions.pop(topic_partition.partition, None)
+    def release_partitions(self, released: list[int], publish: bool) -> None:
+        for partition in released:
+            state = self.partitions.pop(partition, None)
             if state is not None and publish:
-                self._publish(state, commit=False)  # committing would block the IO thread we are on
+                # No commit: kafka-python runs this on its IO thread, which the commit would wait for.
+                self._publish(state, commit=False)
         self.metrics.assigned_partitions.set(len(self.partitions))
         self.last_activity = None  # a rebalance is under way: not idle, waiting for the group
         if released:
-            log.info("%s partitions %s", "revoked" if publish else "lost",
-                     sorted(tp.partition for tp in released))
-
-    def _seek(self, topic_partition, offset: int | None) -> None:
-        if offset is None:
-            self._consumer.seek_to_beginning(topic_partition)
-        else:
-            self._consumer.seek(topic_partition, offset)
+            log.info("%s partitions %s", "revoked" if publish else "lost", sorted(released))
 
     def _topic_id(self) -> str:
         """The topic's current incarnation, asked of the broker; waits (up to the request timeout) for
@@ -192,61 +187,70 @@ class Ingestor:
             raise IngestError(f"topic {self.topic!r} does not exist on {bootstrap_servers(self.config)} "
                               "(config key 'kafka.topic')")
 
-    def _out_of_range(self, positions: dict) -> None:
+    def _out_of_range(self, positions: dict[int, int | None]) -> None:
         """The broker no longer has the offset a partition is at: the topic was re-created (a memory
         broker restarted) or retention removed messages this consumer had not landed."""
         topic_id = self._topic_id()
-        for topic_partition in positions:
-            state = self.partitions.get(topic_partition.partition)
+        for partition, position in positions.items():
+            state = self.partitions.get(partition)
             if state is None:
                 continue
             if topic_id != state.topic_id:
-                self._restart(topic_partition.partition, topic_id, "topic_recreated")
+                self._restart(partition, topic_id, "topic_recreated")
                 continue
             self._publish(state)
             # Offsets below the landed mark are still skipped (PartitionState.next_offset).
-            self._consumer.seek_to_beginning(topic_partition)
+            self._consumer.seek(partition, None)
             self.metrics.offset_resets.labels("out_of_range").inc()
             log.warning("partition %d: offset %s is out of range on the broker; restarting from the log "
                         "start (messages removed by retention before they landed are lost)",
-                        topic_partition.partition, positions[topic_partition])
+                        partition, position)
 
     def _restart(self, partition: int, topic_id: str, cause: str) -> None:
         """Forget what was read but not landed of ``partition``; resume it from the landing zone."""
         resume = self.zone.resume_offset(partition, topic_id)
         self.partitions[partition] = PartitionState(topic_id, resume)
-        self._seek(TopicPartition(self.topic, partition), resume)
+        self._consumer.seek(partition, resume)
         self.metrics.offset_resets.labels(cause).inc()
         log.warning("partition %d restarts at %s of topic id %s (%s)", partition,
                     "the log start" if resume is None else f"offset {resume}", topic_id, cause)
 
     # -- batching --------------------------------------------------------------------------------
 
-    def _add(self, partition: int, messages) -> int:
+    def _add(self, records: PartitionRecords) -> int:
+        """Validate one poll's messages of a partition together and add them to its open batch,
+        publishing each batch that fills up."""
+        partition = records.partition
         state = self.partitions.get(partition)
         if state is None:
             return 0
-        contract = self.config.contract
+        offsets = records.offsets
+        # Offsets ascend within a partition: what has landed already is a prefix.
+        index = 0 if state.next_offset is None else bisect.bisect_left(offsets, state.next_offset)
         added = 0
-        for message in messages:
-            if state.next_offset is not None and message.offset < state.next_offset:
-                continue
+        while index < len(offsets):
             if state.batch is None:
-                state.batch = Batch(self.topic, state.topic_id, partition, message.offset, message.offset)
+                state.batch = Batch(self.topic, state.topic_id, partition, offsets[index], offsets[index])
                 state.opened_at = time.monotonic()
-            raw = message.value if message.value is not None else b""
-            event, reason = check_message(raw, self.schema, contract)
-            if reason is None:
-                state.batch.events.append(event)
-            else:
-                state.batch.dead_letters.append(DeadLetter(
-                    raw=raw, key=message.key, topic=message.topic, partition=partition,
-                    offset=message.offset, kafka_timestamp_ms=message.timestamp, reason=reason,
-                    dead_lettered_at_ms=int(time.time() * 1000)))
-            state.batch.end_offset = message.offset
-            state.next_offset = message.offset + 1
-            added += 1
-            if len(state.batch.events) + len(state.batch.dead_letters) >= self.config.consumer.max_events:
+            batch = state.batch
+            room = self.config.consumer.max_events - len(batch.events) - len(batch.dead_letters)
+            stop = min(len(offsets), index + room)
+            events, rejected = self.validator.check(records.values[index:stop])
+            batch.events.extend(events)
+            if rejected:
+                dead_lettered_at_ms = int(time.time() * 1000)
+                for position, reason in rejected:
+                    at = index + position
+                    key, timestamp = records.origin(at)
+                    batch.dead_letters.append(DeadLetter(
+                        raw=records.values[at], key=key, topic=self.topic, partition=partition,
+                        offset=offsets[at], kafka_timestamp_ms=timestamp, reason=reason,
+                        dead_lettered_at_ms=dead_lettered_at_ms))
+            batch.end_offset = offsets[stop - 1]
+            state.next_offset = offsets[stop - 1] + 1
+            added += stop - index
+            index = stop
+            if len(batch.events) + len(batch.dead_letters) >= self.config.consumer.max_events:
                 self._publish(state)
                 if self.partitions.get(partition) is not state:
                     break  # restarted: the rest of these messages will be fetched again
@@ -310,25 +314,22 @@ class Ingestor:
         self.metrics.batches.labels(f"dropped_{cause}").inc()
 
     def _commit(self, batch: Batch) -> None:
-        topic_partition = TopicPartition(self.topic, batch.partition)
         try:
-            offset = OffsetAndMetadata(batch.end_offset + 1, batch.batch_id, -1)
-            self._consumer.commit({topic_partition: offset})
-        except KafkaError as error:
+            self._consumer.commit(batch.partition, batch.end_offset + 1, batch.batch_id)
+        except ClientError as error:
             # Advisory only: the landing zone, not this commit, decides where consumption resumes.
             log.warning("could not commit offset %d of partition %d to Kafka: %s",
                         batch.end_offset + 1, batch.partition, error)
 
     def _report_lag(self) -> None:
-        assigned = list(self._consumer.assignment())
+        assigned = self._consumer.assignment()
         if not assigned:
             return
         ends = self._consumer.end_offsets(assigned)
-        for topic_partition in assigned:
-            state = self.partitions.get(topic_partition.partition)
+        for partition in assigned:
+            state = self.partitions.get(partition)
             if state is not None and state.next_offset is not None:
-                self.metrics.lag.labels(str(topic_partition.partition)).set(
-                    max(0, ends[topic_partition] - state.next_offset))
+                self.metrics.lag.labels(str(partition)).set(max(0, ends[partition] - state.next_offset))
 
     def _idle(self) -> bool:
         until_idle = self.config.consumer.until_idle_s
@@ -336,21 +337,22 @@ class Ingestor:
                 and time.monotonic() - self.last_activity >= until_idle)
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """kafka-python calls these on its IO thread while the main thread waits inside ``poll()``, so
-    they never run concurrently with the main loop's use of the partition states."""
+class _Rebalance:
+    """The clients call these from inside ``poll()`` (kafka-python on its IO thread while the main
+    thread waits there), so they never run concurrently with the main loop's use of the partition
+    states."""
 
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
 
-    def on_partitions_revoked(self, revoked):
-        self.ingestor.release_partitions(revoked, publish=True)
+    def on_revoked(self, partitions: list[int]) -> None:
+        self.ingestor.release_partitions(partitions, publish=True)
 
-    def on_partitions_lost(self, lost):
-        self.ingestor.release_partitions(lost, publish=False)
+    def on_lost(self, partitions: list[int]) -> None:
+        self.ingestor.release_partitions(partitions, publish=False)
 
-    def on_partitions_assigned(self, assigned):
-        self.ingestor.assign_partitions(assigned)
+    def on_assigned(self, partitions: list[int]) -> None:
+        self.ingestor.assign_partitions(partitions)
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ingest.clients import ClientError, Producer
+
 DEAD_LETTER_SCHEMA = pa.schema([
     pa.field("raw", pa.binary()),
     pa.field("key", pa.binary()),
@@ -52,13 +54,15 @@ def dead_letter_table(letters: list[DeadLetter]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=DEAD_LETTER_SCHEMA)
 
 
-def send_dead_letters(producer, topic: str, letters: list[DeadLetter], timeout_s: float) -> None:
-    """Send ``letters`` to the dead-letter topic and wait until the broker has them all.
+def send_dead_letters(producer: Producer, topic: str, letters: list[DeadLetter], timeout_s: float) -> None:
+    """Send ``letters`` to the dead-letter topic and wait until the broker has them all; raises
+    :class:`ingest.clients.ClientError` when one was not acknowledged.
 
     At least once: a crash after this and before the batch lands sends them again on the retry.
     """
-    futures = [producer.send(topic, value=letter.raw, key=letter.key, headers=letter.headers())
-               for letter in letters]
-    producer.flush(timeout=timeout_s)
-    for future in futures:
-        future.get(timeout=timeout_s)
+    for letter in letters:
+        producer.send(topic, value=letter.raw, key=letter.key, headers=letter.headers())
+    failures = producer.flush(timeout_s)
+    if failures:
+        raise ClientError(f"{len(failures)} of {len(letters)} dead letters to {topic} were not "
+                          f"acknowledged; first error: {failures[0]!r}")

@@ -33,15 +33,18 @@ import contextlib
 import fcntl
 import json
 import logging
+import operator
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.files import write_json
@@ -57,6 +60,7 @@ METADATA_KEY = b"sirenfeed.ingest"
 NO_TOPIC_ID = "unknown"
 """Stands for the topic id of a broker that does not report one (Kafka < 2.8)."""
 MS_PER_HOUR = 3_600_000
+FSYNC_THREADS = 8
 
 
 class LandingError(RuntimeError):
@@ -109,6 +113,7 @@ class LandingZone:
         self.schema = load_schema(schema)
         self.dead_letter_root = Path(dead_letter_root) if dead_letter_root else self.root / DEAD_LETTER_DIR
         self.writer = writer or f"{os.uname().nodename}:{os.getpid()}"
+        self._fsyncs = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="landing-fsync")
         self.root.mkdir(parents=True, exist_ok=True)
         self.dead_letter_root.mkdir(parents=True, exist_ok=True)
         if self.root.stat().st_dev != self.dead_letter_root.stat().st_dev:
@@ -193,12 +198,19 @@ class LandingZone:
                                     "partition": batch.partition, "start_offset": batch.start_offset,
                                     "end_offset": batch.end_offset, "batch_id": batch.batch_id})
         entries = []
-        event_ts = [self._event_ts_ms(event) for event in batch.events]
-        for hour, events in sorted(_by_hour(batch.events, event_ts).items()):
-            when = datetime.fromtimestamp(hour * 3600, tz=timezone.utc)
-            table = pa.Table.from_pylist(events, schema=self.schema.raw_arrow_schema)
-            target = f"date={when:%Y-%m-%d}/hour={when:%H}/part-{batch.batch_id}.parquet"
-            entries.append(self._stage_file(staging, len(entries), table, "landing", target, file_metadata))
+        unit, time_field = self.schema.time_unit_ms, self.schema.time_field
+        event_ts = [event[time_field] * unit for event in batch.events]
+        if batch.events:
+            table = self._events_table(batch.events)
+            hours = [ts // MS_PER_HOUR for ts in event_ts]
+            distinct = sorted(set(hours))
+            hour_column = pa.array(hours, pa.int64()) if len(distinct) > 1 else None
+            for hour in distinct:
+                when = datetime.fromtimestamp(hour * 3600, tz=timezone.utc)
+                # Filtering keeps arrival order within the hour.
+                part = table if hour_column is None else table.filter(pc.equal(hour_column, hour))
+                target = f"date={when:%Y-%m-%d}/hour={when:%H}/part-{batch.batch_id}.parquet"
+                entries.append(self._stage_file(staging, len(entries), part, "landing", target, file_metadata))
         if batch.dead_letters:
             day = datetime.fromtimestamp(now_ms / 1000, tz=timezone.utc)
             target = f"date={day:%Y-%m-%d}/dead-{batch.batch_id}.parquet"
@@ -215,9 +227,10 @@ class LandingZone:
             "min_event_ts_ms": min(event_ts, default=None), "max_event_ts_ms": max(event_ts, default=None),
             "files": entries, "writer": self.writer, "published_at_ms": now_ms,
         }
-        _fsync_dir(staging)
+        # The staged files and their directory entries, durable before the manifest names them.
+        self._fsync_all([staging / entry["staged"] for entry in entries] + [staging])
         write_json(staging / BATCH_MANIFEST, manifest, indent=1)
-        _fsync_dir(staging)
+        _fsync(staging)
         return staging
 
     def apply(self, staging: Path) -> dict[str, Any]:
@@ -236,13 +249,12 @@ class LandingZone:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
             touched.add(target.parent)
-        for directory in touched:
-            _fsync_dir(directory)
-            _fsync_dir(directory.parent)
+        # Each renamed file's directory, and its parent (which may have gained that directory).
+        self._fsync_all(sorted(touched | {directory.parent for directory in touched}))
         landed = self.landed_dir(manifest["partition"], manifest["topic_id"])
         name = f"{manifest['start_offset']:012d}-{manifest['end_offset']:012d}.json"
         write_json(landed / name, manifest, indent=1)
-        _fsync_dir(landed)
+        _fsync(landed)
         shutil.rmtree(staging)
         return manifest
 
@@ -266,18 +278,25 @@ class LandingZone:
                 log.info("discarded incomplete staged batch %s of partition %d", staged.name, partition)
         return rolled
 
-    def _event_ts_ms(self, event: dict[str, Any]) -> int:
-        """A valid event's time in epoch milliseconds, from its time field in the schema's unit."""
-        return event[self.schema.time_field] * self.schema.time_unit_ms
+    def _events_table(self, events: list[dict[str, Any]]) -> pa.Table:
+        """Valid events as a table of the raw Arrow schema, built one column at a time (measured a
+        little faster than ``Table.from_pylist`` on pyarrow 14: docs/ingest.md)."""
+        schema = self.schema.raw_arrow_schema
+        columns = [pa.array(list(map(operator.itemgetter(name), events)), type=schema.field(name).type)
+                   for name in schema.names]
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def _fsync_all(self, paths: list[Path]) -> None:
+        """fsync every path, all at once, and return when all are durable. The journal commits
+        concurrent fsyncs together: eight cost about what one does, where one after the other they
+        were a quarter of a consumer's time."""
+        list(self._fsyncs.map(_fsync, paths))
 
     def _stage_file(self, staging: Path, index: int, table: pa.Table, root: str, target: str,
                     file_metadata: str) -> dict[str, Any]:
         name = f"{index:04d}.parquet"
         metadata = {**(table.schema.metadata or {}), METADATA_KEY: file_metadata.encode()}
-        with open(staging / name, "wb") as stream:
-            pq.write_table(table.replace_schema_metadata(metadata), stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+        pq.write_table(table.replace_schema_metadata(metadata), staging / name)  # fsynced by stage()
         return {"staged": name, "root": root, "target": target, "rows": table.num_rows}
 
 
@@ -300,17 +319,9 @@ def read_dead_letters(root: str | os.PathLike[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else DEAD_LETTER_SCHEMA.empty_table()
 
 
-def _by_hour(events: list[dict[str, Any]], event_ts_ms: list[int]) -> dict[int, list[dict[str, Any]]]:
-    """Events grouped by hour since the epoch of their time (UTC, ``event_ts_ms`` per event),
-    arrival order kept."""
-    groups: dict[int, list[dict[str, Any]]] = {}
-    for event, ts in zip(events, event_ts_ms):
-        groups.setdefault(ts // MS_PER_HOUR, []).append(event)
-    return groups
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

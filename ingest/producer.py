@@ -31,7 +31,7 @@ from common.logs import configure_logging
 from features.dataset import MANIFEST_NAME, is_complete
 from features.schema import DEFAULT_SCHEMA, SCHEMA_VERSION, EventSchema, load_schema
 from ingest.broker import BrokerError
-from ingest.clients import make_producer
+from ingest.clients import Producer, make_producer
 from ingest.config import IngestConfig
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,10 @@ def event_messages(table: pa.Table, schema: EventSchema | str = DEFAULT_SCHEMA
             yield (user.encode() if isinstance(user, str) and user else None), encode(event)
 
 
-def send_messages(producer, topic: str, messages: Iterable[tuple[bytes | None, bytes]],
+def send_messages(producer: Producer, topic: str, messages: Iterable[tuple[bytes | None, bytes]],
                   rate: float = 0.0, total: int | None = None, description: str = "produce") -> int:
     """Send ``messages`` in order at ``rate`` per second (0 = as fast as possible); wait for every
     acknowledgement and fail if any send failed. Returns the number sent."""
-    failures: list[BaseException] = []
     started = time.monotonic()
     sent = 0
     with tqdm(total=total, desc=description, unit="ev", disable=None, mininterval=1.0) as progress:
@@ -124,12 +123,12 @@ def send_messages(producer, topic: str, messages: Iterable[tuple[bytes | None, b
                 ahead = started + sent / rate - time.monotonic()
                 if ahead > 0.001:
                     time.sleep(ahead)
-            producer.send(topic, key=key, value=value).add_errback(failures.append)
+            producer.send(topic, value, key)
             sent += 1
             if sent % 1024 == 0:
                 progress.update(1024)
         progress.update(sent % 1024)
-    producer.flush()
+    failures = producer.flush()
     if failures:
         raise RuntimeError(f"{len(failures)} of {sent} messages to {topic} were not acknowledged; "
                            f"first error: {failures[0]!r}")

@@ -111,9 +111,10 @@ class ConsumerProcess:
 
 
 class Stream:
-    """A fresh topic pair and consumer group on the shared broker, and a landing zone, for one test."""
+    """A fresh topic pair and consumer group on the shared broker, and a landing zone, for one test;
+    its producer and consumers use the client library ``client`` (empty: the configured default)."""
 
-    def __init__(self, broker: EmbeddedBroker, tmp_path: Path, schema: str = "feed") -> None:
+    def __init__(self, broker: EmbeddedBroker, tmp_path: Path, schema: str = "feed", client: str = "") -> None:
         tag = uuid.uuid4().hex[:8]
         self.broker = broker
         self.tmp_path = tmp_path
@@ -122,7 +123,7 @@ class Stream:
                           f"kafka.dead_letter_topic=dead-{tag}", f"kafka.group_id=group-{tag}",
                           f"kafka.partitions={PARTITIONS}", "metrics.report_lag=false",
                           f"broker.run_dir={tmp_path / 'run'}", f"landing.dir={self.landing}",
-                          f"schema={schema}"]
+                          f"schema={schema}", *([f"kafka.client={client}"] if client else [])]
         self.config = load_config(IngestConfig, overrides=self.overrides)
         ensure_topics(broker.address, self.config.broker_topics, PARTITIONS)
         self._consumers = 0

@@ -1,4 +1,5 @@
-"""Exactly once across crashes: consumers SIGKILLed at random moments while the stream flows."""
+"""Exactly once across crashes: consumers SIGKILLed at random moments while the stream flows, with
+either client library."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import time
 from collections import Counter
 
 import pytest
-from ingest_support import FAST_BATCHES, assert_ledger_contiguous, valid_event_ids
+from ingest_support import FAST_BATCHES, Stream, assert_ledger_contiguous, valid_event_ids
 
+from ingest.config import CLIENTS
 from ingest.landing import LandingZone, read_landed
 
 pytestmark = pytest.mark.slow
@@ -20,7 +22,16 @@ QUICK_REJOIN = ("kafka.session_timeout_ms=2000", "kafka.heartbeat_interval_ms=25
 PUBLISHED = 'sirenfeed_ingest_batches_total{outcome="published"}'
 
 
-def test_sigkilled_consumers_neither_lose_nor_duplicate(stream, raw_messages):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_sigkilled_consumers_neither_lose_nor_duplicate(broker, tmp_path, raw_messages, client):
+    stream = Stream(broker, tmp_path, client=client)
+    try:
+        crash_and_check(stream, raw_messages)
+    finally:
+        stream.stop_all()
+
+
+def crash_and_check(stream: Stream, raw_messages) -> None:
     messages = [message for day in raw_messages.values() for message in day]
     rate = len(messages) / 15  # the stream keeps flowing through the kills
     producer = threading.Thread(target=stream.produce, args=(messages, rate), daemon=True)

@@ -1,10 +1,17 @@
 """Logging of the command-line entry points and of launched ranks: one format everywhere, dated
-because cron and systemd logs of retraining cycles are appended to for days."""
+because cron and systemd logs of retraining cycles are appended to for days; and
+:func:`output_to`, which sends a stretch of a command's output to a file instead of the terminal
+(the demo's per-step logs)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterator, TextIO
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -48,3 +55,65 @@ def utc_text(ms: int | None) -> str:
     if ms is None:
         return "none"
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+_child_output: TextIO | None = None
+
+
+def child_output() -> TextIO | None:
+    """The file that processes this one launches (the ``deepspeed`` launcher of
+    :mod:`trainer.launcher`, ``spark-submit`` of :mod:`features.submit`) write to while
+    :func:`output_to` holds one; None: this process's own streams."""
+    return _child_output
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    """Every handler of the logging tree whose stream can be pointed elsewhere: not a file
+    handler (its own file), nor one whose stream is a property (``logging``'s last-resort kind,
+    which dill installs: it always writes to the current ``sys.stderr``)."""
+    loggers = [logging.getLogger(), *(entry for entry in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(entry, logging.Logger))]
+    return [handler for logger in loggers for handler in logger.handlers
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            and not isinstance(getattr(type(handler), "stream", None), property)]
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` that hands the warning to logging, as ``logging.captureWarnings``
+    does (without its process-wide switch, which could not be put back as it was)."""
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+    logging.getLogger("py.warnings").warning("%s", text)
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[TextIO]:
+    """For the block, send to the file ``path`` (replaced; its folder created) instead of the
+    terminal: the log records of every handler that writes to stdout or stderr (their formats and
+    filters kept), Python warnings (as log records of ``py.warnings``), whatever is printed to
+    ``sys.stdout``, and the output of the processes launched meanwhile (:func:`child_output`).
+
+    ``sys.stderr`` itself stays the terminal's, so progress bars still show. A handler that a
+    library adds on stdout during the block (DeepSpeed's, as it loads) writes to the file until
+    the block ends and to this process's stdout after it. Not reentrant, and for the main thread:
+    the streams it swaps are the whole process's."""
+    global _child_output
+    path.parent.mkdir(parents=True, exist_ok=True)
+    terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    stdout = sys.stdout
+    # Line-buffered, so the file can be followed while the step runs.
+    with path.open("w", buffering=1) as sink, warnings.catch_warnings():
+        moved = {handler: handler.stream for handler in _stream_handlers()
+                 if any(handler.stream is stream for stream in terminal)}
+        for handler in moved:
+            handler.setStream(sink)
+        warnings.showwarning = _log_warning
+        _child_output = sink
+        try:
+            with contextlib.redirect_stdout(sink):
+                yield sink
+        finally:
+            _child_output = None
+            for handler in _stream_handlers():
+                if handler.stream is sink:
+                    handler.setStream(moved.get(handler, stdout))

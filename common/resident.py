@@ -34,6 +34,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 
 from common.concurrency import process_group
 from common.files import write_json
+from common.logs import child_output
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ class ResidentWorker:
     """The owner's side: start the worker, send requests, stop it.
 
     ``command(inbox)`` builds the worker's command line for an inbox folder; ``popen`` goes to
-    :func:`common.concurrency.process_group` (``env``, ``stdout``, …). ``on_exit`` runs after the
+    :func:`common.concurrency.process_group` (``env``, …); ``stdout`` takes the worker's output
+    (stderr too; default: the file of an open :func:`common.logs.output_to`, else this process's
+    streams). ``on_exit`` runs after the
     worker's group has ended, however it ended (e.g. sweeping what a killed launch left)."""
 
     def __init__(self, name: str, root: Path, command: Callable[[Path], Sequence[str]],
@@ -71,6 +74,7 @@ class ResidentWorker:
         self.root = Path(root) / name
         self._command = command
         self._on_exit = on_exit
+        stdout = stdout if stdout is not None else child_output()
         self._popen = {**popen, **({"stdout": stdout, "stderr": subprocess.STDOUT} if stdout else {})}
         self._group: contextlib.ExitStack | None = None
         self.process: subprocess.Popen | None = None

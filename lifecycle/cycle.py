@@ -50,7 +50,7 @@ from common.config import load_config, to_yaml
 from common.files import atomic_write_text, write_json
 from common.repo import REPO_ROOT
 from features.dataset import read_manifest
-from features.incremental import run_incremental
+from features.incremental import pending_raw_files, run_incremental
 from features.spark import build_session
 from features.submit import run_job
 from ingest.config import IngestConfig
@@ -184,6 +184,12 @@ class Retrainer:
         except (OSError, ValueError):  # not readable from here: the poll of the raw files decides
             return False
         return newest > self.lineage()[-1]["batch"]
+
+    def caught_up(self) -> bool:
+        """Whether every landed raw file has been decided on: none unread by the feature dataset,
+        no batch untrained, no cycle unfinished (local datasets only; False where it cannot tell)."""
+        return (pending_raw_files(self.config.features) == {} and not self.untrained_batch()
+                and not self.unfinished())
 
     # --- steps -----------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ runner exports on every host (``DS_ENV_FILE`` points it there). Paths (``feature
 remote hosts ``cd`` into: the repository and the virtual environment must sit at the same path on
 every node, and ``run`` on a filesystem they share.
 
-The launcher's output streams through; its exit code is the command's (128 + S for a launcher
+The launcher's output streams through (into the file of a :func:`common.logs.output_to` block
+when one is open, as in the demo's steps); its exit code is the command's (128 + S for a launcher
 killed by signal S). SIGINT and SIGTERM are passed to the launcher's whole process group, so
 stopping this command stops every rank it started; and if this command is killed outright
 (SIGKILL), the group is stopped within seconds too (:mod:`common.concurrency`).
@@ -32,6 +33,7 @@ from typing import IO, Sequence
 from common.concurrency import process_group
 from common.config import to_yaml
 from common.files import atomic_write_text
+from common.logs import child_output
 from common.repo import REPO_ROOT
 from trainer.config import TrainConfig
 from trainer.distributed import remove_leftover_segments
@@ -149,8 +151,10 @@ def run_launcher(command: Sequence[str], env: dict[str, str], cwd: Path | None =
     returns its exit code (128 + S if a signal S ended it). ``local_port``: the master port of
     ranks started on this machine, whose shared-memory segments are swept afterwards
     (:func:`trainer.distributed.remove_leftover_segments`); ``stdout``: where the launcher's
-    output goes (stderr too; default: this process's streams)."""
+    output goes (stderr too; default: the file of an open :func:`common.logs.output_to`, else
+    this process's streams)."""
     log.info("running: %s", shlex.join(command))
+    stdout = stdout if stdout is not None else child_output()
     streams = {} if stdout is None else {"stdout": stdout, "stderr": subprocess.STDOUT}
     try:
         with process_group(command, env=env, cwd=cwd, **streams) as process:

@@ -19,13 +19,14 @@ import pytest
 import torch
 from retrain_support import RAW_ARROW_SCHEMA, TINY, date_of, day_events, start_lineage, write_day
 
+from common.config import load_config
 from common.repo import REPO_ROOT
 from features.dataset import read_manifest, write_manifest
 from features.incremental import pending_raw_files
 from lifecycle import cycle as retrain
 from lifecycle import poller
 from lifecycle import retrain as retrain_command
-from lifecycle.config import ContinuousConfig
+from lifecycle.config import ContinuousConfig, RetrainConfig
 from lifecycle.cycle import (
     LOCKED, NOT_PUBLISHED, NOTHING_NEW, PUBLISHED, STEPS, Retrainer, exclusive_lock,
 )
@@ -277,3 +278,27 @@ def test_registry_gauges_count_refusals_since_the_last_publish(tmp_path):
     append_log(registry, {"cycle": "c000005", "published": True, "outcome": "publish",
                           "published_error": "the served model has non-finite weights"})
     assert gauges.consecutive_refusals() == 0 and gauges.published_unevaluable() == 1
+
+
+def test_a_batch_newer_than_the_last_decided_one_is_due_and_caught_up_needs_every_file_decided(tmp_path):
+    """What the continuous loop reads on every poll, without Spark: a feature batch newer than the
+    lineage's last (one the resident feature job prefetched) is untrained; the pipeline has caught
+    up once no raw file is unread, no batch untrained and no cycle unfinished."""
+    raw, features = tmp_path / "landing", tmp_path / "features"
+    config = load_config(RetrainConfig, REPO_ROOT / "conf" / "retrain.yaml", [
+        f"dir={tmp_path / 'retrain'}", f"initial_run={tmp_path / 'initial'}", f"features.raw={raw}",
+        f"features.out={features}"])
+    retrainer = Retrainer(config)
+    assert not retrainer.untrained_batch() and not retrainer.caught_up(), "no dataset yet: cannot tell"
+    consumed = features / "_state" / "b000002" / "consumed.json"
+    consumed.parent.mkdir(parents=True)
+    consumed.write_text("[]")
+    write_manifest(features, {"newest_batch": 2, "state": "_state/b000002"})
+    lineage = Path(config.dir) / "lineage.json"
+    lineage.parent.mkdir(parents=True)
+    lineage.write_text(json.dumps([{"cycle": None, "batch": 0}, {"cycle": "c000001", "batch": 1}]))
+    assert retrainer.untrained_batch() and not retrainer.caught_up()
+    lineage.write_text(json.dumps([{"cycle": None, "batch": 0}, {"cycle": "c000002", "batch": 2}]))
+    assert not retrainer.untrained_batch() and retrainer.caught_up()
+    write_day(raw, 4)
+    assert not retrainer.caught_up(), "a landed file no batch has read"

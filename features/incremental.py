@@ -76,11 +76,11 @@ from common.files import atomic_write_text, local_path, visible_files
 from common.logs import utc_text
 from features.batches import BATCH_NAME, batch_name, first_batch
 from features.dataset import MANIFEST_NAME, manifest_json
-from features.full import split_entry, split_rows
+from features.full import split_entry, split_rows, write_rows
 from features.hadoop import DATASET_KIND, QUARANTINE_DIR, FeatureJobError, HadoopFiles, stage
 from features.schema import EVENT_ID, EVENT_TS, USER_ID, EventSchema, require_same_schema
 from features.settings import FeaturesConfig
-from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, FeatureSpec
+from features.spec import FEATURE_SPEC_VERSION, FeatureSpec
 from features.transforms import (
     EVAL, ITEM_FIRST_TS, REASON_COLUMN, TRAIN, cut_windows, deduplicate, split_statistics,
     token_features, valid_events, validate,
@@ -297,7 +297,7 @@ def _write_batch(spark: SparkSession, config: FeaturesConfig, spec: FeatureSpec,
         split_events[TRAIN if row["train"] else EVAL] += row["count"]
     for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
         with stage(f"write {split}"):
-            split_rows(windows, spec, split, files).write.partitionBy(PARTITION_COLUMN).parquet(f"{staging}/{split}")
+            write_rows(split_rows(windows, spec, split, files), f"{staging}/{split}")
     splits = {split: split_entry(statistics.get(split, {}), split_events[split]) for split in SPLITS}
     for split, entry in splits.items():
         if entry["label_tokens"] != entry["events"]:

@@ -22,6 +22,9 @@ def session_settings(config: SparkConfig) -> dict[str, str]:
         "spark.log.level": config.log_level.upper(),
         # The job logs its stages with counts and durations; Spark's console bar would interleave.
         "spark.ui.showConsoleProgress": "false",
+        # The job's cached frames are each built once and read a few times in the same run:
+        # compressing them costs more CPU than it saves (they spill to disk when memory is short).
+        "spark.sql.inMemoryColumnarStorage.compressed": "false",
         # A dataset carries one _SUCCESS, the job's own, written last; none in its sub-folders.
         "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
         **config.conf,

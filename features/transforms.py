@@ -10,6 +10,13 @@ role fields as ``event_id``, ``user_id`` and ``event_ts`` (ms) and the other fie
 names. Every value is a Spark column expression (no Python UDF) and computes what its Python
 definition in :mod:`features.spec` computes, in the same operation order and precision; parity tests
 hold them equal for every shipped schema.
+
+Performance (bench/feature_job.py, read off ``explain("formatted")`` and the event log): whole
+events cross two shuffles, by ``event_id`` (deduplication, one sort) and by ``user_id`` (one sort
+that every per-user window function shares); item first impressions are broadcast, not joined by a
+shuffle; both splits' window memberships come from one explode, not a union of two passes over the
+user timeline; each window is one sorted array of structs, padded once and split into its columns
+by field access (no lambda per column); the user key is hashed once per row, not per event.
 """
 
 from __future__ import annotations
@@ -73,11 +80,15 @@ def valid_events(validated: DataFrame, schema: EventSchema) -> DataFrame:
 def deduplicate(events: DataFrame, schema: EventSchema) -> DataFrame:
     """One canonical event per ``event_id``: the first by ``event_ts``, ties broken by the other
     fields in schema order (``schema.dedup_order``). That is a total order on valid events (no nulls,
-    no NaN), so a re-run keeps the same copy. The minimum of a struct aggregates partially before the
-    shuffle: one copy per id and input partition crosses it."""
-    first = events.groupBy(EVENT_ID).agg(F.min(F.struct(*schema.dedup_order)).alias("first"))
-    return first.select(*[F.col(name) if name == EVENT_ID else F.col("first")[name].alias(name)
-                          for name in schema.canonical_field_names])
+    no NaN), so a re-run keeps the same copy.
+
+    One shuffle by id and one sort: the row of an id without a predecessor in that order is its
+    first copy. (A minimum of a struct sorts twice, before and after the shuffle, comparing structs
+    interpretively; a rank filter, ``row_number() = 1``, makes Spark add a sort before the shuffle
+    too. Copies are rare, so a sort before the shuffle saves nothing.)"""
+    order = Window.partitionBy(EVENT_ID).orderBy(*schema.dedup_order)
+    return (events.withColumn("_predecessor", F.lag(F.lit(1)).over(order))
+            .where(F.col("_predecessor").isNull()).select(*schema.canonical_field_names))
 
 
 # --- per-event features -----------------------------------------------------------------------
@@ -174,8 +185,10 @@ def spark_prev_actions_known(schema: EventSchema, timeline: WindowSpec,
 def user_row_order(history: str | None = None) -> WindowSpec:
     """A user's events in the order of their training rows: context-only ``history`` events first,
     then by (``event_ts``, ``event_id``); without history, simply time order."""
-    is_history = F.col(history) if history else F.lit(False)
-    return Window.partitionBy(USER_ID).orderBy(is_history.desc(), EVENT_TS, EVENT_ID)
+    if not history:
+        # Exactly the time order of the gap features' window, so one sort serves both.
+        return Window.partitionBy(USER_ID).orderBy(EVENT_TS, EVENT_ID)
+    return Window.partitionBy(USER_ID).orderBy(F.col(history).desc(), EVENT_TS, EVENT_ID)
 
 
 def _cycle(t: Column, period: float, function: Callable[[Column], Column]) -> Column:
@@ -222,7 +235,10 @@ def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame
         if item_history is not None:
             first_seen = (first_seen.unionByName(item_history.select(item, ITEM_FIRST_TS))
                           .groupBy(item).agg(F.min(ITEM_FIRST_TS).alias(ITEM_FIRST_TS)))
-        with_ts = with_ts.join(first_seen, item)
+        # One row per item value, far fewer than events: broadcast, so the events stay where they
+        # are; a sort-merge join (what the size estimate picks on large inputs) would shuffle and
+        # sort every event by item before the shuffle by user.
+        with_ts = with_ts.join(F.broadcast(first_seen), item)
         age = F.col(TS_COLUMN) - F.col(ITEM_FIRST_TS)
         columns[LOG_ITEM_AGE_COLUMN] = F.log1p(F.greatest(age.cast("double"), F.lit(0.0)))
     for name, value in config.numerics.items():
@@ -328,8 +344,9 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     An event at position p belongs to the windows g with ``end_g − C + 1 ≤ p ≤ end_g``: from
     ``g_first = max(0, ⌊(p − lo)/S⌋)`` to ``g_last = G − 1`` if the split's last group ends within
     ``p + C − 1``, else ``⌊(p + C − S − lo)/S⌋``. Exploding those (at most ⌈C/S⌉ + 1 per event and
-    split) and collecting each window's tokens keeps every group at most C rows whatever the
-    user's history length, so heavy users cause no skew beyond their own sort.
+    split, both splits in one explode) and collecting each window's tokens keeps every group at
+    most C rows whatever the user's history length, so heavy users cause no skew beyond their own
+    sort.
 
     ``history`` names a boolean column of context-only events (an incremental run's user state):
     they come first in the user's timeline (positions ``[0, n_history)``, in time order), so a late
@@ -339,57 +356,57 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     token_columns = spec.event_schema.token_columns
     types = token_types(spec.event_schema)
     is_history = F.col(history) if history else F.lit(False)
-    user_timeline = user_row_order(history)
     whole_user = Window.partitionBy(USER_ID)
     is_train = (F.col(EVENT_TS) < F.lit(split_ms)) & ~is_history
+
+    def non_null(value: Column, data_type: str) -> Column:
+        # Non-null by construction: coalesce only tells Spark so, so that the Parquet lists carry
+        # non-null elements. It never fills anything.
+        return F.coalesce(value, F.lit(0).cast(data_type))
+
     positioned = tokens.select(
-        "*",
-        (F.row_number().over(user_timeline) - 1).alias("position"),
+        USER_ID,
+        (F.row_number().over(user_row_order(history)) - 1).alias("position"),
         F.sum(is_history.cast("int")).over(whole_user).alias("n_history"),
         F.sum(is_train.cast("int")).over(whole_user).alias("n_train"),
         F.count(F.lit(1)).over(whole_user).alias("n_events"),
+        *[non_null(F.col(name), types[name]).alias(name) for name in token_columns
+          if name != LOSS_MASK_COLUMN],
     )
     position = F.col("position")
-    token_fields = [name for name in token_columns if name != LOSS_MASK_COLUMN]
 
-    def memberships(split: str, lo: Column, hi: Column) -> DataFrame:
-        """(event, window of ``split`` holding it) rows, with the event's loss mask in that window."""
+    def memberships(split: str, lo: Column, hi: Column) -> Column:
+        """The windows of ``split`` holding the event: (split, window, loss mask) structs."""
         own_group = F.floor((position - lo) / F.lit(stride))  # negative for events before the split
         groups = F.floor((hi - lo + F.lit(stride)) / F.lit(stride))
         first = F.greatest(F.lit(0), own_group)
         last = F.when(hi <= position + F.lit(context - 1), groups - F.lit(1)).otherwise(
             F.floor((position + F.lit(context - stride) - lo) / F.lit(stride)))
-        exploded = positioned.where((position <= hi) & (first <= last)).select(
-            USER_ID, "user_key", "position", *token_fields, own_group.alias("own_group"),
-            F.lit(split).alias(SPLIT_COLUMN), F.explode(F.sequence(first, last)).alias(WINDOW_COLUMN))
-        is_label = F.col("own_group") == F.col(WINDOW_COLUMN)
-        return exploded.withColumn(LOSS_MASK_COLUMN, is_label.cast("float")).drop("own_group")
+        held = F.transform(F.sequence(first, last), lambda window: F.struct(
+            F.lit(split).alias(SPLIT_COLUMN), window.alias(WINDOW_COLUMN),
+            non_null((own_group == window).cast("float"), "float").alias(LOSS_MASK_COLUMN)))
+        return F.when((position <= hi) & (first <= last), held).otherwise(F.array())
 
     first_new = F.col("n_history")
     train = memberships(TRAIN, first_new, first_new + F.col("n_train") - F.lit(1))
     evaluation = memberships(EVAL, first_new + F.col("n_train"), F.col("n_events") - F.lit(1))
-    windows = (train.unionByName(evaluation)
-               .groupBy(USER_ID, "user_key", SPLIT_COLUMN, WINDOW_COLUMN)
+    # Both splits' windows in one pass over the positioned events, not a union of two passes.
+    exploded = positioned.select("*", F.inline(F.concat(train, evaluation)))
+    windows = (exploded.groupBy(USER_ID, SPLIT_COLUMN, WINDOW_COLUMN)
                # Sorting by position (the struct's first field) restores the time order.
                .agg(F.sort_array(F.collect_list(F.struct("position", *token_columns))).alias("tokens")))
-    last_ts = F.element_at(F.col("tokens"), -1)[TS_COLUMN]
-    last_day = F.floor(last_ts / F.lit(SECONDS_PER_DAY)).cast("int")
+    # Padded once as an array of structs, then one array per field: no lambda per token column.
+    zero = F.struct(F.lit(0).alias("position"),
+                    *[F.lit(0).cast(types[name]).alias(name) for name in token_columns])
+    padded = F.concat(F.array_repeat(zero, F.lit(context) - F.size("tokens")), F.col("tokens"))
+    last_day = F.floor(F.element_at(F.col("tokens"), -1)[TS_COLUMN] / F.lit(SECONDS_PER_DAY)).cast("int")
     return windows.select(
-        "user_key",
+        spark_hash60("user_id", F.col(USER_ID)).alias("user_key"),  # once per row, not per event
         F.size("tokens").cast("int").alias("length"),
-        *[_left_padded(F.col("tokens"), name, types[name], context) for name in token_columns],
+        *[padded[name].alias(name) for name in token_columns],
         F.date_add(F.lit("1970-01-01").cast("date"), last_day).cast("string").alias(PARTITION_COLUMN),
         SPLIT_COLUMN, WINDOW_COLUMN,
     )
-
-
-def _left_padded(tokens: Column, name: str, data_type: str, context: int) -> Column:
-    """One token column as an array of exactly ``context`` elements, zeros in front."""
-    zero = F.lit(0).cast(data_type)
-    # coalesce only tells Spark the elements are non-null (they are by construction), so the Parquet
-    # lists carry non-null elements; it never fills anything.
-    values = F.transform(tokens, lambda token: F.coalesce(token[name], zero))
-    return F.concat(F.array_repeat(zero, F.lit(context) - F.size(tokens)), values).alias(name)
 
 
 def split_statistics(windows: DataFrame, schema: EventSchema) -> DataFrame:

@@ -3,8 +3,8 @@ retraining cycle (or one per period), safe to run unattended.
 
 A cycle is a journaled state machine; each step is idempotent and recorded in
 ``RETRAIN_DIR/cycles/<id>/state.json`` only after it completed (with its duration, under
-``seconds``, and its wall-clock end, under ``ended_at``), so a crash anywhere is finished by the next invocation (an unfinished cycle is
-resumed before a new one starts):
+``seconds``, and its wall-clock end, under ``ended_at``), so a crash anywhere is finished by the
+next invocation (an unfinished cycle is resumed before a new one starts):
 
 1. ``drain``: (optional) consume the Kafka topic into the landing zone until idle (``ingest``'s own
    exactly-once publish makes a re-run harmless);
@@ -14,8 +14,9 @@ resumed before a new one starts):
 3. ``train``: warm start from the newest *accepted* lineage checkpoint (the initial run's, or a
    published candidate's; a refused one never) whose checksums verify (a corrupt one falls back to
    the previous) on the batches after its data watermark, through the ``deepspeed`` launcher (or
-   the continuous loop's long-lived ranks) into ``cycles/<id>/run``; a completed run is kept, a partial one is redone. Nothing new unless a batch
-   is newer than every batch a cycle has already trained through;
+   the continuous loop's long-lived ranks) into ``cycles/<id>/run``; a completed run is kept, a
+   partial one is redone. Nothing new unless a batch is newer than every batch a cycle has already
+   trained through;
 4. ``gate``: candidate and published model evaluated on the same freshest held-out slice
    (:mod:`lifecycle.gate`: publish, refuse, or insufficient evidence);
 5. ``publish``: if the gate passes, the candidate is published, whole or as a delta on the served

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -100,12 +101,12 @@ class ResidentWorker:
         self.inbox = self.root / f"{int(time.time() * 1000)}-{os.getpid()}"
         self.inbox.mkdir(parents=True)
         self._sent = 0
+        command = list(self._command(self.inbox))
         group = contextlib.ExitStack()
-        self.process = group.enter_context(
-            process_group(list(self._command(self.inbox)), forward_signals=False, **self._popen))
+        self.process = group.enter_context(process_group(command, forward_signals=False, **self._popen))
         self._group = group
         self.starts += 1
-        log.info("started the %s worker (pid %d)", self.name, self.process.pid)
+        log.info("started the %s worker (pid %d): %s", self.name, self.process.pid, shlex.join(command))
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send ``request`` and wait for its answer; :class:`WorkerDied` if the worker ends first."""

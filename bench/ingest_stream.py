@@ -33,6 +33,7 @@ import os
 import pickle
 import platform
 import pstats
+import re
 import shutil
 import statistics
 import subprocess
@@ -249,8 +250,9 @@ def best(runs: list[dict]) -> dict:
 def profile_summary(path: Path, top: int = 25) -> str:
     text = io.StringIO()
     stats = pstats.Stats(str(path), stream=text)
-    stats.sort_stats("tottime").print_stats(top)
-    return text.getvalue()
+    # File names without their folders, and no profile path: nothing of the machine it ran on.
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+    return re.sub(r"\S+\.prof\b", "", text.getvalue())
 
 
 def archive(revision: str, work: Path) -> Path:

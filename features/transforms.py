@@ -374,24 +374,41 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
           if name != LOSS_MASK_COLUMN],
     )
     position = F.col("position")
+    lo_train, n_train = F.col("n_history"), F.col("n_train")
+    lo_eval = lo_train + n_train
 
-    def memberships(split: str, lo: Column, hi: Column) -> Column:
-        """The windows of ``split`` holding the event: (split, window, loss mask) structs."""
-        own_group = F.floor((position - lo) / F.lit(stride))  # negative for events before the split
-        groups = F.floor((hi - lo + F.lit(stride)) / F.lit(stride))
-        first = F.greatest(F.lit(0), own_group)
-        last = F.when(hi <= position + F.lit(context - 1), groups - F.lit(1)).otherwise(
+    def groups(n: Column) -> Column:
+        return F.floor((n + F.lit(stride - 1)) / F.lit(stride))
+
+    def own_group(lo: Column) -> Column:
+        return F.floor((position - lo) / F.lit(stride))  # negative for events before the split
+
+    def member_range(lo: Column, hi: Column) -> tuple[Column, Column]:
+        """The first and last window of the split ``[lo, hi]`` holding the event (empty: last < first)."""
+        first = F.greatest(F.lit(0), own_group(lo))
+        last = F.when(hi <= position + F.lit(context - 1), groups(hi - lo + F.lit(1)) - F.lit(1)).otherwise(
             F.floor((position + F.lit(context - stride) - lo) / F.lit(stride)))
-        held = F.transform(F.sequence(first, last), lambda window: F.struct(
-            F.lit(split).alias(SPLIT_COLUMN), window.alias(WINDOW_COLUMN),
-            non_null((own_group == window).cast("float"), "float").alias(LOSS_MASK_COLUMN)))
-        return F.when((position <= hi) & (first <= last), held).otherwise(F.array())
+        return first, F.when(position <= hi, last).otherwise(F.lit(-1))
 
-    first_new = F.col("n_history")
-    train = memberships(TRAIN, first_new, first_new + F.col("n_train") - F.lit(1))
-    evaluation = memberships(EVAL, first_new + F.col("n_train"), F.col("n_events") - F.lit(1))
-    # Both splits' windows in one pass over the positioned events, not a union of two passes.
-    exploded = positioned.select("*", F.inline(F.concat(train, evaluation)))
+    # The windows of both splits are numbered in one sequence, train's G_train first. An event in both
+    # splits' windows is in train's last and eval's first (it is in eval context only within C − 1
+    # positions of the first eval window's end, so train's last window ends within C − 1 after it),
+    # so its windows are one range of that sequence: one explode of integers, no struct per window.
+    train_windows = groups(n_train)
+    train_first, train_last = member_range(lo_train, lo_eval - F.lit(1))
+    eval_first, eval_last = member_range(lo_eval, F.col("n_events") - F.lit(1))
+    in_train, in_eval = train_first <= train_last, eval_first <= eval_last
+    first = F.when(in_train, train_first).otherwise(train_windows + eval_first)
+    last = F.when(in_eval, train_windows + eval_last).otherwise(train_last)
+    exploded = positioned.select(
+        "*", train_windows.alias("train_windows"),
+        F.explode(F.when(in_train | in_eval, F.sequence(first, last))).alias("numbered"))
+    is_train_window = F.col("numbered") < F.col("train_windows")
+    window = F.when(is_train_window, F.col("numbered")).otherwise(F.col("numbered") - F.col("train_windows"))
+    own = F.when(is_train_window, own_group(lo_train)).otherwise(own_group(lo_eval))
+    exploded = exploded.select(
+        "*", F.when(is_train_window, F.lit(TRAIN)).otherwise(F.lit(EVAL)).alias(SPLIT_COLUMN),
+        window.alias(WINDOW_COLUMN), non_null((own == window).cast("float"), "float").alias(LOSS_MASK_COLUMN))
     windows = (exploded.groupBy(USER_ID, SPLIT_COLUMN, WINDOW_COLUMN)
                # Sorting by position (the struct's first field) restores the time order.
                .agg(F.sort_array(F.collect_list(F.struct("position", *token_columns))).alias("tokens")))

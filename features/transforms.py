@@ -364,15 +364,21 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
         # non-null elements. It never fills anything.
         return F.coalesce(value, F.lit(0).cast(data_type))
 
+    # The loss mask depends on the window, so it is not a token field: a window's label tokens are
+    # its last ones (its own group; the earlier ones are context), so it is rebuilt from their count.
+    fields = [name for name in token_columns if name != LOSS_MASK_COLUMN]
     positioned = tokens.select(
         USER_ID,
         (F.row_number().over(user_row_order(history)) - 1).alias("position"),
         F.sum(is_history.cast("int")).over(whole_user).alias("n_history"),
         F.sum(is_train.cast("int")).over(whole_user).alias("n_train"),
         F.count(F.lit(1)).over(whole_user).alias("n_events"),
-        *[non_null(F.col(name), types[name]).alias(name) for name in token_columns
-          if name != LOSS_MASK_COLUMN],
+        *[non_null(F.col(name), types[name]).alias(name) for name in fields],
     )
+    # Each token is one struct built here, in generated code, before the explode: built inside the
+    # aggregate, Spark would evaluate it interpretively, boxing every field of every token.
+    positioned = positioned.select(USER_ID, "position", "n_history", "n_train", "n_events",
+                                   F.struct("position", *fields).alias("token"))
     position = F.col("position")
     lo_train, n_train = F.col("n_history"), F.col("n_train")
     lo_eval = lo_train + n_train
@@ -408,19 +414,22 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     own = F.when(is_train_window, own_group(lo_train)).otherwise(own_group(lo_eval))
     exploded = exploded.select(
         "*", F.when(is_train_window, F.lit(TRAIN)).otherwise(F.lit(EVAL)).alias(SPLIT_COLUMN),
-        window.alias(WINDOW_COLUMN), non_null((own == window).cast("float"), "float").alias(LOSS_MASK_COLUMN))
+        window.alias(WINDOW_COLUMN), (own == window).alias("is_label"))
     windows = (exploded.groupBy(USER_ID, SPLIT_COLUMN, WINDOW_COLUMN)
                # Sorting by position (the struct's first field) restores the time order.
-               .agg(F.sort_array(F.collect_list(F.struct("position", *token_columns))).alias("tokens")))
+               .agg(F.sort_array(F.collect_list("token")).alias("tokens"),
+                    F.count(F.when(F.col("is_label"), F.lit(1))).cast("int").alias("label_tokens")))
     # Padded once as an array of structs, then one array per field: no lambda per token column.
-    zero = F.struct(F.lit(0).alias("position"),
-                    *[F.lit(0).cast(types[name]).alias(name) for name in token_columns])
+    zero = F.struct(F.lit(0).alias("position"), *[F.lit(0).cast(types[name]).alias(name) for name in fields])
     padded = F.concat(F.array_repeat(zero, F.lit(context) - F.size("tokens")), F.col("tokens"))
+    labelled = F.col("label_tokens")
+    loss_mask = F.concat(F.array_repeat(F.lit(0).cast(types[LOSS_MASK_COLUMN]), F.lit(context) - labelled),
+                         F.array_repeat(F.lit(1).cast(types[LOSS_MASK_COLUMN]), labelled))
     last_day = F.floor(F.element_at(F.col("tokens"), -1)[TS_COLUMN] / F.lit(SECONDS_PER_DAY)).cast("int")
     return windows.select(
         spark_hash60("user_id", F.col(USER_ID)).alias("user_key"),  # once per row, not per event
         F.size("tokens").cast("int").alias("length"),
-        *[padded[name].alias(name) for name in token_columns],
+        *[(loss_mask if name == LOSS_MASK_COLUMN else padded[name]).alias(name) for name in token_columns],
         F.date_add(F.lit("1970-01-01").cast("date"), last_day).cast("string").alias(PARTITION_COLUMN),
         SPLIT_COLUMN, WINDOW_COLUMN,
     )
@@ -429,14 +438,18 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
 def split_statistics(windows: DataFrame, schema: EventSchema) -> DataFrame:
     """Per split: rows, real tokens, label tokens and, per task label, the label tokens that are
     positive."""
-    def masked_sum(values: Column) -> Column:
-        return F.sum(F.aggregate(values, F.lit(0.0), lambda total, value: total + value))
+    # Masks and labels are float 0/1, and a window's label tokens are its last ones: counting the
+    # non-zero elements of an array's tail needs no lambda (Spark runs those interpretively).
+    def ones(values: Column) -> Column:
+        return F.size(F.array_remove(values, 0.0))
 
     mask = F.col(LOSS_MASK_COLUMN)
+    labelled = ones(mask)
+    first_labelled = F.size(mask) - labelled + F.lit(1)
     return windows.groupBy(SPLIT_COLUMN).agg(
         F.count(F.lit(1)).alias("rows"),
         F.sum("length").alias("tokens"),
-        masked_sum(mask).alias("label_tokens"),
-        *[masked_sum(F.zip_with(mask, F.col(label), lambda m, y: m * y)).alias(f"positive_{label}")
+        F.sum(labelled).alias("label_tokens"),
+        *[F.sum(ones(F.slice(F.col(label), first_labelled, labelled))).alias(f"positive_{label}")
           for label in schema.label_columns],
     )

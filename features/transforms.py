@@ -46,6 +46,8 @@ TRAIN, EVAL = "train", "eval"
 MILLIS_PER_DAY = SECONDS_PER_DAY * 1000
 ITEM_FIRST_TS = "item_first_ts"
 """Column of the first impression (epoch seconds) of a value of the item-age field."""
+ITEM_HASHED_ID = "item_hashed_id"
+"""Column of the hashed id of a value of the item-age field, where that field is an id column."""
 FIT_BUCKETS = 1024
 """Groups the train events are split into to fit standardize statistics deterministically."""
 
@@ -96,7 +98,10 @@ def deduplicate(events: DataFrame, schema: EventSchema) -> DataFrame:
 def spark_hash60(table: str, value: Column) -> Column:
     """:func:`features.spec.hash60`: the first 60 bits of ``md5(table + "\\x1f" + value)``."""
     digest = F.md5(F.concat(F.lit(table + HASH_SEPARATOR), value))
-    return F.conv(F.substring(digest, 1, HASH_HEX_DIGITS), 16, 10).cast("bigint")
+    # The hex digest is ASCII, so its first bytes are its first characters: a binary substring
+    # skips the character counting a string substring does (about a fifth of the hash's CPU).
+    leading = F.substring(digest.cast("binary"), 1, HASH_HEX_DIGITS).cast("string")
+    return F.conv(leading, 16, 10).cast("bigint")
 
 
 def spark_hash_id(table: str, value: Column, buckets: int) -> Column:
@@ -223,9 +228,13 @@ def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame
     user_timeline = Window.partitionBy(USER_ID).orderBy(EVENT_TS, EVENT_ID)
     with_ts = events.withColumn(TS_COLUMN, ts)
     columns: dict[str, Column] = {TS_COLUMN: F.col(TS_COLUMN)}
-    for name in schema.id_columns:
+
+    def hashed_id(name: str) -> Column:
         table = schema.column_tables[name]
-        columns[name] = spark_hash_id(table, F.col(name), spec.buckets[table])
+        return spark_hash_id(table, F.col(name), spec.buckets[table])
+
+    for name in schema.id_columns:
+        columns[name] = hashed_id(name)
     if config.time_features.gap:
         gap = F.col(TS_COLUMN) - F.lag(TS_COLUMN).over(user_timeline)
         columns[LOG_GAP_COLUMN] = F.log1p(F.greatest(F.coalesce(gap, F.lit(0)).cast("double"), F.lit(0.0)))
@@ -235,6 +244,10 @@ def token_features(events: DataFrame, spec: FeatureSpec, item_history: DataFrame
         if item_history is not None:
             first_seen = (first_seen.unionByName(item_history.select(item, ITEM_FIRST_TS))
                           .groupBy(item).agg(F.min(ITEM_FIRST_TS).alias(ITEM_FIRST_TS)))
+        if item in schema.id_columns:
+            # Hashed once per item value, not once per event.
+            first_seen = first_seen.withColumn(ITEM_HASHED_ID, hashed_id(item))
+            columns[item] = F.col(ITEM_HASHED_ID)
         # One row per item value, far fewer than events: broadcast, so the events stay where they
         # are; a sort-merge join (what the size estimate picks on large inputs) would shuffle and
         # sort every event by item before the shuffle by user.

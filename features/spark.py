@@ -12,6 +12,9 @@ from features.settings import SparkConfig
 logger = logging.getLogger(__name__)
 
 
+JIT_OPTIONS = "-XX:FreqInlineSize=100"
+
+
 def session_settings(config: SparkConfig) -> dict[str, str]:
     """Spark settings of a job, ``config.conf`` last so it can override any of them."""
     return {
@@ -25,6 +28,12 @@ def session_settings(config: SparkConfig) -> dict[str, str]:
         # The job's cached frames are each built once and read a few times in the same run:
         # compressing them costs more CPU than it saves (they spill to disk when memory is short).
         "spark.sql.inMemoryColumnarStorage.compressed": "false",
+        # A job's JVM is short-lived and spends about a quarter of its CPU compiling hot code,
+        # Spark's generated code included: inlining only methods up to 100 bytecodes (325 by
+        # default) cuts that compiling by a quarter and the job's time by about a tenth, measured
+        # on 2 cores (bench/feature_job.py). conf can replace these options.
+        "spark.driver.extraJavaOptions": JIT_OPTIONS,
+        "spark.executor.extraJavaOptions": JIT_OPTIONS,
         # A dataset carries one _SUCCESS, the job's own, written last; none in its sub-folders.
         "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",
         **config.conf,

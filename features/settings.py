@@ -31,7 +31,8 @@ class SparkConfig:
     log_level: str = "WARN"
     """Spark's own log level (``spark.log.level``); the job's progress is logged by Python."""
     conf: dict[str, str] = field(default_factory=dict)
-    """Extra Spark settings, e.g. ``{"spark.executor.memory": "8g"}``."""
+    """Extra Spark settings, e.g. ``{"spark.executor.memory": "8g"}``; they replace the job's own
+    (:func:`features.spark.session_settings`), e.g. its JIT options in ``spark.*.extraJavaOptions``."""
 
     def __post_init__(self) -> None:
         require(bool(self.master.strip()), "spark.master", "must not be empty")

@@ -314,7 +314,10 @@ def _spark_field_reason(field: Field, data_type: DataType | None, contract: Cont
     check = F.when(value.isNull(), reason(REASON_MISSING))
     if field.kind == "string":
         check = check.when(value == F.lit(""), reason(REASON_EMPTY))
-        check = check.when(F.length(value) > F.lit(contract.max_string_len), reason(REASON_TOO_LONG))
+        # A string has no more characters than UTF-8 bytes: the byte count, known without decoding,
+        # settles almost every value, and only longer ones have their characters counted.
+        limit = F.lit(contract.max_string_len)
+        check = check.when((F.octet_length(value) > limit) & (F.length(value) > limit), reason(REASON_TOO_LONG))
         if field.values:
             check = check.when(~value.isin(*field.values), reason(REASON_NOT_ALLOWED))
     elif field.kind in INTEGER_KINDS:

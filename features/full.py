@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -87,17 +88,18 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
         quarantined = dict(sorted(counts.items()))
         logger.info("%d input events: %d valid, %d quarantined %s", valid + sum(quarantined.values()),
                     valid, sum(quarantined.values()), quarantined)
-    with stage("write quarantine"):
-        # Invalid rows are a small minority: one file keeps them easy to inspect.
-        (validated.where(F.col(REASON_COLUMN).isNotNull()).coalesce(1)
-         .write.parquet(f"{staging}/{QUARANTINE_DIR}"))
-    with stage("deduplicate"):
-        unique = deduplicate(valid_events(validated, schema), schema).persist()
-        events_per_day, watermark = _events_per_day(unique)
-        validated.unpersist()
-        events = sum(events_per_day.values())
-        logger.info("%d events after removing %d duplicates; watermark %s", events, valid - events,
-                    utc_text(watermark))
+    # One task writes the quarantine (one file), beside deduplication's, so that no core idles; the
+    # block waits for it whatever happens, so nothing writes into the staging directory afterwards.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-quarantine") as writer:
+        quarantine_written = writer.submit(_write_quarantine, validated, staging)
+        with stage("deduplicate"):
+            unique = deduplicate(valid_events(validated, schema), schema).persist()
+            events_per_day, watermark = _events_per_day(unique)
+            events = sum(events_per_day.values())
+            logger.info("%d events after removing %d duplicates; watermark %s", events, valid - events,
+                        utc_text(watermark))
+        quarantine_written.result()
+    validated.unpersist()
     # With no valid event there is no split time, and both splits are empty.
     split_ms = split_ts_ms(watermark, config.eval_days) if watermark is not None else 0
     split_events = {TRAIN: sum(n for day, n in events_per_day.items() if day * MILLIS_PER_DAY < split_ms),
@@ -145,6 +147,14 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
     staging_files.write_text(f"{staging}/{MANIFEST_NAME}", manifest_json(manifest))
     staging_files.write_text(f"{staging}/{SUCCESS_NAME}", "")
     return manifest
+
+
+def _write_quarantine(validated: DataFrame, staging: str) -> None:
+    """The invalid rows, their original columns and ``reason``: a small minority, so one file keeps
+    them easy to inspect."""
+    with stage("write quarantine"):
+        (validated.where(F.col(REASON_COLUMN).isNotNull()).coalesce(1)
+         .write.parquet(f"{staging}/{QUARANTINE_DIR}"))
 
 
 def _events_per_day(events: DataFrame) -> tuple[dict[int, int], int | None]:

@@ -16,7 +16,11 @@ events cross two shuffles, by ``event_id`` (deduplication, one sort) and by ``us
 that every per-user window function shares); item first impressions are broadcast, not joined by a
 shuffle; both splits' window memberships come from one explode, not a union of two passes over the
 user timeline; each window is one sorted array of structs, padded once and split into its columns
-by field access (no lambda per column); the user key is hashed once per row, not per event.
+by field access (no lambda per column); the user key is hashed once per row, not per event. Each
+token's struct is built before the explode, in generated code (inside the aggregate Spark would
+evaluate it interpretively), and the loss mask is rebuilt from the window's label count; the item
+id is hashed in the broadcast first-seen table, once per item value; statistics count without
+lambdas. The session's JIT options are in :mod:`features.spark`.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ def session_settings(config: SparkConfig) -> dict[str, str]:
         # A job's JVM is short-lived and spends about a quarter of its CPU compiling hot code,
         # Spark's generated code included: inlining only methods up to 100 bytecodes (325 by
         # default) cuts that compiling by a quarter and the job's time by about a tenth, and
-        # compiling only methods four times as hot as by default saves a few percent more,
-        # measured on 2 cores (bench/feature_job.py). conf can replace these options.
+        # compiling only methods four times as hot as by default about 2 % more (near this
+        # machine's noise), measured on 2 cores (bench/feature_job.py). conf can replace these options.
         "spark.driver.extraJavaOptions": JIT_OPTIONS,
         "spark.executor.extraJavaOptions": JIT_OPTIONS,
         # A dataset carries one _SUCCESS, the job's own, written last; none in its sub-folders.

@@ -31,7 +31,7 @@ def session_settings(config: SparkConfig) -> dict[str, str]:
         # A job's JVM is short-lived and spends about a quarter of its CPU compiling hot code,
         # Spark's generated code included: inlining only methods up to 100 bytecodes (325 by
         # default) cuts that compiling by a quarter and the job's time by about a tenth, and
-        # compiling only methods four times as hot as by default about 2 % more (near this
+        # compiling only methods four times as hot as by default saves about 2 % more (near this
         # machine's noise), measured on 2 cores (bench/feature_job.py). conf can replace these options.
         "spark.driver.extraJavaOptions": JIT_OPTIONS,
         "spark.executor.extraJavaOptions": JIT_OPTIONS,

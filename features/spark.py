@@ -28,6 +28,11 @@ def session_settings(config: SparkConfig) -> dict[str, str]:
         # The job's cached frames are each built once and read a few times in the same run:
         # compressing them costs more CPU than it saves (they spill to disk when memory is short).
         "spark.sql.inMemoryColumnarStorage.compressed": "false",
+        # Arrays of non-null values (every per-token column) are written as 2-level Parquet lists,
+        # one repeated leaf, not the 3-level list > element groups: the same values, which every
+        # Parquet reader reads alike, for about 5 % less CPU in the full job. The job writes no
+        # decimals or maps, the setting's other effects.
+        "spark.sql.parquet.writeLegacyFormat": "true",
         # A job's JVM is short-lived and spends about a quarter of its CPU compiling hot code,
         # Spark's generated code included: inlining only methods up to 100 bytecodes (325 by
         # default) cuts that compiling by a quarter and the job's time by about a tenth, and

@@ -15,8 +15,7 @@ venv: $(STAMP)
 
 # torch first, from its own pin, so nothing later can pull a CUDA build; TorchRec and FBGEMM's CPU
 # build without their metadata's dependencies (the CUDA fbgemm-gpu); then everything else under the
-# same constraints; then DeepSpeed's CPU shared-memory op and the Spark feature job's JVM class
-# archive, built once per install into the venv.
+# same constraints; then DeepSpeed's CPU shared-memory op, built once into the venv.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3.11 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$$(grep '^torch==' constraints.txt)"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -15,22 +13,6 @@ logger = logging.getLogger(__name__)
 
 
 JIT_OPTIONS = "-XX:FreqInlineSize=100 -XX:CompileThresholdScaling=4"
-CLASS_ARCHIVE = Path(sys.prefix) / "share" / "sirenfeed" / "spark-classes.jsa"
-"""The JVM class-data-sharing archive of a feature job's classes (``sirenfeed.warmup`` writes it
-into the environment that installed pyspark, since it is valid only for that pyspark and JDK)."""
-QUIET_CLASS_SHARING = "-Xlog:cds=off,cds+dynamic=off"
-"""Class sharing's warnings off: the classes it cannot archive (signed jars, generated code), or an
-archive a JVM ignores, are nothing a user can act on."""
-
-
-def class_archive_options(master: str, archive: Path = CLASS_ARCHIVE) -> str:
-    """JVM options that load ``archive``'s classes already parsed and verified, when it exists and
-    the driver is the only JVM (a local master: a cluster's JVMs have other class paths). A JVM whose
-    JDK or class path no longer matches the archive ignores it (silently: reinstalling, the only
-    remedy, rebuilds the archive anyway)."""
-    if not master.startswith("local") or not archive.is_file():
-        return ""
-    return f"-XX:SharedArchiveFile={archive} {QUIET_CLASS_SHARING}"
 
 
 def session_settings(config: SparkConfig) -> dict[str, str]:
@@ -56,8 +38,7 @@ def session_settings(config: SparkConfig) -> dict[str, str]:
         # default) cuts that compiling by a quarter and the job's time by about a tenth, and
         # compiling only methods four times as hot as by default saves about 2 % more (near this
         # machine's noise), measured on 2 cores (bench/feature_job.py). conf can replace these options.
-        # The class archive saves about 1 s of start-up and 4 % of the job (class loading).
-        "spark.driver.extraJavaOptions": f"{JIT_OPTIONS} {class_archive_options(config.master)}".strip(),
+        "spark.driver.extraJavaOptions": JIT_OPTIONS,
         "spark.executor.extraJavaOptions": JIT_OPTIONS,
         # A dataset carries one _SUCCESS, the job's own, written last; none in its sub-folders.
         "spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs": "false",

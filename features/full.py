@@ -110,10 +110,13 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
         statistics = {row[SPLIT_COLUMN]: row.asDict()
                       for row in split_statistics(windows, spec.event_schema).collect()}
         unique.unpersist()
-    for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files)):
-        with stage(f"write {split}"):
-            rows = split_rows(windows, spec, split, files)
-            write_rows(rows, f"{staging}/{split}")
+    # Both splits are written at once: each write's small jobs (its range sample, the shuffle's
+    # last tasks) and the planning between them leave a core idle that the other write's tasks use.
+    # The block waits for both whatever happens, so nothing writes into the staging directory after.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="write-split") as writers:
+        writes = [writers.submit(_write_split, windows, spec, split, files, staging)
+                  for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files))]
+        rows, _ = (write.result() for write in writes)  # the train rows: their columns go in the manifest
     windows.unpersist()
     splits = {split: split_entry(statistics.get(split, {}), split_events[split]) for split in (TRAIN, EVAL)}
     for split, entry in splits.items():
@@ -155,6 +158,14 @@ def _write_quarantine(validated: DataFrame, staging: str) -> None:
     with stage("write quarantine"):
         (validated.where(F.col(REASON_COLUMN).isNotNull()).coalesce(1)
          .write.parquet(f"{staging}/{QUARANTINE_DIR}"))
+
+
+def _write_split(windows: DataFrame, spec: FeatureSpec, split: str, files: int, staging: str) -> DataFrame:
+    """Write one split's rows into ``staging``; returns them (their schema goes in the manifest)."""
+    with stage(f"write {split}"):
+        rows = split_rows(windows, spec, split, files)
+        write_rows(rows, f"{staging}/{split}")
+    return rows
 
 
 def _events_per_day(events: DataFrame) -> tuple[dict[int, int], int | None]:

@@ -16,10 +16,10 @@ events cross two shuffles, by ``event_id`` (deduplication, one sort) and by ``us
 that every per-user window function shares); item first impressions are broadcast, not joined by a
 shuffle; both splits' window memberships come from one explode, not a union of two passes over the
 user timeline, of a range computed in a projection, where Spark evaluates its shared parts once (in
-the explode's argument it copies them wherever they appear: a third more generated code and about
-8 % more job time); each window is one sorted array of structs, padded once and split into its
-columns by field access (no lambda per column); the user key is hashed once per row, not per
-event. Each token's struct is built before the explode, in generated code (inside the aggregate Spark would
+the explode's argument it copies them wherever they appear: a third more generated code and 8-13 %
+more job time); each window is one sorted array of structs, padded once and split into its columns
+by field access (no lambda per column); the user key is hashed once per row, not per event. Each
+token's struct is built before the explode, in generated code (inside the aggregate Spark would
 evaluate it interpretively), and the loss mask is rebuilt from the window's label count; the item
 id is hashed in the broadcast first-seen table, once per item value; statistics count without
 lambdas. The session's JIT options are in :mod:`features.spark`.

@@ -14,7 +14,7 @@ from py4j.protocol import Py4JJavaError
 
 from features.dataset import MANIFEST_NAME, SUCCESS_NAME, read_manifest
 from features.full import run
-from features.hadoop import FeatureJobError
+from features.hadoop import FeatureJobError, read_raw
 from feature_support import raw_events
 from features.schema import ContractConfig, load_schema
 from features.settings import FeaturesConfig
@@ -256,3 +256,10 @@ def test_another_schema_runs_the_same_job_and_records_its_fitted_schema(spark, t
         "log_video_s"].transforms)[0])
     text = describe(tmp_path / "features")
     assert "schema watch" in text and "follow rate" in text and f"standardize log_video_s: mean {step.mean:.6g}" in text
+
+
+def test_a_small_input_is_read_in_four_tasks_per_core(spark, tmp_path, new_event, write_landing):
+    """Without the setting, Spark cuts an input this small into one split per core (2 here): the
+    last, short one leaves a core idle while the longest runs."""
+    write_landing(tmp_path, [new_event(event_ts=MONDAY + hour * HOUR_MS) for hour in range(24)])
+    assert read_raw(spark, str(tmp_path)).rdd.getNumPartitions() == 4 * spark.sparkContext.defaultParallelism

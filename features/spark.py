@@ -65,7 +65,7 @@ def build_session(config: SparkConfig, app_name: str = "sirenfeed-features") -> 
         # An input smaller than cores × 128 MB (a synthetic log, an incremental batch) is cut into
         # about one split per core, packed from the largest file down, so a short last split leaves
         # a core idle while the longest runs, in the scan and in every stage over its cached rows.
-        # Four per core keep that tail short: 7-15 % less job time on 2 cores (bench/feature_job.py).
+        # Four per core keep that tail short: 5-15 % less job time over 3 pairs on 2 cores (bench/feature_job.py).
         spark.conf.set(MIN_INPUT_PARTITIONS, str(INPUT_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
     logger.info("Spark %s, master %s, %s shuffle partitions", spark.version,
                 spark.sparkContext.master, spark.conf.get("spark.sql.shuffle.partitions"))

@@ -14,15 +14,15 @@ hold them equal for every shipped schema.
 Performance (bench/feature_job.py, read off ``explain("formatted")`` and the event log): whole
 events cross two shuffles, by ``event_id`` (deduplication, one sort) and by ``user_id`` (one sort
 that every per-user window function shares); item first impressions are broadcast, not joined by a
-shuffle; both splits' window memberships come from one explode, not a union of two passes over the
-user timeline, of a range computed in a projection, where Spark evaluates its shared parts once (in
-the explode's argument it copies them wherever they appear: a third more generated code and 8-13 %
-more job time); each window is one sorted array of structs, padded once and split into its columns
-by field access (no lambda per column); the user key is hashed once per row, not per event. Each
-token's struct is built before the explode, in generated code (inside the aggregate Spark would
-evaluate it interpretively), and the loss mask is rebuilt from the window's label count; the item
-id is hashed in the broadcast first-seen table, once per item value; statistics count without
-lambdas. The session's JIT options are in :mod:`features.spark`.
+shuffle; each user's tokens are collected once into one sorted timeline (an aggregate that counts the
+split sizes too) and every window of both splits is a slice of it: a group per window, fed by an
+explode of each token's windows, and window functions over the whole user for the split sizes took
+14 % more job time (2 pairs). Each window is padded once as an array of structs and split into its
+columns by field access (no lambda per column); the user key is hashed once per row, not per event.
+Each token's struct is built before the aggregate, in generated code (inside it Spark would evaluate
+it interpretively), and the loss mask is rebuilt from the window's label count; the item id is
+hashed in the broadcast first-seen table, once per item value; statistics count without lambdas. The
+session's JIT options are in :mod:`features.spark`.
 """
 
 from __future__ import annotations
@@ -360,12 +360,12 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     ``[end_g − C + 1, end_g]``: the group's tokens bear the loss, earlier ones are context. So a train
     window never reaches an eval event, and an eval window may reach back into train events.
 
-    An event at position p belongs to the windows g with ``end_g − C + 1 ≤ p ≤ end_g``: from
-    ``g_first = max(0, ⌊(p − lo)/S⌋)`` to ``g_last = G − 1`` if the split's last group ends within
-    ``p + C − 1``, else ``⌊(p + C − S − lo)/S⌋``. Exploding those (at most ⌈C/S⌉ + 1 per event and
-    split, both splits in one explode) and collecting each window's tokens keeps every group at
-    most C rows whatever the user's history length, so heavy users cause no skew beyond their own
-    sort.
+    Each user's tokens are collected once into one timeline, sorted by position, with its split sizes
+    counted in the same aggregate; every window is then a slice of it, ``[max(0, end_g − C + 1),
+    end_g]``, cut by one lambda per window (not per token), and its label count is ``end_g − (lo +
+    g·S) + 1``. One group per user: no token is copied into a group per window, and no window function
+    over the whole user buffers its rows for the split sizes. A user's whole history is one row in
+    memory, which Spark caps at 2 GB: about ten million events at the feed schema's ~180 bytes a token.
 
     ``history`` names a boolean column of context-only events (an incremental run's user state):
     they come first in the user's timeline (positions ``[0, n_history)``, in time order), so a late
@@ -375,72 +375,53 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     token_columns = spec.event_schema.token_columns
     types = token_types(spec.event_schema)
     is_history = F.col(history) if history else F.lit(False)
-    whole_user = Window.partitionBy(USER_ID)
     is_train = (F.col(EVENT_TS) < F.lit(split_ms)) & ~is_history
 
     def non_null(value: Column, data_type: str) -> Column:
-        # Non-null by construction: coalesce only tells Spark so, so that the Parquet lists carry
-        # non-null elements. It never fills anything.
+        # Non-null by construction: coalesce only tells Spark so (its division is nullable), so that
+        # the Parquet lists and their elements are non-null. It never fills anything.
         return F.coalesce(value, F.lit(0).cast(data_type))
 
     # The loss mask depends on the window, so it is not a token field: a window's label tokens are
     # its last ones (its own group; the earlier ones are context), so it is rebuilt from their count.
     fields = [name for name in token_columns if name != LOSS_MASK_COLUMN]
-    positioned = tokens.select(
-        USER_ID,
-        (F.row_number().over(user_row_order(history)) - 1).alias("position"),
-        F.sum(is_history.cast("int")).over(whole_user).alias("n_history"),
-        F.sum(is_train.cast("int")).over(whole_user).alias("n_train"),
-        F.count(F.lit(1)).over(whole_user).alias("n_events"),
-        *[non_null(F.col(name), types[name]).alias(name) for name in fields],
-    )
-    # Each token is one struct built here, in generated code, before the explode: built inside the
-    # aggregate, Spark would evaluate it interpretively, boxing every field of every token.
-    positioned = positioned.select(USER_ID, "position", "n_history", "n_train", "n_events",
-                                   F.struct("position", *fields).alias("token"))
-    position = F.col("position")
-    lo_train, n_train = F.col("n_history"), F.col("n_train")
-    lo_eval = lo_train + n_train
+    # Each token is one struct built here, in generated code: built inside the aggregate, Spark would
+    # evaluate it interpretively, boxing every field of every token.
+    token = F.struct((F.row_number().over(user_row_order(history)) - 1).alias("position"),
+                     *[non_null(F.col(name), types[name]).alias(name) for name in fields])
+    # One timeline per user, its split sizes counted in the same aggregate. Sorting by position (the
+    # struct's first field) restores the row order.
+    timelines = (tokens.select(USER_ID, token.alias("token"), is_history.alias("is_history"),
+                               is_train.alias("is_train"))
+                 .groupBy(USER_ID)
+                 .agg(F.sort_array(F.collect_list("token")).alias("timeline"),
+                      F.count(F.when(F.col("is_history"), F.lit(1))).alias("n_history"),
+                      F.count(F.when(F.col("is_train"), F.lit(1))).alias("n_train"),
+                      F.count(F.lit(1)).alias("n_events")))
+    n_history, n_train, n_events = F.col("n_history"), F.col("n_train"), F.col("n_events")
+    train_windows = F.floor((n_train + F.lit(stride - 1)) / F.lit(stride))
+    eval_windows = F.floor((n_events - n_history - n_train + F.lit(stride - 1)) / F.lit(stride))
 
-    def groups(n: Column) -> Column:
-        return F.floor((n + F.lit(stride - 1)) / F.lit(stride))
+    def window(number: Column) -> Column:
+        """The ``number``-th window of the user, train's first: its split, index, tokens and label count."""
+        is_train_window = number < train_windows
+        group = F.when(is_train_window, number).otherwise(number - train_windows)
+        lo = F.when(is_train_window, n_history).otherwise(n_history + n_train)
+        hi = F.when(is_train_window, n_history + n_train).otherwise(n_events) - F.lit(1)
+        group_start = lo + group * F.lit(stride)
+        end = F.least(group_start + F.lit(stride - 1), hi)
+        start = F.greatest(end - F.lit(context - 1), F.lit(0))
+        return F.struct(F.when(is_train_window, F.lit(TRAIN)).otherwise(F.lit(EVAL)).alias(SPLIT_COLUMN),
+                        group.alias(WINDOW_COLUMN),
+                        F.slice("timeline", (start + F.lit(1)).cast("int"), (end - start + F.lit(1)).cast("int"))
+                        .alias("tokens"),
+                        non_null((end - group_start + F.lit(1)).cast("int"), "int").alias("label_tokens"))
 
-    def own_group(lo: Column) -> Column:
-        return F.floor((position - lo) / F.lit(stride))  # negative for events before the split
-
-    def member_range(lo: Column, hi: Column) -> tuple[Column, Column]:
-        """The first and last window of the split ``[lo, hi]`` holding the event (empty: last < first)."""
-        first = F.greatest(F.lit(0), own_group(lo))
-        last = F.when(hi <= position + F.lit(context - 1), groups(hi - lo + F.lit(1)) - F.lit(1)).otherwise(
-            F.floor((position + F.lit(context - stride) - lo) / F.lit(stride)))
-        return first, F.when(position <= hi, last).otherwise(F.lit(-1))
-
-    # The windows of both splits are numbered in one sequence, train's G_train first. An event in both
-    # splits' windows is in train's last and eval's first (it is in eval context only within C − 1
-    # positions of the first eval window's end, so train's last window ends within C − 1 after it),
-    # so its windows are one range of that sequence: one explode of integers, no struct per window.
-    train_windows = groups(n_train)
-    train_first, train_last = member_range(lo_train, lo_eval - F.lit(1))
-    eval_first, eval_last = member_range(lo_eval, F.col("n_events") - F.lit(1))
-    in_train, in_eval = train_first <= train_last, eval_first <= eval_last
-    first = F.when(in_train, train_first).otherwise(train_windows + eval_first)
-    last = F.when(in_eval, train_windows + eval_last).otherwise(train_last)
-    # The range is a projection's output, where Spark evaluates each shared part of it once; written
-    # into the explode, every part would be copied and evaluated wherever it appears.
-    ranged = positioned.select("*", train_windows.alias("train_windows"), (in_train | in_eval).alias("in_windows"),
-                               first.alias("first_window"), last.alias("last_window"))
-    exploded = ranged.select(
-        "*", F.explode(F.when(F.col("in_windows"), F.sequence("first_window", "last_window"))).alias("numbered"))
-    is_train_window = F.col("numbered") < F.col("train_windows")
-    window = F.when(is_train_window, F.col("numbered")).otherwise(F.col("numbered") - F.col("train_windows"))
-    own = F.when(is_train_window, own_group(lo_train)).otherwise(own_group(lo_eval))
-    exploded = exploded.select(
-        "*", F.when(is_train_window, F.lit(TRAIN)).otherwise(F.lit(EVAL)).alias(SPLIT_COLUMN),
-        window.alias(WINDOW_COLUMN), (own == window).alias("is_label"))
-    windows = (exploded.groupBy(USER_ID, SPLIT_COLUMN, WINDOW_COLUMN)
-               # Sorting by position (the struct's first field) restores the time order.
-               .agg(F.sort_array(F.collect_list("token")).alias("tokens"),
-                    F.count(F.when(F.col("is_label"), F.lit(1))).cast("int").alias("label_tokens")))
+    # A lambda per window, not per token: each window is a slice of its user's timeline.
+    numbers = F.sequence(F.lit(0).cast("bigint"), train_windows + eval_windows - F.lit(1))
+    windows = (timelines.select(USER_ID, F.explode(F.when(train_windows + eval_windows > F.lit(0),
+                                                          F.transform(numbers, window))).alias("cut"))
+               .select(USER_ID, "cut.*"))
     # Padded once as an array of structs, then one array per field: no lambda per token column.
     zero = F.struct(F.lit(0).alias("position"), *[F.lit(0).cast(types[name]).alias(name) for name in fields])
     padded = F.concat(F.array_repeat(zero, F.lit(context) - F.size("tokens")), F.col("tokens"))

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from common.config import to_dict
@@ -41,8 +41,8 @@ from features.settings import FeaturesConfig
 from features.spec import FEATURE_SPEC_VERSION, PARTITION_COLUMN, FeatureSpec
 from features.transforms import (
     EVAL, MILLIS_PER_DAY, REASON_COLUMN, SPLIT_COLUMN, TRAIN, WINDOW_COLUMN, cut_windows,
-    deduplicate, fitted_statistics, split_statistics, split_ts_ms, standardize_partials,
-    token_features, valid_events, validate,
+    deduplicate, fitted_statistics, split_ts_ms, standardize_partials, token_features, valid_events,
+    validate, window_statistics,
 )
 from features.validation import now_ms
 
@@ -107,18 +107,18 @@ def _write_dataset(spark: SparkSession, config: FeaturesConfig, raw: DataFrame, 
     spec = fitted_spec(config.spec, unique, split_ms)
     with stage("cut windows"):
         windows = cut_windows(token_features(unique, spec), spec, split_ms).persist()
-        statistics = {row[SPLIT_COLUMN]: row.asDict()
-                      for row in split_statistics(windows, spec.event_schema).collect()}
+        windows.count()  # cached once here, before both writes read it
         unique.unpersist()
     # Both splits are written at once: each write's small jobs (its range sample, the shuffle's
     # last tasks) and the planning between them leave a core idle that the other write's tasks use.
     # The block waits for both whatever happens, so nothing writes into the staging directory after.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="write-split") as writers:
-        writes = [writers.submit(_write_split, windows, spec, split, files, staging)
-                  for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files))]
-        rows, _ = (write.result() for write in writes)  # the train rows: their columns go in the manifest
+        writes = {split: writers.submit(_write_split, windows, spec, split, files, staging)
+                  for split, files in ((TRAIN, config.train_files), (EVAL, config.eval_files))}
+        written = {split: write.result() for split, write in writes.items()}
     windows.unpersist()
-    splits = {split: split_entry(statistics.get(split, {}), split_events[split]) for split in (TRAIN, EVAL)}
+    rows = written[TRAIN][0]  # the train rows: their columns go in the manifest
+    splits = {split: split_entry(written[split][1], split_events[split]) for split in (TRAIN, EVAL)}
     for split, entry in splits.items():
         logger.info("%s: %d rows, %d events, %d label tokens", split, entry["rows"], entry["events"],
                     entry["label_tokens"])
@@ -160,12 +160,16 @@ def _write_quarantine(validated: DataFrame, staging: str) -> None:
          .write.parquet(f"{staging}/{QUARANTINE_DIR}"))
 
 
-def _write_split(windows: DataFrame, spec: FeatureSpec, split: str, files: int, staging: str) -> DataFrame:
-    """Write one split's rows into ``staging``; returns them (their schema goes in the manifest)."""
+def _write_split(windows: DataFrame, spec: FeatureSpec, split: str, files: int,
+                 staging: str) -> tuple[DataFrame, dict[str, Any]]:
+    """Write one split's rows into ``staging``; returns them (their schema goes in the manifest) and
+    their :func:`features.transforms.window_statistics`, observed as they were written (after the
+    range partitioning, whose sample would count rows again), not by a pass of their own."""
     with stage(f"write {split}"):
-        rows = split_rows(windows, spec, split, files)
-        write_rows(rows, f"{staging}/{split}")
-    return rows
+        rows, observed = split_rows(windows, spec, split, files), Observation(f"{split} statistics")
+        write_rows(rows.observe(observed, *window_statistics(spec.event_schema)), f"{staging}/{split}")
+    statistics = observed.get
+    return rows, statistics if statistics["rows"] else {}  # an empty split records no positives
 
 
 def _events_per_day(events: DataFrame) -> tuple[dict[int, int], int | None]:

@@ -438,9 +438,9 @@ def cut_windows(tokens: DataFrame, spec: FeatureSpec, split_ms: int,
     )
 
 
-def split_statistics(windows: DataFrame, schema: EventSchema) -> DataFrame:
-    """Per split: rows, real tokens, label tokens and, per task label, the label tokens that are
-    positive."""
+def window_statistics(schema: EventSchema) -> list[Column]:
+    """Aggregates over training rows: rows, real tokens, label tokens and, per task label, the label
+    tokens that are positive (``positive_LABEL``)."""
     # Masks and labels are float 0/1, and a window's label tokens are its last ones: counting the
     # non-zero elements of an array's tail needs no lambda (Spark runs those interpretively).
     def ones(values: Column) -> Column:
@@ -449,10 +449,15 @@ def split_statistics(windows: DataFrame, schema: EventSchema) -> DataFrame:
     mask = F.col(LOSS_MASK_COLUMN)
     labelled = ones(mask)
     first_labelled = F.size(mask) - labelled + F.lit(1)
-    return windows.groupBy(SPLIT_COLUMN).agg(
+    return [
         F.count(F.lit(1)).alias("rows"),
         F.sum("length").alias("tokens"),
         F.sum(labelled).alias("label_tokens"),
         *[F.sum(ones(F.slice(F.col(label), first_labelled, labelled))).alias(f"positive_{label}")
           for label in schema.label_columns],
-    )
+    ]
+
+
+def split_statistics(windows: DataFrame, schema: EventSchema) -> DataFrame:
+    """:func:`window_statistics` per split."""
+    return windows.groupBy(SPLIT_COLUMN).agg(*window_statistics(schema))

@@ -263,3 +263,19 @@ def test_a_small_input_is_read_in_four_tasks_per_core(spark, tmp_path, new_event
     last, short one leaves a core idle while the longest runs."""
     write_landing(tmp_path, [new_event(event_ts=MONDAY + hour * HOUR_MS) for hour in range(24)])
     assert read_raw(spark, str(tmp_path)).rdd.getNumPartitions() == 4 * spark.sparkContext.defaultParallelism
+
+
+@pytest.mark.parametrize("case", ["one day, so no train rows", "no valid event"])
+def test_an_empty_split_is_written_and_counted_empty(spark, tmp_path, new_event, write_landing, case):
+    """Each split's statistics are observed while it is written: an empty split (no rows to write)
+    still reports its zeros, and the job finishes."""
+    events = [new_event(event_ts=MONDAY + hour * HOUR_MS, user_id=f"u{hour % 3}") for hour in range(12)]
+    if case == "no valid event":
+        events = [dict(event, user_id="") for event in events]
+    write_landing(tmp_path / "raw", events)
+    manifest = run(spark, job_config(tmp_path / "raw", tmp_path / "features"))
+    splits = manifest["splits"]
+    assert splits["train"] == {"rows": 0, "events": 0, "tokens": 0, "label_tokens": 0, "positives": {}}
+    assert splits["eval"]["rows"] == (0 if case == "no valid event" else 3 * 1)
+    assert splits["eval"]["label_tokens"] == splits["eval"]["events"] == (0 if case == "no valid event" else 12)
+    assert pq.read_table(tmp_path / "features" / "train").num_rows == 0
